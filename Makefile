@@ -1,0 +1,45 @@
+# Everything a fresh machine needs: `make run` and `make test` create the venv and generate the gRPC code first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+GENERATED := nanocp/v1/.generated
+PYTEST_ARGS ?=
+
+.PHONY: run test lint proto bench clean
+
+run: $(INSTALLED) $(GENERATED)
+	$(BIN)/nanocp run
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED) $(GENERATED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+proto: $(GENERATED)
+
+bench: $(INSTALLED) $(GENERATED)
+	$(PY) bench/engine_vs_transformers.py
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "nanocp needs Python 3.11 or newer")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The generated modules live next to the package (nanocp/v1, nanocp/internal/v1) and are never edited by hand.
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	rm -rf nanocp/v1 nanocp/internal
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	touch nanocp/v1/__init__.py nanocp/internal/__init__.py nanocp/internal/v1/__init__.py
+	touch $@
+
+clean:
+	rm -rf $(VENV) nanocp/v1 nanocp/internal .mypy_cache .ruff_cache .pytest_cache

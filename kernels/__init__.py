@@ -1,0 +1,9 @@
+"""Attention, merge and MoE ops behind one interface; plain torch here, fused GPU kernels plug in per device.
+
+Convention at this interface: log-sum-exp values are natural logarithms (backends in base 2 convert at their edge).
+"""
+
+from nanocp.kernels.attention import AttentionMetadata, merge_states, paged_attention, store_kv
+from nanocp.kernels.moe import grouped_swiglu
+
+__all__ = ["AttentionMetadata", "grouped_swiglu", "merge_states", "paged_attention", "store_kv"]

@@ -1,0 +1,24 @@
+"""The expert computation of a MoE layer on rows already grouped by expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """x: (rows, hidden), rows sorted by local expert with counts[e] rows for expert e.
+
+    w_gate_up: (experts, 2 * width, hidden), gate rows first; w_down: (experts, hidden, width).
+    Returns (rows, hidden): down(silu(gate(x)) * up(x)) with each row's own expert.
+    """
+    out = torch.empty_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = x[start : start + count]
+        gate, up = F.linear(rows, w_gate_up[expert]).chunk(2, dim=-1)
+        out[start : start + count] = F.linear(F.silu(gate) * up, w_down[expert])
+        start += count
+    return out

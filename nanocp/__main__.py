@@ -1,0 +1,3 @@
+from nanocp.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""One decode instance: admits requests, runs steps (chunked prefill mixed with decode), samples, emits tokens.
+
+Single-threaded by design; nanocp.worker.loop drives it from a thread and serialises callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.worker.kv_cache import KVCache
+from nanocp.worker.model import Qwen3Moe
+from nanocp.worker.request import (
+    EngineError,
+    EngineLoad,
+    FinishReason,
+    OutputCallback,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from nanocp.worker.sampler import sample
+from nanocp.worker.scheduler import Chunk, Scheduler
+from nanocp.worker.step_inputs import prepare_step
+from nanocp.worker.weights import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int = 1024
+    max_step_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
+    max_running: int = 64
+    device: str = "cpu"
+    seed: int = 0  # random weights of presets, and samplers of requests that give no seed
+    dtype: str | None = None  # overrides the model's dtype
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "num_pages", "max_step_tokens", "max_running"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_running > self.max_step_tokens:
+            raise ValueError(f"max_running ({self.max_running}) exceeds max_step_tokens ({self.max_step_tokens})")
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, model: Qwen3Moe, config: EngineConfig) -> None:
+        self.model_config = model_config
+        self.model = model
+        self.config = config
+        self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
+        self.scheduler = Scheduler(self.cache.pool, config.page_size, config.max_step_tokens, config.max_running)
+        self.requests: dict[str, Request] = {}
+        self._seeds = random.Random(config.seed)
+
+    @classmethod
+    def from_spec(cls, model: str, config: EngineConfig) -> Engine:
+        model_config = load_model_config(model, dtype=config.dtype)
+        log.info("building %s on %s (%s)", model_config.name, config.device, model_config.dtype)
+        return cls(model_config, build_model(model_config, config.device, config.seed), config)
+
+    def add_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback
+    ) -> None:
+        self._validate(request_id, prompt, params)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
+        )
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        request = Request(request_id, list(prompt), params, on_output, stop_ids, generator=generator)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        m, c = self.model_config, self.config
+        if request_id in self.requests:
+            raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")
+        if not prompt:
+            raise EngineError("INVALID_ARGUMENT", "the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < m.vocab_size), None)
+        if bad is not None:
+            raise EngineError("INVALID_ARGUMENT", f"token id {bad} is outside the vocabulary [0, {m.vocab_size})")
+        if params.max_tokens < 1:
+            raise EngineError("INVALID_ARGUMENT", f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > m.max_context:
+            raise EngineError(
+                "INVALID_ARGUMENT",
+                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the context of {m.max_context}",
+            )
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise EngineError("INVALID_ARGUMENT", "need temperature >= 0, top_p in (0, 1] and top_k >= 0")
+        pages = -(-(len(prompt) + params.max_tokens - 1) // c.page_size)
+        if pages > c.num_pages:
+            raise EngineError(
+                "RESOURCE_EXHAUSTED",
+                f"the request needs {pages} KV pages ({len(prompt)} prompt + {params.max_tokens} new tokens); "
+                f"this instance has {c.num_pages} pages of {c.page_size} tokens",
+            )
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, FinishReason.ABORT, [])
+        return True
+
+    def fail_all(self, error: str | None) -> None:
+        for request in list(self.requests.values()):
+            self._finish(request, FinishReason.ABORT, [], error)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def load(self) -> EngineLoad:
+        pool = self.cache.pool
+        return EngineLoad(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            pages_total=pool.num_pages,
+            pages_in_use=pool.num_in_use,
+            pages_committed=pool.committed,
+        )
+
+    def step(self) -> bool:
+        """Runs one step; False when nothing could be scheduled."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return False
+        self.run_chunks(chunks)
+        return True
+
+    @torch.inference_mode()
+    def run_chunks(self, chunks: list[Chunk]) -> None:
+        """Feeds the scheduled chunks through the model and samples for those that reach their last token."""
+        for chunk in chunks:
+            self.scheduler.allocate_pages(chunk)
+        inputs = prepare_step(chunks, self.cache, self.config.device)
+        hidden = self.model(inputs.token_ids, inputs.context)
+        tokens: list[int] = []
+        if inputs.sampling_chunks:
+            logits = self.model.logits(hidden[inputs.sample_rows])
+            requests = [c.request for c in inputs.sampling_chunks]
+            tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        for chunk in chunks:
+            chunk.request.num_computed += chunk.num_tokens
+        for chunk, token in zip(inputs.sampling_chunks, tokens, strict=True):
+            request = chunk.request
+            request.output.append(token)
+            reason = request.finish_reason_after(token)
+            if reason is None:
+                request.on_output(self._output(request, [token], None))
+            else:
+                self._finish(request, reason, [token])
+
+    def _finish(self, request: Request, reason: FinishReason, new_tokens: list[int], error: str | None = None) -> None:
+        self.scheduler.remove(request)
+        del self.requests[request.request_id]
+        request.on_output(self._output(request, new_tokens, reason, error))
+
+    @staticmethod
+    def _output(
+        request: Request, new_tokens: list[int], reason: FinishReason | None, error: str | None = None
+    ) -> RequestOutput:
+        return RequestOutput(request.request_id, new_tokens, reason, len(request.prompt), len(request.output), error)

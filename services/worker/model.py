@@ -1,0 +1,157 @@
+"""The Qwen3-MoE architecture in plain torch, as Hugging Face's Qwen3MoeForCausalLM computes it.
+
+Layers keep a plain forward(x) signature; a per-step context (set by the model runner) carries positions, KV slots
+and the attention metadata, as in nano-vllm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanocp import kernels
+from nanocp.model_config import ModelConfig
+
+
+@dataclass
+class StepContext:
+    positions: torch.Tensor  # (tokens,) position of each token in its request
+    slot_mapping: torch.Tensor  # (tokens,) flat KV slot each token's K, V are written to
+    attention: kernels.AttentionMetadata
+    k_cache: torch.Tensor  # (layers, pages, page_size, kv_heads, head_dim)
+    v_cache: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)computes the tables in float32 on the module's device, as transformers does."""
+        device = self.cos.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = torch.outer(torch.arange(self.max_positions, device=device).float(), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (tokens, heads, head_dim)."""
+        cos = self.cos[positions].to(x.dtype)[:, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.rotary = rotary
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.scale = config.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        c = self.config
+        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = self.rotary(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), ctx.positions)
+        k = self.rotary(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), ctx.positions)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        k_cache, v_cache = ctx.k_cache[self.layer], ctx.v_cache[self.layer]
+        kernels.store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        out, _ = kernels.paged_attention(q, k_cache, v_cache, ctx.attention, self.scale)
+        return self.o_proj(out.reshape(-1, c.q_size))
+
+
+class SparseMoE(nn.Module):
+    """Top-k softmax router over the experts, SwiGLU experts, weighted sum of the chosen experts' outputs."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        e, w, h = config.num_experts, config.expert_width, config.hidden_size
+        self.gate = nn.Linear(h, e, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * w, h))
+        self.w_down = nn.Parameter(torch.empty(e, h, w))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k experts and their weights."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.config.experts_per_token, dim=-1)
+        if self.config.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        k = self.config.experts_per_token
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=self.config.num_experts).tolist()
+        y = kernels.grouped_swiglu(x[token_of], counts, self.w_gate_up, self.w_down)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer, rotary)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = SparseMoE(config)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), ctx)
+        return x + self.moe(self.post_attn_norm(x))
+
+
+class Qwen3Moe(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = Rotary(config.head_dim, config.rope_theta, config.max_context)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, token_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Hidden states after the final norm, one row per token."""
+        x = self.embed(token_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,100 @@
+"""A request as the engine sees it: prompt, sampling settings, generated tokens, KV pages, and what it emits."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` names the gRPC status a service should answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS" or "NOT_FOUND"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # an end-of-sequence or stop token was sampled
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # aborted by the caller, or the engine shut down
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for a request; the last one has `finish_reason` set."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None  # set when the engine failed the request (an internal error, not the caller's)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int
+    waiting: int
+    pages_total: int
+    pages_in_use: int  # allocated to requests' KV
+    pages_committed: int  # reserved by admitted requests (in use or not)
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    on_output: OutputCallback
+    stop_ids: frozenset[int]
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K, V are in the cache
+    page_quota: int = 0  # pages reserved for this request's whole footprint
+    pages: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt)
+
+    def footprint_pages(self, page_size: int) -> int:
+        # The last sampled token never enters the cache, so prompt + max_tokens - 1 positions at most.
+        return math.ceil((len(self.prompt) + self.params.max_tokens - 1) / page_size)
+
+    def finish_reason_after(self, token: int) -> FinishReason | None:
+        if token in self.stop_ids:
+            return FinishReason.STOP
+        if len(self.output) >= self.params.max_tokens:
+            return FinishReason.LENGTH
+        return None
