@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import Qwen3Moe
@@ -81,23 +82,13 @@ class Engine:
         self.scheduler.add(request)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        m, c = self.model_config, self.config
+        c = self.config
         if request_id in self.requests:
             raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")
-        if not prompt:
-            raise EngineError("INVALID_ARGUMENT", "the prompt is empty")
-        bad = next((t for t in prompt if not 0 <= t < m.vocab_size), None)
-        if bad is not None:
-            raise EngineError("INVALID_ARGUMENT", f"token id {bad} is outside the vocabulary [0, {m.vocab_size})")
-        if params.max_tokens < 1:
-            raise EngineError("INVALID_ARGUMENT", f"max_tokens must be at least 1, got {params.max_tokens}")
-        if len(prompt) + params.max_tokens > m.max_context:
-            raise EngineError(
-                "INVALID_ARGUMENT",
-                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the context of {m.max_context}",
-            )
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise EngineError("INVALID_ARGUMENT", "need temperature >= 0, top_p in (0, 1] and top_k >= 0")
+        try:
+            check_request(prompt, params, self.model_config)
+        except LimitError as exc:
+            raise EngineError("INVALID_ARGUMENT", str(exc)) from None
         pages = -(-(len(prompt) + params.max_tokens - 1) // c.page_size)
         if pages > c.num_pages:
             raise EngineError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from nanocp.worker.engine import Engine
 from nanocp.worker.request import EngineLoad, OutputCallback, SamplingParams
@@ -54,6 +55,8 @@ class EngineLoop:
             if not worked:
                 self._wake.wait()
                 self._wake.clear()
+            else:
+                time.sleep(0)  # threading.Lock is not fair: let a waiting submit, abort or load in between steps
 
     def _step(self) -> bool:
         try:

@@ -6,7 +6,7 @@ and the attention metadata, as in nano-vllm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,20 @@ from torch import nn
 
 from nanocp import kernels
 from nanocp.model_config import ModelConfig
+from nanocp.worker.comm import Route
+from nanocp.worker.timing import StepTimer
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which experts this instance holds: a contiguous 1/size of them (expert parallelism over the group)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def local_experts(self, num_experts: int) -> range:
+        per_rank = num_experts // self.size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
 @dataclass
@@ -23,6 +37,7 @@ class StepContext:
     attention: kernels.AttentionMetadata
     k_cache: torch.Tensor  # (layers, pages, page_size, kv_heads, head_dim)
     v_cache: torch.Tensor
+    timer: StepTimer = field(default_factory=lambda: StepTimer(enabled=False))
 
 
 class RMSNorm(nn.Module):
@@ -91,13 +106,18 @@ class Attention(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k softmax router over the experts, SwiGLU experts, weighted sum of the chosen experts' outputs."""
+    """Top-k softmax router over the experts, SwiGLU experts, weighted sum of the chosen experts' outputs.
 
-    def __init__(self, config: ModelConfig) -> None:
+    This instance holds only its shard of the experts: each (token, expert) row is routed to the instance holding
+    the expert, computed there, and routed back, through one Route of the group.
+    """
+
+    def __init__(self, config: ModelConfig, shard: ExpertShard) -> None:
         super().__init__()
         self.config = config
-        e, w, h = config.num_experts, config.expert_width, config.hidden_size
-        self.gate = nn.Linear(h, e, bias=False)
+        self.shard = shard
+        e, w, h = len(shard.local_experts(config.num_experts)), config.expert_width, config.hidden_size
+        self.gate = nn.Linear(h, config.num_experts, bias=False)
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * w, h))
         self.w_down = nn.Parameter(torch.empty(e, h, w))
 
@@ -109,38 +129,53 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timer: StepTimer) -> torch.Tensor:
         weights, experts = self.route(x)
-        k = self.config.experts_per_token
         flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_of = order // k
-        counts = torch.bincount(flat, minlength=self.config.num_experts).tolist()
-        y = kernels.grouped_swiglu(x[token_of], counts, self.w_gate_up, self.w_down)
+        order = torch.argsort(flat, stable=True)  # (token, expert) rows by expert, hence by holder
+        token_of = order // self.config.experts_per_token
+        per_expert = torch.bincount(flat, minlength=self.config.num_experts)
+        with timer.section("moe_route"):
+            route = Route.plan(per_expert.view(self.shard.size, -1))
+            received = route.forward(x[token_of])
+        # Peers' rows arrive peer by peer, each peer's by expert: regroup them expert by expert.
+        peers, local = route.recv_counts.shape
+        block = torch.repeat_interleave(torch.arange(peers * local, device=x.device), route.recv_counts.flatten())
+        by_expert = torch.argsort((block % local) * peers + block // local, stable=True)
+        with timer.section("moe_compute"):
+            y_sorted = kernels.grouped_swiglu(
+                received[by_expert], route.recv_counts.sum(dim=0).tolist(), self.w_gate_up, self.w_down
+            )
+        y = torch.empty_like(y_sorted)
+        y[by_expert] = y_sorted
+        with timer.section("moe_route"):
+            y = route.backward(y)
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, y)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary, shard: ExpertShard) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer, rotary)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = SparseMoE(config)
+        self.moe = SparseMoE(config, shard)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), ctx)
-        return x + self.moe(self.post_attn_norm(x))
+        with ctx.timer.section("attention"):
+            x = x + self.attn(self.input_norm(x), ctx)
+        return x + self.moe(self.post_attn_norm(x), ctx.timer)
 
 
 class Qwen3Moe(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: ExpertShard | None = None) -> None:
         super().__init__()
         self.config = config
+        self.shard = shard or ExpertShard()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary = Rotary(config.head_dim, config.rope_theta, config.max_context)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, self.shard) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from nanocp.model_config import ModelConfig, ModelConfigError
-from nanocp.worker.model import Qwen3Moe, RMSNorm, Rotary
+from nanocp.worker.model import ExpertShard, Qwen3Moe, RMSNorm, Rotary
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -22,15 +23,22 @@ _SIMPLE = {
     "self_attn.q_norm.weight": "attn.q_norm.weight",
     "self_attn.k_norm.weight": "attn.k_norm.weight",
     "mlp.gate.weight": "moe.gate.weight",
-    "mlp.experts.gate_up_proj": "moe.w_gate_up",  # the fused layout transformers keeps in memory
-    "mlp.experts.down_proj": "moe.w_down",
 }
+_EXPERT_PARAMS = ("moe.w_gate_up", "moe.w_down")
 
 
-def build_model(config: ModelConfig, device: str, seed: int = 0) -> Qwen3Moe:
-    """Allocates the model directly on `device` in the config's dtype, then fills every parameter."""
+def build_model(config: ModelConfig, device: str, seed: int = 0, shard: ExpertShard | None = None) -> Qwen3Moe:
+    """Allocates the model directly on `device` in the config's dtype, then fills every parameter.
+
+    With an expert shard, only that shard's experts are allocated and loaded.
+    """
+    shard = shard or ExpertShard()
+    if config.num_experts % shard.size:
+        raise ModelConfigError(
+            f"{config.num_experts} experts cannot be split evenly over a group of {shard.size} instances"
+        )
     with torch.device("meta"):
-        model = Qwen3Moe(config)
+        model = Qwen3Moe(config, shard)
     model = model.to(getattr(torch, config.dtype)).to_empty(device=device)
     for module in model.modules():
         if isinstance(module, Rotary):
@@ -43,14 +51,24 @@ def build_model(config: ModelConfig, device: str, seed: int = 0) -> Qwen3Moe:
 
 
 def _init_random(model: Qwen3Moe, seed: int, std: float = 0.02) -> None:
-    generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    """Seeds each tensor by its name (and each expert by its global index), so every group size gets one model."""
+    device = model.embed.weight.device
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    experts = model.shard.local_experts(model.config.num_experts)
+
+    def fill(tensor: torch.Tensor, key: str) -> None:
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        tensor.normal_(0.0, std, generator=generator)
+
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if id(param) in norms:
                 param.fill_(1.0)
+            elif name.endswith(_EXPERT_PARAMS):
+                for local, expert in enumerate(experts):
+                    fill(param[local], f"{name}.{expert}")
             else:
-                param.normal_(0.0, std, generator=generator)
+                fill(param, name)
 
 
 def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -71,9 +89,10 @@ def _load_checkpoint(model: Qwen3Moe, path: Path) -> None:
     c = model.config
     params = dict(model.named_parameters())
     filled: set[str] = set()
+    experts = model.shard.local_experts(c.num_experts)
     with torch.no_grad():
         for key, tensor in _checkpoint_tensors(path):
-            target, rows = _target(key, c)
+            target, rows = _target(key, c, experts)
             if target is None:
                 continue
             if target not in params:
@@ -89,8 +108,11 @@ def _load_checkpoint(model: Qwen3Moe, path: Path) -> None:
         raise ModelConfigError(f"{path}: checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
-def _target(key: str, c: ModelConfig) -> tuple[str | None, tuple[int | slice, ...] | None]:
-    """Our parameter name for a checkpoint tensor, and which part of it the tensor fills (None: all of it)."""
+def _target(key: str, c: ModelConfig, experts: range) -> tuple[str | None, tuple[int | slice, ...] | None]:
+    """Our parameter name for a checkpoint tensor, and which part of it the tensor fills (None: all of it).
+
+    Experts outside this instance's shard have no target.
+    """
     if key == "model.embed_tokens.weight":
         return "embed.weight", None
     if key == "model.norm.weight":
@@ -110,6 +132,9 @@ def _target(key: str, c: ModelConfig) -> tuple[str | None, tuple[int | slice, ..
     expert = _EXPERT.fullmatch(rest)
     if expert is not None:
         e, which = int(expert.group(1)), expert.group(2)
+        if e not in experts:
+            return None, None
+        e -= experts.start
         w = c.expert_width
         if which == "down_proj":
             return prefix + "moe.w_down", (e,)

@@ -1,0 +1,152 @@
+"""The `nanocp` command: run (an embedded local cluster), router, worker and generate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from nanocp.model_config import PRESETS
+
+
+class _Server(Protocol):
+    async def stop(self, grace: float | None = None) -> None: ...
+
+
+def _serve_until_signalled(start: Callable[[], Awaitable[_Server]]) -> None:
+    """Starts a server and keeps it up until SIGINT or SIGTERM, then stops it with a short grace period."""
+
+    async def main() -> None:
+        server = await start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("nanocp").info("stopping")
+        await server.stop(grace=2.0)
+
+    asyncio.run(main())
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from nanocp.telemetry import configure_tracing
+    from nanocp.worker.engine import EngineConfig
+    from nanocp.worker.server import serve_worker
+
+    configure_tracing("nanocp-worker")
+    config = EngineConfig(
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        max_step_tokens=args.max_step_tokens,
+        max_running=args.max_running,
+        device=args.device,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    _serve_until_signalled(lambda: serve_worker(args.model, config, args.host, args.port, args.instance_id))
+
+
+def _router(args: argparse.Namespace) -> None:
+    from nanocp.router.server import serve_router
+    from nanocp.telemetry import configure_tracing
+
+    configure_tracing("nanocp-router")
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    _serve_until_signalled(
+        lambda: serve_router(args.model, workers, args.host, args.port, args.policy, args.queue_size)
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    from nanocp.embedded import run
+
+    run(args.model, args.workers, args.requests, args.long_every, args.long_tokens, args.interval)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from nanocp.client import Client, NanocpError
+
+    prompt: str | list[int] = [int(t) for t in args.token_ids.split(",")] if args.token_ids else args.prompt
+    try:
+        with Client(args.router) as client:
+            for chunk in client.generate(
+                prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                ignore_eos=args.ignore_eos,
+                timeout=args.timeout,
+            ):
+                sys.stdout.write(chunk.text if chunk.text or not args.ids else f"{chunk.token_ids} ")
+                sys.stdout.flush()
+                if chunk.finish_reason is not None:
+                    sys.stdout.write(f"\n[{chunk.finish_reason}: {chunk.usage}]\n")
+    except NanocpError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanocp", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level of the servers (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    model_help = f"a preset ({', '.join(PRESETS)}) or a local Hugging Face Qwen3-MoE directory"
+
+    run = commands.add_parser("run", help="start a router and workers locally and stream a mixed workload")
+    run.add_argument("--model", default="tiny", help=model_help)
+    run.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    run.add_argument("--requests", type=int, default=10, help="requests in the workload (default 10)")
+    run.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (default 4)")
+    run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
+    run.add_argument("--interval", type=float, default=0.05, help="seconds between arrivals (default 0.05)")
+    run.set_defaults(func=_run)
+
+    worker = commands.add_parser("worker", help="serve one decode instance (internal API)")
+    worker.add_argument("--model", default="tiny", help=model_help)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=50061)
+    worker.add_argument("--instance-id", default="w0", help="the name the router shows for this instance")
+    worker.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    worker.add_argument("--num-pages", type=int, default=1024, help="KV pages in the pool (default 1024)")
+    worker.add_argument("--max-step-tokens", type=int, default=512, help="token budget of a step (default 512)")
+    worker.add_argument("--max-running", type=int, default=64, help="most requests in a step (default 64)")
+    worker.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    worker.add_argument("--seed", type=int, default=0, help="seed of preset weights and unseeded samplers")
+    worker.add_argument("--dtype", default=None, help="override the model's dtype (float32, bfloat16)")
+    worker.set_defaults(func=_worker)
+
+    router = commands.add_parser("router", help="serve the public API in front of workers")
+    router.add_argument("--model", default="tiny", help=model_help + " (only config and tokenizer are read)")
+    router.add_argument("--workers", required=True, help="comma-separated worker addresses, host:port")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=50051)
+    router.add_argument("--policy", default="static", help="placement policy (default static)")
+    router.add_argument("--queue-size", type=int, default=256, help="requests that may wait for KV memory")
+    router.set_defaults(func=_router)
+
+    generate = commands.add_parser("generate", help="stream one completion from a router")
+    generate.add_argument("prompt", nargs="?", default="", help="prompt text")
+    generate.add_argument("--token-ids", default="", help="comma-separated prompt token ids instead of text")
+    generate.add_argument("--router", default="127.0.0.1:50051")
+    generate.add_argument("--max-tokens", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    generate.add_argument("--ids", action="store_true", help="print token ids when there is no text")
+    generate.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args: Any = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.func(args)

@@ -1,0 +1,93 @@
+"""What the sync and asyncio clients share: building the request, the deadline, retries, and reading chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import context as otel_context
+
+from nanocp.client.chunk import Chunk
+from nanocp.client.errors import error_from_rpc
+from nanocp.telemetry import Metadata, inject_metadata
+from nanocp.v1 import common_pb2, router_pb2
+
+
+def generate_request(
+    prompt: str | list[int],
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop_token_ids: Sequence[int],
+    ignore_eos: bool,
+    request_id: str | None,
+) -> router_pb2.GenerateRequest:
+    # Unset sampling fields stay unset, so the router applies its documented defaults.
+    sampling = common_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=ignore_eos,
+    )
+    # An id chosen here lets the caller abort the request before its first chunk arrives.
+    request = router_pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.extend(prompt)
+    return request
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries a Generate that failed with UNAVAILABLE before any chunk arrived, with exponential backoff."""
+
+    max_retries: int = 3
+    backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+
+class StreamState:
+    """One generate call across its attempts: the request, its deadline, and whether any chunk arrived yet."""
+
+    def __init__(self, request: router_pb2.GenerateRequest, timeout: float | None, retry: Retry) -> None:
+        self.request = request
+        self.closed = False
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._retry = retry
+        self._attempts = 0
+        self._received = False
+        self._context = otel_context.get_current()  # the caller's trace, whichever thread reads the stream
+
+    def call_options(self) -> tuple[float | None, Metadata]:
+        """The timeout left and the metadata for the next attempt."""
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        return timeout, inject_metadata(self._context)
+
+    def chunk(self, response: router_pb2.GenerateResponse) -> Chunk:
+        self._received = True
+        return Chunk.from_proto(response)
+
+    def retry_delay(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt; raises the call's NanocpError when it must not be retried."""
+        delay = min(self._retry.backoff_s * 2**self._attempts, self._retry.max_backoff_s)
+        retryable = (
+            exc.code() == grpc.StatusCode.UNAVAILABLE
+            and not self._received
+            and self._attempts < self._retry.max_retries
+            and (self._deadline is None or time.monotonic() + delay < self._deadline)
+        )
+        if not retryable:
+            self.closed = True
+            raise error_from_rpc(exc) from None
+        self._attempts += 1
+        return delay

@@ -1,0 +1,133 @@
+"""The asyncio client: `async with AsyncClient("host:port") as c: async for chunk in c.generate("Hi"): ...`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from nanocp.client._call import Retry, StreamState, generate_request
+from nanocp.client.chunk import Chunk
+from nanocp.client.errors import error_from_rpc
+from nanocp.telemetry import inject_metadata
+from nanocp.v1 import router_pb2, router_pb2_grpc
+
+
+class AsyncStream(AsyncIterator[Chunk]):
+    """The chunks of one request. `cancel()` (or leaving an `async with` block) stops it and frees its KV pages."""
+
+    def __init__(self, stub: Any, state: StreamState) -> None:
+        self._stub = stub
+        self._state = state
+        self._call: Any = None
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request.request_id
+
+    async def __anext__(self) -> Chunk:
+        while not self._state.closed:
+            if self._call is None:
+                timeout, metadata = self._state.call_options()
+                self._call = self._stub.Generate(self._state.request, timeout=timeout, metadata=metadata)
+            try:
+                response = await self._call.read()
+            except asyncio.CancelledError:
+                # grpc.aio raises this when the call was cancelled locally; a cancelled task is passed on.
+                task = asyncio.current_task()
+                if not self._state.closed or (task is not None and task.cancelling()):
+                    raise
+                break
+            except grpc.RpcError as exc:
+                delay = self._state.retry_delay(exc)
+                self._call = None
+                await asyncio.sleep(delay)
+                continue
+            if response is grpc.aio.EOF:
+                self._state.closed = True
+                break
+            return self._state.chunk(response)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self._state.closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class AsyncClient:
+    """An asyncio client of the nanocp router at `target` ("host:port"); create it inside the event loop."""
+
+    def __init__(self, target: str, *, max_retries: int = 3, retry_backoff_s: float = 0.1) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._retry = Retry(max_retries, retry_backoff_s)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncStream:
+        """Streams the completion of `prompt`, as Client.generate; the call starts at the first `__anext__`."""
+        request = generate_request(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            request_id=request_id,
+        )
+        return AsyncStream(self._stub, StreamState(request, timeout, self._retry))
+
+    async def abort(self, request_id: str, *, timeout: float | None = None) -> None:
+        """Stops a live request; its stream ends with finish_reason "abort". NotFound for an unknown id."""
+        try:
+            await self._stub.Abort(
+                router_pb2.AbortRequest(request_id=request_id), timeout=timeout, metadata=inject_metadata()
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def list_instances(self, *, timeout: float | None = None) -> router_pb2.ListInstancesResponse:
+        try:
+            response: router_pb2.ListInstancesResponse = await self._stub.ListInstances(
+                router_pb2.ListInstancesRequest(), timeout=timeout, metadata=inject_metadata()
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return response
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,237 @@
+"""`nanocp run`: a router and workers as local processes on a small model, and a mixed workload through the SDK.
+
+Shows what a user of the service sees: tokens as they stream, where each request was placed, per-instance load,
+and latency (TTFT, TPOT, tokens/s). Every process it starts is stopped before it returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from nanocp.client import AsyncClient, Client, NanocpError
+from nanocp.v1 import router_pb2
+
+
+@dataclass
+class Stream:
+    """One request of the demo workload and what the client saw of it."""
+
+    name: str
+    prompt: str
+    max_tokens: int
+    start: float = 0.0
+    first_token: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    text: str = ""
+    home: str = "-"
+    degree: int = 0
+    finish: str = "queued"
+    tail: list[str] = field(default_factory=list)
+
+    @property
+    def ttft_ms(self) -> float:
+        return 1000 * ((self.first_token or self.start) - self.start)
+
+    @property
+    def tpot_ms(self) -> float:
+        if self.end is None or self.first_token is None or self.tokens < 2:
+            return 0.0
+        return 1000 * (self.end - self.first_token) / (self.tokens - 1)
+
+
+def workload(num_requests: int, long_every: int, long_tokens: int) -> list[Stream]:
+    """Short chat-sized prompts with a long document prompt every `long_every` requests."""
+    topics = ["the weather", "a recipe", "prime numbers", "a short poem", "the moon", "gRPC", "routing", "caches"]
+    streams = []
+    for i in range(num_requests):
+        if long_every and i % long_every == long_every - 1:
+            document = ("Context parallelism spreads a long request's KV cache over instances. " * 200)[:long_tokens]
+            streams.append(Stream(f"long-{i}", f"Summarise: {document}", max_tokens=48))
+        else:
+            streams.append(
+                Stream(f"short-{i}", f"Tell me about {topics[i % len(topics)]}.", max_tokens=24 + 8 * (i % 4))
+            )
+    return streams
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def local_cluster(model: str, num_workers: int, console: Console) -> Iterator[str]:
+    """Starts workers and a router as child processes; yields the router's address; stops them all on exit."""
+    *worker_ports, router_port = free_ports(num_workers + 1)
+    logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> None:
+        # Each process logs to its own file, so the live view stays readable.
+        with open(logs / f"{name}.log", "wb") as log:
+            command = [sys.executable, "-m", "nanocp", *args]
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+
+    try:
+        for i, port in enumerate(worker_ports):
+            start(f"worker-w{i}", "worker", "--model", model, "--port", str(port), "--instance-id", f"w{i}")
+        workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
+        start("router", "router", "--model", model, "--workers", workers, "--port", str(router_port))
+        address = f"127.0.0.1:{router_port}"
+        with console.status(f"starting {num_workers} worker(s) and a router on {model}"):
+            _wait_serving(address, num_workers, processes, timeout=120)
+        console.print(f"router on {address}, workers on {workers}; logs in {logs}")
+        yield address
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(address: str, num_workers: int, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Waits until the router lists every worker as ready (which implies it serves), or fails fast on a crash."""
+    deadline = time.monotonic() + timeout
+    with Client(address, max_retries=0) as client:
+        while time.monotonic() < deadline:
+            dead = [p.args for p in processes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a process exited during start-up: {dead[0]!r}")
+            with contextlib.suppress(NanocpError):
+                instances = client.list_instances(timeout=1).instances
+                if sum(i.state == router_pb2.INSTANCE_STATE_READY for i in instances) == num_workers:
+                    return
+            time.sleep(0.2)
+    raise TimeoutError(f"the router at {address} did not list {num_workers} ready worker(s) within {timeout:.0f} s")
+
+
+def _printable(text: str) -> str:
+    """Random weights sample arbitrary bytes: show control and broken characters as dots."""
+    return "".join(c if c.isprintable() and c != "\ufffd" else "·" for c in text)
+
+
+def progress_table(streams: list[Stream]) -> Table:
+    table = Table("request", "prompt", "home", "CP", "tokens", "latest text", "state", title="streaming")
+    for s in streams:
+        table.add_row(
+            s.name,
+            str(len(s.prompt.encode())),
+            s.home,
+            str(s.degree or "-"),
+            str(s.tokens),
+            _printable(s.text[-32:]),
+            s.finish,
+        )
+    return table
+
+
+async def _run_stream(client: AsyncClient, stream: Stream, delay: float, seed: int) -> None:
+    await asyncio.sleep(delay)
+    stream.start = time.perf_counter()
+    stream.finish = "running"
+    async for chunk in client.generate(stream.prompt, max_tokens=stream.max_tokens, temperature=0.8, seed=seed):
+        now = time.perf_counter()
+        if chunk.placement is not None:
+            stream.home = chunk.placement.home
+            stream.degree = len(chunk.placement.shards)
+        if chunk.token_ids and stream.first_token is None:
+            stream.first_token = now
+        stream.tokens += len(chunk.token_ids)
+        stream.text += chunk.text
+        if chunk.finish_reason is not None:
+            stream.finish = chunk.finish_reason
+    stream.end = time.perf_counter()
+
+
+async def _watch_load(client: AsyncClient, peaks: dict[str, tuple[int, float]], done: asyncio.Event) -> None:
+    """Records each instance's peak home batch and KV occupancy while the workload runs."""
+    while not done.is_set():
+        for inst in (await client.list_instances()).instances:
+            batch, kv = peaks.get(inst.id, (0, 0.0))
+            occupancy = inst.kv_pages_committed / max(inst.kv_pages_total, 1)
+            peaks[inst.id] = (max(batch, inst.home_batch), max(kv, occupancy))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.05)
+
+
+async def drive(address: str, streams: list[Stream], console: Console, interval: float) -> dict[str, tuple[int, float]]:
+    peaks: dict[str, tuple[int, float]] = {}
+    async with AsyncClient(address) as client:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(_watch_load(client, peaks, done))
+        with Live(progress_table(streams), console=console, refresh_per_second=8) as live:
+            tasks = [_run_stream(client, s, i * interval, seed=i) for i, s in enumerate(streams)]
+            runner = asyncio.gather(*tasks)
+            while not runner.done():
+                live.update(progress_table(streams))
+                await asyncio.wait([runner], timeout=0.1)
+            live.update(progress_table(streams))
+            runner.result()
+        console.print()
+        done.set()
+        await watcher
+        final = await client.list_instances()
+    leaked = [i.id for i in final.instances if i.kv_pages_committed or i.kv_pages_in_use]
+    if leaked:
+        raise RuntimeError(f"KV pages still held after every request finished on: {', '.join(leaked)}")
+    return peaks
+
+
+def summary(streams: list[Stream], peaks: dict[str, tuple[int, float]], wall: float) -> list[Table]:
+    latency = Table(
+        "request", "home", "CP", "prompt", "tokens", "TTFT ms", "TPOT ms", "tok/s", "finish", title="latency"
+    )
+    for s in streams:
+        seconds = (s.end or s.start) - s.start
+        latency.add_row(
+            s.name,
+            s.home,
+            str(s.degree),
+            str(len(s.prompt.encode())),
+            str(s.tokens),
+            f"{s.ttft_ms:.1f}",
+            f"{s.tpot_ms:.1f}",
+            f"{s.tokens / seconds:.0f}" if seconds else "-",
+            s.finish,
+        )
+    total = sum(s.tokens for s in streams)
+    latency.caption = f"{len(streams)} requests, {total} tokens in {wall:.2f} s: {total / wall:.0f} tokens/s overall"
+    balance = Table("instance", "peak home batch", "peak KV occupancy", title="per-instance balance")
+    for instance, (batch, kv) in sorted(peaks.items()):
+        balance.add_row(instance, str(batch), f"{100 * kv:.1f}%")
+    return [latency, balance]
+
+
+def run(model: str, num_workers: int, num_requests: int, long_every: int, long_tokens: int, interval: float) -> None:
+    console = Console()
+    streams = workload(num_requests, long_every, long_tokens)
+    with local_cluster(model, num_workers, console) as address:
+        start = time.perf_counter()
+        peaks = asyncio.run(drive(address, streams, console, interval))
+        wall = time.perf_counter() - start
+    for table in summary(streams, peaks, wall):
+        console.print(table)
+    console.print("all processes stopped; every instance's KV pool is back to empty")

@@ -1,0 +1,50 @@
+"""What the router and the workers share as gRPC servers: binding, grpc.health.v1, reflection, graceful stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+
+class GrpcServer:
+    """A started grpc.aio server that reports SERVING for its services until `stop`."""
+
+    def __init__(self, server: Any, health_servicer: health.aio.HealthServicer, port: int) -> None:
+        self._server = server
+        self._health = health_servicer
+        self.port = port
+
+    @classmethod
+    async def start(
+        cls, host: str, port: int, services: Sequence[tuple[Callable[[Any, Any], None], Any, str]]
+    ) -> GrpcServer:
+        """`services` holds (add_XServicer_to_server, servicer, full service name); port 0 picks a free port."""
+        # No SO_REUSEPORT: a second server on a taken port must fail, not silently share the port's traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for add, servicer, _ in services:
+            add(servicer, server)
+        names = [name for _, _, name in services]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises, rather than returning 0, when the address is taken
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
+        await server.start()
+        for name in names:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return cls(server, health_servicer, bound)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, then ends live calls (after `grace` seconds, at once when None)."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,21 @@
+"""`static`: no context parallelism. The whole request lives on its home, as SGLang's DP attention places it.
+
+The home is the instance with the fewest home requests (MoE balance), ties to the most free KV pages, then to the
+smallest id so a placement is reproducible. Only instances with room for the whole footprint are candidates: a
+request never waits while another instance could take it.
+"""
+
+from __future__ import annotations
+
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
+
+
+class StaticPolicy:
+    name = "static"
+
+    def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
+        candidates = [i for i in instances if footprint.pages(i.page_size) <= i.pages_free]
+        if not candidates:
+            return None
+        home = min(candidates, key=lambda i: (i.home_batch, -i.pages_free, i.id))
+        return Placement(home.id, [Shard(home.id, 0, footprint.pages(home.page_size))])

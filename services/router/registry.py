@@ -1,0 +1,146 @@
+"""Which workers exist and which of them answer.
+
+Discovery names worker addresses (a static list today; Kubernetes discovery will implement the same Discovery
+protocol). The registry asks each new worker what it serves (GetInfo) and refuses one whose model differs from the
+router's, then polls GetLoad as a heartbeat. A worker that fails a heartbeat, or a stream, is UNAVAILABLE and gets no
+new requests; it is checked again from GetInfo on (it may have restarted) and is READY once it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import grpc
+
+from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Instance:
+    address: str
+    channel: Any  # grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerServiceAsyncStub
+    info: worker_pb2.GetInfoResponse | None = None
+    ready: bool = False
+    problem: str = "not contacted yet"  # why it is not ready
+    pages_in_use: int = 0  # the worker's own count at its last load report
+
+    @property
+    def id(self) -> str:
+        return self.info.instance_id if self.info is not None else self.address
+
+    @property
+    def name(self) -> str:
+        """For messages: the id and the address, once the worker has said its id."""
+        return f"{self.id} at {self.address}" if self.info is not None else self.address
+
+
+class Discovery(Protocol):
+    async def run(self, registry: WorkerRegistry) -> None:
+        """Adds workers to the registry as they appear."""
+        ...
+
+
+class StaticDiscovery:
+    def __init__(self, addresses: Sequence[str]) -> None:
+        self._addresses = list(addresses)
+
+    async def run(self, registry: WorkerRegistry) -> None:
+        await asyncio.gather(*(registry.add(address) for address in self._addresses))
+
+
+class WorkerRegistry:
+    def __init__(self, model: ModelConfig, heartbeat_s: float = 1.0) -> None:
+        self._model = model
+        self._heartbeat_s = heartbeat_s
+        # A worker busy with a long step answers late; that alone must not make it unavailable.
+        self._probe_timeout_s = max(heartbeat_s, 1.0)
+        # Runs after every load report of a ready instance: capacity may have appeared.
+        self.on_load: Callable[[Instance], None] = lambda instance: None
+        self._instances: dict[str, Instance] = {}  # by address
+        self._heartbeats: list[asyncio.Task[None]] = []
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    def get(self, instance_id: str) -> Instance:
+        for instance in self._instances.values():
+            if instance.id == instance_id:
+                return instance
+        raise KeyError(f"no instance {instance_id!r}")
+
+    async def add(self, address: str) -> None:
+        """Checks the worker once (so a router starts with its workers known), then keeps a heartbeat on it."""
+        if address in self._instances:
+            return
+        channel = grpc.aio.insecure_channel(address)
+        stub = cast("worker_pb2_grpc.WorkerServiceAsyncStub", worker_pb2_grpc.WorkerServiceStub(channel))
+        instance = Instance(address, channel, stub)
+        self._instances[address] = instance
+        await self._check(instance)
+        self._heartbeats.append(asyncio.create_task(self._heartbeat(instance), name=f"heartbeat {address}"))
+
+    async def refresh(self) -> None:
+        """Asks every ready instance for its load now, so a caller sees current numbers, not a heartbeat-old one."""
+        await asyncio.gather(*(self._check(i) for i in self._instances.values() if i.ready))
+
+    def mark_unavailable(self, instance: Instance, problem: str) -> None:
+        if instance.ready or problem != instance.problem:
+            log.warning("worker %s is unavailable: %s", instance.name, problem)
+        instance.ready = False
+        instance.problem = problem
+
+    async def stop(self) -> None:
+        for task in self._heartbeats:
+            task.cancel()
+        for task in self._heartbeats:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(i.channel.close() for i in self._instances.values()))
+
+    async def _heartbeat(self, instance: Instance) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            await self._check(instance)
+
+    async def _check(self, instance: Instance) -> None:
+        try:
+            if not instance.ready:
+                info = await instance.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=self._probe_timeout_s)
+                problem = self._mismatch(instance, info)
+                if problem is not None:
+                    self.mark_unavailable(instance, problem)
+                    return
+                instance.info = info
+            load = await instance.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self._probe_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self.mark_unavailable(instance, f"{exc.code().name}: {exc.details()}")
+            return
+        instance.pages_in_use = load.kv_pages_in_use
+        if not instance.ready:
+            log.info("worker %s is ready (%d KV pages)", instance.name, load.kv_pages_total)
+            instance.ready = True
+            instance.problem = ""
+        self.on_load(instance)
+
+    def _mismatch(self, instance: Instance, info: worker_pb2.GetInfoResponse) -> str | None:
+        """Why the router must not place on this worker, or None."""
+        m = self._model
+        theirs = (info.model, info.vocab_size, info.max_context)
+        if theirs != (m.name, m.vocab_size, m.max_context):
+            return (
+                f"it serves model {info.model!r} (vocab {info.vocab_size}, context {info.max_context}) but the "
+                f"router serves {m.name!r} (vocab {m.vocab_size}, context {m.max_context}); fix --model on one side"
+            )
+        other = next((i for i in self._instances.values() if i is not instance and i.id == info.instance_id), None)
+        if other is not None:
+            return f"instance id {info.instance_id!r} is already taken by the worker at {other.address}"
+        return None

@@ -1,0 +1,92 @@
+"""Wires the router together and serves it: registry, ledger, policy, admission queue and the gRPC API."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+
+from nanocp.grpc_server import GrpcServer
+from nanocp.model_config import load_model_config
+from nanocp.router.accounting import Ledger
+from nanocp.router.admission import Admission
+from nanocp.router.policies import make_policy
+from nanocp.router.registry import Instance, StaticDiscovery, WorkerRegistry
+from nanocp.router.service import SERVICE_NAME, RouterServicer
+from nanocp.tokenizer import load_tokenizer
+from nanocp.v1 import router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RouterServer:
+    def __init__(self, server: GrpcServer, registry: WorkerRegistry) -> None:
+        self._server = server
+        self._registry = registry
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._server.stop(grace)
+        await self._registry.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_router(
+    model: str,
+    workers: list[str],
+    host: str,
+    port: int,
+    policy: str = "static",
+    queue_size: int = 256,
+    *,
+    heartbeat_s: float = 1.0,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> RouterServer:
+    """Serves the router for `model` (a preset or a model directory; only its config and tokenizer are read).
+
+    `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
+    `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
+    """
+    model_config = load_model_config(model)
+    placement_policy = make_policy(policy)
+    ledger = Ledger()
+    registry = WorkerRegistry(model_config, heartbeat_s)
+    admission = Admission(placement_policy, registry, ledger, queue_size)
+
+    def on_load(instance: Instance) -> None:
+        ledger.reconcile(instance)
+        admission.pump()  # an instance that came back may take waiting requests
+
+    registry.on_load = on_load
+    servicer = RouterServicer(
+        model_config,
+        load_tokenizer(model_config),
+        registry,
+        ledger,
+        admission,
+        trace.get_tracer(__name__, tracer_provider=tracer_provider),
+    )
+    await StaticDiscovery(workers).run(registry)
+    try:
+        server = await GrpcServer.start(
+            host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)]
+        )
+    except BaseException:
+        await registry.stop()
+        raise
+    ready = sum(i.ready for i in registry.instances())
+    log.info(
+        "router serves %s on %s:%d with policy %s; %d of %d workers ready",
+        model_config.name,
+        host,
+        server.port,
+        policy,
+        ready,
+        len(workers),
+    )
+    return RouterServer(server, registry)

@@ -1,0 +1,243 @@
+"""The public API (nanocp.v1.RouterService): validate, admit, relay the home worker's token stream.
+
+Whatever ends a Generate (the last token, an error, the client cancelling or its deadline passing, an Abort), the
+home's Submit call is cancelled if still open, which makes the worker abort the request and free its pages, and the
+router releases what it committed. An aborted request's stream ends cleanly: a last message with
+FINISH_REASON_ABORT and the usage so far (no error status), so the caller keeps the tokens it already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from nanocp.client.chunk import finish_reason_name
+from nanocp.internal.v1 import worker_pb2
+from nanocp.model_config import ModelConfig
+from nanocp.router.accounting import Ledger
+from nanocp.router.admission import Admission, Withdrawn
+from nanocp.router.errors import RequestError
+from nanocp.router.placement import Footprint, Placement
+from nanocp.router.registry import Instance, WorkerRegistry
+from nanocp.router.validation import ValidRequest, validate
+from nanocp.telemetry import extract_context, inject_metadata
+from nanocp.tokenizer import IncrementalDecoder, Tokenizer
+from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+# Worker statuses that describe the request, not the worker's health; any other failure makes the home UNAVAILABLE.
+_REQUEST_STATUSES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+@dataclass(eq=False)
+class _Live:
+    """A request between validation and its last message."""
+
+    request_id: str
+    footprint: Footprint
+    placement: Placement | None = None  # None while it waits for KV memory
+    call: Any = None  # the home's Submit call, once placed
+    completion_tokens: int = 0
+    aborted: bool = False
+
+    def finish(self, reason: common_pb2.FinishReason.ValueType) -> router_pb2.GenerateResponse:
+        response = router_pb2.GenerateResponse(request_id=self.request_id, finish_reason=reason)
+        response.usage.prompt_tokens = self.footprint.prompt_tokens
+        response.usage.completion_tokens = self.completion_tokens
+        return response
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(
+        self,
+        model: ModelConfig,
+        tokenizer: Tokenizer | None,
+        registry: WorkerRegistry,
+        ledger: Ledger,
+        admission: Admission,
+        tracer: trace.Tracer,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._registry = registry
+        self._ledger = ledger
+        self._admission = admission
+        self._tracer = tracer
+        self._live: dict[str, _Live] = {}
+
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        # Follows the OpenTelemetry GenAI conventions; the worker's span becomes its child through the call metadata.
+        span = self._tracer.start_span(
+            f"text_completion {self._model.name}",
+            context=extract_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+            attributes={"gen_ai.operation.name": "text_completion", "gen_ai.request.model": self._model.name},
+        )
+        # Ended by hand, never made current: grpc may close this generator from another context. The inner
+        # generators are closed explicitly (aclosing) so their cleanup runs now, whichever way the stream ends.
+        try:
+            async with aclosing(self._generate(request, context, span)) as responses:
+                async for response in responses:
+                    yield response
+        except RequestError as exc:
+            span.set_attribute("error.type", exc.code.name)
+            span.set_status(trace.StatusCode.ERROR, exc.message)
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, GeneratorExit):
+            span.set_attribute("error.type", "CANCELLED")
+            span.set_status(trace.StatusCode.ERROR, "cancelled by the client or its deadline")
+            raise
+        finally:
+            span.end()
+
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, context: Any, span: trace.Span
+    ) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        valid = validate(request, self._model, self._tokenizer)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._live:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
+        span.set_attributes(
+            {
+                "gen_ai.response.id": request_id,
+                "gen_ai.request.max_tokens": valid.sampling.max_tokens,
+                "gen_ai.request.temperature": valid.sampling.temperature,
+                "gen_ai.request.top_p": valid.sampling.top_p,
+                "gen_ai.request.top_k": valid.sampling.top_k,
+                "gen_ai.usage.input_tokens": len(valid.prompt),
+            }
+        )
+        live = self._live[request_id] = _Live(request_id, valid.footprint)
+        try:
+            try:
+                live.placement = await self._admission.admit(request_id, live.footprint)
+            except Withdrawn:
+                live.aborted = True
+            if live.placement is None or live.aborted:  # while queued, or between its placement and now
+                yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
+                return
+            span.set_attributes({"nanocp.home": live.placement.home, "nanocp.cp_degree": live.placement.cp_degree})
+            async with aclosing(self._relay(live, valid, context, span)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            span.set_attribute("gen_ai.usage.output_tokens", live.completion_tokens)
+            del self._live[request_id]
+            if live.placement is not None:
+                self._admission.release(live.placement)
+
+    async def _relay(
+        self, live: _Live, valid: ValidRequest, context: Any, span: trace.Span
+    ) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        """The home worker's stream as GenerateResponses: placement first, text deltas, finish and usage last."""
+        assert live.placement is not None
+        home = self._registry.get(live.placement.home)
+        submit = worker_pb2.SubmitRequest(
+            request_id=live.request_id,
+            prompt_token_ids=valid.prompt,
+            sampling=valid.sampling,
+            placement=live.placement.to_proto(),
+        )
+        metadata = inject_metadata(trace.set_span_in_context(span))
+        live.call = home.stub.Submit(submit, timeout=context.time_remaining(), metadata=metadata)
+        decoder = IncrementalDecoder(self._tokenizer) if self._tokenizer is not None else None
+        try:
+            async for output in live.call:
+                response = router_pb2.GenerateResponse(request_id=live.request_id, token_ids=output.token_ids)
+                if decoder is not None:
+                    response.text = decoder.push(list(output.token_ids))
+                if live.completion_tokens == 0:
+                    response.placement.CopyFrom(live.placement.to_proto())
+                    if output.token_ids:
+                        span.add_event("first_token")
+                live.completion_tokens += len(output.token_ids)
+                if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    response.MergeFrom(self._finished(live, output.finish_reason, span))
+                    yield response
+                    return
+                yield response
+        except asyncio.CancelledError:
+            # Abort cancels the call itself; a cancellation of this task (client, deadline) is passed on.
+            task = asyncio.current_task()
+            if not live.aborted or (task is not None and task.cancelling()):
+                raise
+            yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
+            return
+        except grpc.aio.AioRpcError as exc:
+            raise self._worker_failure(home, exc) from exc
+        finally:
+            live.call.cancel()  # a no-op once the stream ended; otherwise the worker aborts and frees the pages
+        raise self._worker_failure(home, None)
+
+    def _finished(
+        self, live: _Live, reason: common_pb2.FinishReason.ValueType, span: trace.Span
+    ) -> router_pb2.GenerateResponse:
+        span.set_attribute("gen_ai.response.finish_reasons", [finish_reason_name(reason)])
+        return live.finish(reason)
+
+    def _worker_failure(self, home: Instance, exc: grpc.aio.AioRpcError | None) -> RequestError:
+        if exc is not None and exc.code() in _REQUEST_STATUSES:
+            return RequestError(exc.code(), f"instance {home.id}: {exc.details()}")
+        problem = f"{exc.code().name}: {exc.details()}" if exc is not None else "the stream ended without a finish"
+        self._registry.mark_unavailable(home, f"a request stream failed ({problem})")
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
+        )
+
+    async def Abort(self, request: router_pb2.AbortRequest, context: Any) -> router_pb2.AbortResponse:
+        live = self._live.get(request.request_id)
+        if live is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live request with request_id {request.request_id!r}")
+        else:
+            live.aborted = True
+            if live.call is not None:
+                live.call.cancel()
+            else:
+                self._admission.withdraw(live.request_id)
+        return router_pb2.AbortResponse()
+
+    async def ListInstances(
+        self, request: router_pb2.ListInstancesRequest, context: Any
+    ) -> router_pb2.ListInstancesResponse:
+        await self._registry.refresh()
+        response = router_pb2.ListInstancesResponse(queued=self._admission.queued)
+        for instance in self._registry.instances():
+            status = response.instances.add(
+                id=instance.id,
+                address=instance.address,
+                state=router_pb2.INSTANCE_STATE_READY if instance.ready else router_pb2.INSTANCE_STATE_UNAVAILABLE,
+                home_batch=self._ledger.home_batch(instance.id),
+                kv_pages_committed=self._ledger.pages_committed(instance.id),
+                kv_pages_in_use=instance.pages_in_use,
+            )
+            if instance.info is not None:
+                status.kv_pages_total = instance.info.kv_pages_total
+                status.page_size = instance.info.page_size
+        for live in self._live.values():
+            if live.placement is not None:
+                response.requests.add(
+                    request_id=live.request_id,
+                    placement=live.placement.to_proto(),
+                    prompt_tokens=live.footprint.prompt_tokens,
+                    max_tokens=live.footprint.max_tokens,
+                )
+        return response

@@ -1,0 +1,210 @@
+"""The worker's gRPC face (nanocp.internal.v1.WorkerService) over an EngineLoop.
+
+A Submit stream lives exactly as long as its request: outputs cross from the engine thread to the event loop through
+a queue, and a stream that ends early (cancelled, deadline passed, connection lost) aborts its request, so its KV
+pages go back to the pool at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from nanocp.grpc_server import GrpcServer
+from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.telemetry import extract_context
+from nanocp.v1 import common_pb2
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.loop import EngineLoop
+from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+_STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+}
+_FINISH = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_params(proto: common_pb2.SamplingParams) -> SamplingParams:
+    """The engine's settings from the wire; unset fields keep the engine's defaults."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=proto.temperature if proto.HasField("temperature") else defaults.temperature,
+        top_k=proto.top_k if proto.HasField("top_k") else defaults.top_k,
+        top_p=proto.top_p if proto.HasField("top_p") else defaults.top_p,
+        seed=proto.seed if proto.HasField("seed") else None,
+        max_tokens=proto.max_tokens if proto.HasField("max_tokens") else defaults.max_tokens,
+        stop_token_ids=tuple(proto.stop_token_ids),
+        ignore_eos=proto.ignore_eos,
+    )
+
+
+async def _abort(context: Any, span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+    span.set_status(trace.StatusCode.ERROR, message)
+    span.set_attribute("error.type", code.name)
+    await context.abort(code, message)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine_loop: EngineLoop, instance_id: str, tracer: trace.Tracer) -> None:
+        self._engine_loop = engine_loop
+        self._engine = engine_loop.engine
+        self._instance_id = instance_id
+        self._tracer = tracer
+
+    async def Submit(self, request: worker_pb2.SubmitRequest, context: Any) -> AsyncIterator[worker_pb2.SubmitResponse]:
+        # The span is ended by hand, never made current: grpc may close this generator from another context.
+        span = self._tracer.start_span(
+            f"{SERVICE_NAME}/Submit",
+            context=extract_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "gen_ai.request.model": self._engine.model_config.name,
+                "gen_ai.response.id": request.request_id,
+                "nanocp.instance": self._instance_id,
+            },
+        )
+        try:
+            async with contextlib.aclosing(self._submit(request, context, span)) as responses:
+                async for response in responses:
+                    yield response  # if grpc closes us here, aclosing aborts the request at once
+        finally:
+            span.end()
+
+    async def _submit(
+        self, request: worker_pb2.SubmitRequest, context: Any, span: trace.Span
+    ) -> AsyncGenerator[worker_pb2.SubmitResponse]:
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_output(output: RequestOutput) -> None:  # runs on the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        # Called on the event loop, not in a thread: a submit still running in a thread when the call is cancelled
+        # could land after the abort below and leave the request running for nobody.
+        try:
+            self._engine_loop.submit(
+                request.request_id, list(request.prompt_token_ids), sampling_params(request.sampling), on_output
+            )
+        except EngineError as exc:
+            await _abort(context, span, _STATUS[exc.code], str(exc))
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finish_reason is not None
+                if output.error is not None:
+                    await _abort(
+                        context, span, grpc.StatusCode.INTERNAL, f"instance {self._instance_id}: {output.error}"
+                    )
+                response = worker_pb2.SubmitResponse(token_ids=output.new_token_ids)
+                if output.finish_reason is not None:
+                    response.finish_reason = _FINISH[output.finish_reason]
+                    response.usage.prompt_tokens = output.prompt_tokens
+                    response.usage.completion_tokens = output.completion_tokens
+                    span.set_attributes(
+                        {
+                            "gen_ai.usage.input_tokens": output.prompt_tokens,
+                            "gen_ai.usage.output_tokens": output.completion_tokens,
+                            "gen_ai.response.finish_reasons": [output.finish_reason.value],
+                        }
+                    )
+                yield response
+        finally:
+            if not finished:  # the caller went away mid-stream: free the pages now, not at max_tokens
+                span.set_status(trace.StatusCode.ERROR, "the caller cancelled the stream")
+                self._engine_loop.abort(request.request_id)
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: Any) -> worker_pb2.AbortResponse:
+        if not await asyncio.to_thread(self._engine_loop.abort, request.request_id):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
+            )
+        return worker_pb2.AbortResponse()
+
+    async def GetInfo(self, request: worker_pb2.GetInfoRequest, context: Any) -> worker_pb2.GetInfoResponse:
+        model, config = self._engine.model_config, self._engine.config
+        return worker_pb2.GetInfoResponse(
+            instance_id=self._instance_id,
+            model=model.name,
+            vocab_size=model.vocab_size,
+            max_context=model.max_context,
+            page_size=config.page_size,
+            kv_pages_total=config.num_pages,
+        )
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Any) -> worker_pb2.GetLoadResponse:
+        load = await asyncio.to_thread(self._engine_loop.load)
+        return worker_pb2.GetLoadResponse(
+            running=load.running,
+            waiting=load.waiting,
+            kv_pages_total=load.pages_total,
+            kv_pages_in_use=load.pages_in_use,
+        )
+
+
+class WorkerServer:
+    """A running worker: the engine thread and the gRPC server in front of it."""
+
+    def __init__(self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str) -> None:
+        self._server = server
+        self._engine_loop = engine_loop
+        self.instance_id = instance_id
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        # The server first: cancelling live streams aborts their requests, then the engine thread can end.
+        await self._server.stop(grace)
+        self._engine_loop.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_worker(
+    model: str,
+    engine_config: EngineConfig,
+    host: str,
+    port: int,
+    instance_id: str,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> WorkerServer:
+    """Builds the engine for `model` (a preset or a model directory), starts it and serves it; port 0 picks one.
+
+    Spans go to `tracer_provider`, or to the global one that nanocp.telemetry.configure_tracing installs.
+    """
+    engine = await asyncio.to_thread(Engine.from_spec, model, engine_config)
+    engine_loop = EngineLoop(engine)
+    engine_loop.start()
+    servicer = WorkerServicer(engine_loop, instance_id, trace.get_tracer(__name__, tracer_provider=tracer_provider))
+    try:
+        server = await GrpcServer.start(
+            host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)]
+        )
+    except BaseException:
+        engine_loop.stop()
+        raise
+    log.info("worker %s serves %s on %s:%d", instance_id, engine.model_config.name, host, server.port)
+    return WorkerServer(server, engine_loop, instance_id)

@@ -1,0 +1,113 @@
+"""An in-process nanocp cluster for service tests: real tiny workers and a router, on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from opentelemetry.trace import TracerProvider
+
+from nanocp.client import AsyncClient
+from nanocp.router.server import RouterServer, serve_router
+from nanocp.v1 import router_pb2
+from nanocp.worker.engine import EngineConfig
+from nanocp.worker.server import WorkerServer, serve_worker
+
+HOST = "127.0.0.1"
+HEARTBEAT_S = 0.1  # fast, so tests see a worker's failure or return quickly
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    """Polls until `predicate` holds; the timeout only stops a broken test from hanging."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Cluster:
+    router: RouterServer
+    workers: dict[str, WorkerServer]  # by instance id
+    client: AsyncClient
+    worker_config: EngineConfig
+    tracer_provider: TracerProvider | None = None
+    _stopped: list[WorkerServer] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.router.port}"
+
+    def worker_address(self, instance_id: str) -> str:
+        return f"{HOST}:{self.workers[instance_id].port}"
+
+    async def instances(self) -> dict[str, router_pb2.InstanceStatus]:
+        return {i.id: i for i in (await self.client.list_instances()).instances}
+
+    async def kill_worker(self, instance_id: str) -> None:
+        worker = self.workers[instance_id]
+        self._stopped.append(worker)
+        await worker.stop()
+
+    async def wait_all_pages_free(self) -> None:
+        """Until every worker reports no KV pages in use and the router has no pages committed."""
+
+        async def free() -> bool:
+            statuses = (await self.client.list_instances()).instances
+            return all(s.kv_pages_in_use == 0 and s.kv_pages_committed == 0 and s.home_batch == 0 for s in statuses)
+
+        await wait_until(free, "every KV page to be freed")
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await self.router.stop()
+        for worker in self.workers.values():
+            if worker not in self._stopped:
+                await worker.stop()
+
+
+StartCluster = Callable[..., Awaitable[Cluster]]
+
+
+@pytest.fixture
+async def start_cluster() -> AsyncIterator[StartCluster]:
+    """Starts clusters of tiny workers w0, w1, ... behind one router; all are stopped after the test."""
+    clusters: list[Cluster] = []
+
+    async def start(
+        workers: int = 1,
+        num_pages: int = 64,
+        queue_size: int = 8,
+        tracer_provider: TracerProvider | None = None,
+    ) -> Cluster:
+        config = EngineConfig(page_size=16, num_pages=num_pages, max_step_tokens=64, max_running=8)
+        servers = {
+            f"w{i}": await serve_worker("tiny", config, HOST, 0, f"w{i}", tracer_provider=tracer_provider)
+            for i in range(workers)
+        }
+        router = await serve_router(
+            "tiny",
+            [f"{HOST}:{w.port}" for w in servers.values()],
+            HOST,
+            0,
+            queue_size=queue_size,
+            heartbeat_s=HEARTBEAT_S,
+            tracer_provider=tracer_provider,
+        )
+        cluster = Cluster(router, servers, AsyncClient(f"{HOST}:{router.port}"), config, tracer_provider)
+        clusters.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        await cluster.stop()
+
+
+@pytest.fixture
+async def cluster(start_cluster: StartCluster) -> Cluster:
+    """One tiny worker (64 pages of 16 tokens) behind a router."""
+    return await start_cluster()

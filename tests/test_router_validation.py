@@ -1,0 +1,130 @@
+"""Bad Generate requests are refused before they cost anything, with a status and a message naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Cluster
+
+from nanocp.client import AlreadyExists, AsyncClient, InvalidArgument
+from nanocp.model_config import PRESETS
+from nanocp.router.errors import InvalidRequest
+from nanocp.router.server import serve_router
+from nanocp.router.validation import validate
+from nanocp.tokenizer import ByteTokenizer
+from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+TINY = PRESETS["tiny"]  # vocab 384, context 4096
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        pytest.param("", {}, "prompt is empty", id="empty_text"),
+        pytest.param([], {}, "prompt is empty", id="empty_token_ids"),
+        pytest.param([1, 384], {}, "token_ids[1] = 384", id="token_id_at_vocab_size"),
+        pytest.param([-1], {}, "token_ids[0] = -1", id="negative_token_id"),
+        pytest.param([1] * 4096, {}, "prompt: 4096 tokens", id="prompt_fills_the_context"),
+        pytest.param([1] * 5000, {}, "prompt: 5000 tokens", id="prompt_beyond_the_context"),
+        pytest.param([1], {"max_tokens": 0}, "sampling.max_tokens must be at least 1", id="zero_max_tokens"),
+        pytest.param([1], {"max_tokens": -5}, "sampling.max_tokens must be at least 1", id="negative_max_tokens"),
+        pytest.param([1] * 100, {"max_tokens": 4000}, "sampling.max_tokens: prompt (100)", id="beyond_context"),
+        pytest.param([1], {"temperature": -0.5}, "sampling.temperature must be >= 0", id="negative_temperature"),
+        pytest.param([1], {"top_p": 0.0}, "sampling.top_p must be in (0, 1]", id="zero_top_p"),
+        pytest.param([1], {"top_p": 1.5}, "sampling.top_p must be in (0, 1]", id="top_p_above_one"),
+        pytest.param([1], {"top_k": -1}, "sampling.top_k must be >= 0", id="negative_top_k"),
+        pytest.param([1], {"stop_token_ids": [999]}, "sampling.stop_token_ids[0] = 999", id="stop_token_outside"),
+    ],
+)
+async def test_bad_request_is_invalid_argument_naming_the_field(
+    cluster: Cluster, prompt: str | list[int], params: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        async for _ in cluster.client.generate(prompt, **params):
+            pass
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.message
+
+
+async def test_text_and_token_ids_together_are_invalid_argument(cluster: Cluster) -> None:
+    # The SDK takes one prompt argument, so send the raw request to check the router itself.
+    channel = grpc.aio.insecure_channel(cluster.address)
+    stub = router_pb2_grpc.RouterServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.Generate(router_pb2.GenerateRequest(text="hi", token_ids=[1, 2])):
+            pass
+    await channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text or as token_ids, not both" in caught.value.details()
+
+
+async def test_text_prompt_for_a_model_without_tokenizer_is_invalid_argument(tmp_path: Path) -> None:
+    config = {
+        "model_type": "qwen3_moe",
+        "vocab_size": 384,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "max_position_embeddings": 4096,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    router = await serve_router(str(tmp_path), [], "127.0.0.1", 0)  # validation needs no worker
+    try:
+        async with AsyncClient(f"127.0.0.1:{router.port}") as client:
+            with pytest.raises(InvalidArgument, match=r"text: model .* has no tokenizer.*send token_ids"):
+                async for _ in client.generate("hello"):
+                    pass
+    finally:
+        await router.stop()
+
+
+async def test_duplicate_live_request_id_is_already_exists(cluster: Cluster) -> None:
+    first = cluster.client.generate([1, 2, 3], max_tokens=600, ignore_eos=True, request_id="same")
+    await anext(first)
+    with pytest.raises(AlreadyExists, match="request_id 'same' is already live"):
+        async for _ in cluster.client.generate([1, 2, 3], max_tokens=5, request_id="same"):
+            pass
+    first.cancel()
+    await cluster.wait_all_pages_free()
+    chunks = [c async for c in cluster.client.generate([1], max_tokens=2, request_id="same")]
+    assert chunks[-1].finish_reason == "length"  # once the first stream ended, its id is free again
+
+
+def _validate(prompt: list[int], **sampling: Any) -> router_pb2.GenerateRequest:
+    return router_pb2.GenerateRequest(token_ids=prompt, sampling=common_pb2.SamplingParams(**sampling))
+
+
+def test_unset_sampling_fields_take_the_documented_defaults() -> None:
+    valid = validate(_validate([1] * 10), TINY, ByteTokenizer())
+    s = valid.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.max_tokens) == (1.0, 0, 1.0, 256)
+    assert not s.HasField("seed")
+
+
+def test_default_max_tokens_shrinks_to_the_room_left_in_the_context() -> None:
+    valid = validate(_validate([1] * 4000), TINY, ByteTokenizer())
+    assert valid.sampling.max_tokens == 96
+
+
+def test_given_sampling_fields_are_kept() -> None:
+    valid = validate(_validate([1], temperature=0.0, top_k=5, top_p=0.5, max_tokens=7, seed=3), TINY, None)
+    s = valid.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.max_tokens, s.seed) == (0.0, 5, 0.5, 7, 3)
+
+
+def test_text_prompts_are_tokenized_by_the_model_tokenizer() -> None:
+    request = router_pb2.GenerateRequest(text="hé")
+    assert validate(request, TINY, ByteTokenizer()).prompt == list("hé".encode())
+
+
+def test_nan_temperature_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match=r"sampling\.temperature"):
+        validate(_validate([1], temperature=float("nan")), TINY, None)

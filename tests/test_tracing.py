@@ -1,0 +1,152 @@
+"""Tracing: one Generate makes a router span and a worker child span in one trace, with the GenAI attributes;
+tracing is configured from OTEL_* variables and stays off without them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import StartCluster
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from nanocp import telemetry
+from nanocp.client import DeadlineExceeded
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
+    (span,) = [s for s in spans if s.name == name]
+    return span
+
+
+async def test_generate_makes_a_router_span_with_a_worker_child_in_the_callers_trace(
+    start_cluster: StartCluster, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    cluster = await start_cluster(tracer_provider=provider)
+    with provider.get_tracer("test").start_as_current_span("caller") as caller:
+        stream = cluster.client.generate([1, 2, 3, 4], max_tokens=5, temperature=0.5, top_p=0.75, ignore_eos=True)
+    chunks = [c async for c in stream]
+    assert chunks[-1].finish_reason == "length"
+
+    spans = exporter.get_finished_spans()
+    router = by_name(spans, "text_completion tiny")
+    worker = by_name(spans, "nanocp.internal.v1.WorkerService/Submit")
+    trace_id = caller.get_span_context().trace_id
+    assert router.context.trace_id == worker.context.trace_id == trace_id
+    assert router.parent is not None and router.parent.span_id == caller.get_span_context().span_id
+    assert worker.parent is not None and worker.parent.span_id == router.context.span_id
+    assert router.kind == trace.SpanKind.SERVER
+
+    expected: dict[str, Any] = {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.model": "tiny",
+        "gen_ai.request.max_tokens": 5,
+        "gen_ai.request.temperature": 0.5,
+        "gen_ai.request.top_p": 0.75,
+        "gen_ai.usage.input_tokens": 4,
+        "gen_ai.usage.output_tokens": 5,
+        "gen_ai.response.finish_reasons": ("length",),
+        "nanocp.home": "w0",
+        "nanocp.cp_degree": 1,
+    }
+    assert {k: router.attributes.get(k) for k in expected} == expected  # type: ignore[union-attr]
+    assert [e.name for e in router.events] == ["first_token"]
+    assert worker.attributes is not None and worker.attributes["nanocp.instance"] == "w0"
+    assert worker.attributes["gen_ai.usage.output_tokens"] == 5
+    assert router.status.is_ok and worker.status.is_ok
+
+
+async def test_failed_generate_marks_the_router_span_as_an_error(
+    start_cluster: StartCluster, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    cluster = await start_cluster(tracer_provider=provider)
+    with pytest.raises(DeadlineExceeded):
+        async for _ in cluster.client.generate([1, 2], max_tokens=900, ignore_eos=True, timeout=0.3):
+            pass
+    await cluster.wait_all_pages_free()
+    router = by_name(exporter.get_finished_spans(), "text_completion tiny")
+    assert not router.status.is_ok
+    assert router.attributes is not None and router.attributes["error.type"] == "CANCELLED"
+
+
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        pytest.param({}, False, id="nothing_set_is_off"),
+        pytest.param({"OTEL_TRACES_EXPORTER": "none"}, False, id="exporter_none_is_off"),
+        pytest.param({"OTEL_TRACES_EXPORTER": "console"}, True, id="console_exporter"),
+        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}, True, id="otlp_endpoint"),
+        pytest.param({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317"}, True, id="otlp_traces_endpoint"),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_SDK_DISABLED": "true"},
+            False,
+            id="sdk_disabled_wins",
+        ),
+    ],
+)
+def test_tracing_is_configured_from_otel_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], on: bool
+) -> None:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+        "OTEL_SERVICE_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    installed: list[trace.TracerProvider] = []
+    monkeypatch.setattr(trace, "set_tracer_provider", installed.append)  # keep the process-wide provider intact
+    provider = telemetry.configure_tracing("nanocp-worker")
+    assert (provider is not None) == on
+    assert installed == ([provider] if on else [])
+    if provider is not None:
+        assert provider.resource.attributes["service.name"] == "nanocp-worker"
+        provider.shutdown()
+
+
+def test_otel_service_name_overrides_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-router")
+    monkeypatch.setattr(trace, "set_tracer_provider", lambda provider: None)
+    provider = telemetry.configure_tracing("nanocp-router")
+    assert provider is not None and provider.resource.attributes["service.name"] == "edge-router"
+    provider.shutdown()
+
+
+def test_an_unknown_exporter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin' is not supported"):
+        telemetry.configure_tracing("nanocp-router")
+
+
+def test_trace_context_round_trips_through_grpc_metadata(provider: TracerProvider) -> None:
+    with provider.get_tracer("test").start_as_current_span("hop") as span:
+        metadata = telemetry.inject_metadata()
+    assert [key for key, _ in metadata] == ["traceparent"]
+    extracted = trace.get_current_span(telemetry.extract_context(metadata)).get_span_context()
+    assert (extracted.trace_id, extracted.span_id) == (
+        span.get_span_context().trace_id,
+        span.get_span_context().span_id,
+    )
+
+
+def test_metadata_without_trace_context_extracts_to_no_parent() -> None:
+    context = telemetry.extract_context([("user-agent", "x"), ("bin-bin", b"\x00")])
+    assert not trace.get_current_span(context).get_span_context().is_valid
