@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.worker.group import Group, GroupSpec
 from nanocp.worker.kv_cache import KVCache
-from nanocp.worker.model import Qwen3Moe
+from nanocp.worker.model import ExpertShard, Qwen3Moe
 from nanocp.worker.request import (
     EngineError,
     EngineLoad,
@@ -27,6 +29,7 @@ from nanocp.worker.request import (
 from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
 from nanocp.worker.step_inputs import prepare_step
+from nanocp.worker.timing import StepTimer
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
@@ -51,25 +54,41 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model_config: ModelConfig, model: Qwen3Moe, config: EngineConfig) -> None:
+    def __init__(
+        self, model_config: ModelConfig, model: Qwen3Moe, config: EngineConfig, group: Group | None = None
+    ) -> None:
         self.model_config = model_config
         self.model = model
         self.config = config
+        self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
+        self.timer = StepTimer(enabled=False)  # enable to break steps down (benchmarks, tracing)
         self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
         self.scheduler = Scheduler(self.cache.pool, config.page_size, config.max_step_tokens, config.max_running)
         self.requests: dict[str, Request] = {}
         self._seeds = random.Random(config.seed)
 
     @classmethod
-    def from_spec(cls, model: str, config: EngineConfig) -> Engine:
+    def from_spec(cls, model: str, config: EngineConfig, group: Group | None = None) -> Engine:
+        """Builds the model for `model` (a preset or a directory); in a group, only this instance's experts."""
         model_config = load_model_config(model, dtype=config.dtype)
-        log.info("building %s on %s (%s)", model_config.name, config.device, model_config.dtype)
-        return cls(model_config, build_model(model_config, config.device, config.seed), config)
+        shard = ExpertShard(group.rank, group.size) if group else ExpertShard()
+        experts = shard.local_experts(model_config.num_experts)
+        log.info(
+            "building %s on %s (%s) with experts %d-%d of %d",
+            model_config.name,
+            config.device,
+            model_config.dtype,
+            experts.start,
+            experts.stop - 1,
+            model_config.num_experts,
+        )
+        return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group)
 
     def add_request(
         self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback
     ) -> None:
-        self._validate(request_id, prompt, params)
+        self.check_new_id(request_id, self.requests)
+        self.check_request(prompt, params)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
         )
@@ -81,10 +100,14 @@ class Engine:
         self.requests[request_id] = request
         self.scheduler.add(request)
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        c = self.config
-        if request_id in self.requests:
+    @staticmethod
+    def check_new_id(request_id: str, live: Collection[str]) -> None:
+        if request_id in live:
             raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Refuses what this instance can never serve; reads only immutable settings, so any thread may call it."""
+        c = self.config
         try:
             check_request(prompt, params, self.model_config)
         except LimitError as exc:
@@ -122,9 +145,13 @@ class Engine:
         )
 
     def step(self) -> bool:
-        """Runs one step; False when nothing could be scheduled."""
+        """Runs one step; False when the whole group had nothing to do.
+
+        In a group every instance steps together: one with no work of its own still runs the step with an empty
+        batch, because its experts serve the others' tokens.
+        """
         chunks = self.scheduler.schedule()
-        if not chunks:
+        if sum(self.group.exchange_counts(sum(c.num_tokens for c in chunks))) == 0:
             return False
         self.run_chunks(chunks)
         return True
@@ -134,7 +161,7 @@ class Engine:
         """Feeds the scheduled chunks through the model and samples for those that reach their last token."""
         for chunk in chunks:
             self.scheduler.allocate_pages(chunk)
-        inputs = prepare_step(chunks, self.cache, self.config.device)
+        inputs = prepare_step(chunks, self.cache, self.config.device, self.timer)
         hidden = self.model(inputs.token_ids, inputs.context)
         tokens: list[int] = []
         if inputs.sampling_chunks:

@@ -1,26 +1,36 @@
-"""Drives an engine from its own thread: steps while there is work, sleeps (without spinning) when there is none.
+"""Drives an engine from its own thread, the only thread that touches engine state.
 
-Other threads (the gRPC server's) submit and abort through this object; a lock keeps them out of a running step.
+Other threads (the gRPC server's) hand it commands through a queue and read a load snapshot it publishes after each
+step, so they never wait for a step, which in a group can last as long as the slowest peer. When there is no work
+the thread sleeps (on the group's doorbell, which any member's new work rings), never spins.
+
+A step that fails inside a group is fatal: the group's collectives are out of step, so the live requests fail with
+an error and `on_fatal` tells the server to stop serving.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-import time
+from collections.abc import Callable
 
 from nanocp.worker.engine import Engine
-from nanocp.worker.request import EngineLoad, OutputCallback, SamplingParams
+from nanocp.worker.request import EngineLoad, OutputCallback, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_fatal: Callable[[Exception], None] | None = None) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._on_fatal = on_fatal
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._live: set[str] = set()  # ids submitted and not yet finished, for refusing duplicates at once
+        self._live_lock = threading.Lock()
+        self._load = engine.load()
         self._stopping = False
+        self.failed: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -29,39 +39,62 @@ class EngineLoop:
     def stop(self) -> None:
         """Aborts every live request (their callbacks see FinishReason.ABORT) and ends the thread."""
         self._stopping = True
-        self._wake.set()
+        self.engine.group.ring()
         self._thread.join()
-        with self._lock:
-            self.engine.fail_all(None)
+        self.engine.fail_all(None)
+        self.engine.group.close()
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback) -> None:
-        """Raises EngineError at once for a request the engine can never serve."""
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, on_output)
-        self._wake.set()
+        """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
+        if self.failed is not None:
+            raise self.failed
+        self.engine.check_request(prompt, params)
+        with self._live_lock:
+            self.engine.check_new_id(request_id, self._live)
+            self._live.add(request_id)
+
+        def relay(output: RequestOutput) -> None:
+            if output.finish_reason is not None:
+                with self._live_lock:
+                    self._live.discard(request_id)
+            on_output(output)
+
+        self._post(lambda: self.engine.add_request(request_id, prompt, params, relay))
 
     def abort(self, request_id: str) -> bool:
-        with self._lock:
-            return self.engine.abort(request_id)
+        """False for an id that is not live; otherwise the request ends (and frees its pages) before the next step."""
+        with self._live_lock:
+            if request_id not in self._live:
+                return False
+        self._post(lambda: self.engine.abort(request_id))
+        return True
 
     def load(self) -> EngineLoad:
-        with self._lock:
-            return self.engine.load()
+        return self._load
+
+    def _post(self, command: Callable[[], object]) -> None:
+        self._commands.put(command)
+        self.engine.group.ring()
 
     def _run(self) -> None:
         while not self._stopping:
-            with self._lock:
-                worked = self.engine.has_work() and self._step()
+            while not self._commands.empty():
+                self._commands.get()()
+            worked = self._step()
+            self._load = self.engine.load()
+            if self.failed is not None:
+                return
             if not worked:
-                self._wake.wait()
-                self._wake.clear()
-            else:
-                time.sleep(0)  # threading.Lock is not fair: let a waiting submit, abort or load in between steps
+                self.engine.group.sleep_until_rung()
 
     def _step(self) -> bool:
         try:
             return self.engine.step()
-        except Exception as exc:  # a bug in a step must fail its requests loudly, not hang their streams
+        except Exception as exc:  # a failed step must fail its requests loudly, never hang their streams
             log.exception("engine step failed; failing every live request")
+            if self.engine.group.size > 1:
+                self.failed = exc  # first, so the failed requests' streams can tell a group failure
             self.engine.fail_all(f"engine step failed: {exc}")
+            if self.failed is not None and self._on_fatal is not None:
+                self._on_fatal(exc)
             return False

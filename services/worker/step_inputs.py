@@ -10,6 +10,7 @@ from nanocp import kernels
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import StepContext
 from nanocp.worker.scheduler import Chunk
+from nanocp.worker.timing import StepTimer
 
 
 @dataclass
@@ -20,7 +21,7 @@ class StepInputs:
     sampling_chunks: list[Chunk]
 
 
-def prepare_step(chunks: list[Chunk], cache: KVCache, device: str) -> StepInputs:
+def prepare_step(chunks: list[Chunk], cache: KVCache, device: str, timer: StepTimer | None = None) -> StepInputs:
     page_size = cache.page_size
     token_ids: list[int] = []
     positions: list[int] = []
@@ -45,5 +46,5 @@ def prepare_step(chunks: list[Chunk], cache: KVCache, device: str) -> StepInputs
         return torch.tensor(values, dtype=torch.int64, device=device)
 
     meta = kernels.AttentionMetadata(qo_indptr, page_indptr, tensor(page_indices), kv_lens, page_size, causal=True)
-    context = StepContext(tensor(positions), tensor(slots), meta, cache.k, cache.v)
+    context = StepContext(tensor(positions), tensor(slots), meta, cache.k, cache.v, timer or StepTimer(enabled=False))
     return StepInputs(tensor(token_ids), context, tensor(sample_rows), [c for c in chunks if c.samples])

@@ -1,0 +1,124 @@
+"""A decode group: N worker processes that step in lockstep over torch.distributed.
+
+Rendezvous reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (what torchrun, a StatefulSet or a LeaderWorkerSet
+provide). The backend follows the device: gloo on CPU, NCCL on GPU.
+
+An idle group sleeps on a doorbell instead of spinning: a key in the rendezvous store that the instance which
+receives new work sets. Sleeping instances also wake every `idle_check_s` for an empty step, so a peer that died
+while the group was idle is noticed within about that long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class GroupFailure(RuntimeError):
+    """A peer died, stalled past the collective timeout, or the rendezvous broke: the group cannot step again."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    rank: int = 0
+    size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_env(cls) -> GroupSpec:
+        env = os.environ
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            size=int(env.get("WORLD_SIZE", 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+
+    @property
+    def name(self) -> str:
+        """Names the group for the router: every member reports the same."""
+        return f"{self.master_addr}:{self.master_port}"
+
+
+class Group:
+    def __init__(self, spec: GroupSpec, device: str, timeout_s: float, idle_check_s: float = 1.0) -> None:
+        if not 0 <= spec.rank < spec.size:
+            raise ValueError(f"RANK {spec.rank} is outside a group of WORLD_SIZE {spec.size}")
+        self.spec = spec
+        self.device = device
+        self.idle_check_s = idle_check_s
+        self._idle_epoch = 0
+        self._store: dist.TCPStore | None = None
+        self._bell: dist.TCPStore | None = None  # its own connection: the loop thread blocks on `_store`
+        self._bell_lock = threading.Lock()
+        self._local_bell = threading.Event()
+        if spec.size == 1:
+            return
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        log.info("rank %d of %d joining %s over %s", spec.rank, spec.size, spec.name, backend)
+        self._store = dist.TCPStore(
+            spec.master_addr, spec.master_port, spec.size, is_master=spec.rank == 0, timeout=timeout
+        )
+        dist.init_process_group(backend, store=self._store, rank=spec.rank, world_size=spec.size, timeout=timeout)
+        self._bell = dist.TCPStore(spec.master_addr, spec.master_port, spec.size, is_master=False, timeout=timeout)
+        log.info("rank %d of %d joined %s", spec.rank, spec.size, spec.name)
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    def exchange_counts(self, local: int) -> list[int]:
+        """Every instance's count (rows it brings to this step), the same list on all of them."""
+        if self.size == 1:
+            return [local]
+        counts = torch.zeros(self.size, dtype=torch.int64)
+        mine = torch.tensor([local], dtype=torch.int64)
+        try:
+            dist.all_gather_into_tensor(counts, mine)
+        except RuntimeError as exc:
+            raise GroupFailure(f"rank {self.rank}: the group's step exchange failed: {exc}") from exc
+        return counts.tolist()
+
+    def ring(self) -> None:
+        """Wakes the whole group (any thread may call it): this instance has work."""
+        if self._bell is None:
+            self._local_bell.set()
+            return
+        with self._bell_lock:
+            self._bell.set(f"bell/{self._idle_epoch}", "1")
+
+    def sleep_until_rung(self) -> None:
+        """Called by every instance when a step exchange showed the whole group idle (so epochs agree)."""
+        if self._store is None:
+            self._local_bell.wait()
+            self._local_bell.clear()
+            return
+        key = f"bell/{self._idle_epoch}"
+        try:
+            self._store.wait([key], datetime.timedelta(seconds=self.idle_check_s))
+        except dist.DistStoreError as exc:
+            if "timeout" not in str(exc).lower():
+                raise GroupFailure(f"rank {self.rank}: the group's store is gone: {exc}") from exc
+        finally:
+            self._idle_epoch += 1
+
+    def close(self) -> None:
+        """Leaves the group; safe to call twice and after a failure."""
+        if self._store is not None and dist.is_initialized():
+            with contextlib.suppress(Exception):  # a broken group may fail to tear down; the process ends anyway
+                dist.destroy_process_group()
