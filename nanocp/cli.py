@@ -5,40 +5,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
+from nanocp.worker.group_spec import GroupSpec
 
 
 class _Server(Protocol):
     async def stop(self, grace: float | None = None) -> None: ...
 
+    async def wait_for_termination(self) -> None: ...
 
-def _serve_until_signalled(start: Callable[[], Awaitable[_Server]]) -> None:
-    """Starts a server and keeps it up until SIGINT or SIGTERM, then stops it with a short grace period."""
 
-    async def main() -> None:
+S = TypeVar("S", bound=_Server)
+
+
+def _serve_until_signalled(start: Callable[[], Awaitable[S]]) -> S:
+    """Serves until SIGINT or SIGTERM (then stops with a short grace period) or until the server stops itself."""
+
+    async def main() -> S:
         server = await start()
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, signalled.set)
+        waits = [asyncio.ensure_future(signalled.wait()), asyncio.ensure_future(server.wait_for_termination())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
         logging.getLogger("nanocp").info("stopping")
         await server.stop(grace=2.0)
+        return server
 
-    asyncio.run(main())
+    return asyncio.run(main())
 
 
 def _worker(args: argparse.Namespace) -> None:
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: idle doorbell waits time out by design
     from nanocp.telemetry import configure_tracing
     from nanocp.worker.engine import EngineConfig
+    from nanocp.worker.group import GroupSpec
     from nanocp.worker.server import serve_worker
 
     configure_tracing("nanocp-worker")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    group = GroupSpec(args.rank, args.world_size, args.master_addr, args.master_port)
     config = EngineConfig(
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -48,7 +66,20 @@ def _worker(args: argparse.Namespace) -> None:
         seed=args.seed,
         dtype=args.dtype,
     )
-    _serve_until_signalled(lambda: serve_worker(args.model, config, args.host, args.port, args.instance_id))
+    server = _serve_until_signalled(
+        lambda: serve_worker(
+            args.model,
+            config,
+            args.host,
+            args.port,
+            args.instance_id,
+            group=group,
+            collective_timeout_s=args.collective_timeout,
+        )
+    )
+    logging.shutdown()
+    # A failed group must restart whole: exit non-zero, and at once (tearing down a broken group can hang).
+    os._exit(1 if server.failure is not None else 0)
 
 
 def _router(args: argparse.Namespace) -> None:
@@ -100,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="start a router and workers locally and stream a mixed workload")
     run.add_argument("--model", default="tiny", help=model_help)
-    run.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    run.add_argument("--workers", type=int, default=4, help="instances in the decode group (default 4)")
     run.add_argument("--requests", type=int, default=10, help="requests in the workload (default 10)")
     run.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (default 4)")
     run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
@@ -119,6 +150,20 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="cpu", help="torch device (default cpu)")
     worker.add_argument("--seed", type=int, default=0, help="seed of preset weights and unseeded samplers")
     worker.add_argument("--dtype", default=None, help="override the model's dtype (float32, bfloat16)")
+    worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    env = GroupSpec.from_env()
+    worker.add_argument("--rank", type=int, default=env.rank, help="rank in the decode group (default $RANK or 0)")
+    worker.add_argument(
+        "--world-size", type=int, default=env.size, help="instances in the decode group (default $WORLD_SIZE or 1)"
+    )
+    worker.add_argument("--master-addr", default=env.master_addr, help="rendezvous host (default $MASTER_ADDR)")
+    worker.add_argument("--master-port", type=int, default=env.master_port, help="rendezvous port ($MASTER_PORT)")
+    worker.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a step may wait for a peer before the group is declared failed (default 60)",
+    )
     worker.set_defaults(func=_worker)
 
     router = commands.add_parser("router", help="serve the public API in front of workers")

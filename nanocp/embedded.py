@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -80,8 +81,10 @@ def free_ports(count: int) -> list[int]:
 
 @contextlib.contextmanager
 def local_cluster(model: str, num_workers: int, console: Console) -> Iterator[str]:
-    """Starts workers and a router as child processes; yields the router's address; stops them all on exit."""
-    *worker_ports, router_port = free_ports(num_workers + 1)
+    """Starts a decode group of workers and a router as child processes; yields the router's address; stops them all
+    on exit."""
+    *worker_ports, router_port, rendezvous_port = free_ports(num_workers + 2)
+    threads = max(1, (os.cpu_count() or 1) // num_workers)
     logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
     processes: list[subprocess.Popen[bytes]] = []
 
@@ -93,11 +96,13 @@ def local_cluster(model: str, num_workers: int, console: Console) -> Iterator[st
 
     try:
         for i, port in enumerate(worker_ports):
-            start(f"worker-w{i}", "worker", "--model", model, "--port", str(port), "--instance-id", f"w{i}")
+            group = ["--rank", str(i), "--world-size", str(num_workers), "--master-port", str(rendezvous_port)]
+            args = ["--model", model, "--port", str(port), "--instance-id", f"w{i}", "--threads", str(threads)]
+            start(f"worker-w{i}", "worker", *args, *group)
         workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
         start("router", "router", "--model", model, "--workers", workers, "--port", str(router_port))
         address = f"127.0.0.1:{router_port}"
-        with console.status(f"starting {num_workers} worker(s) and a router on {model}"):
+        with console.status(f"starting a group of {num_workers} worker(s) and a router on {model}"):
             _wait_serving(address, num_workers, processes, timeout=120)
         console.print(f"router on {address}, workers on {workers}; logs in {logs}")
         yield address

@@ -101,7 +101,7 @@ class Admission:
         self.pump()  # the head may have changed
 
     def _place(self, footprint: Footprint) -> Placement | None:
-        loads = [self._ledger.load(i) for i in self._registry.instances() if i.ready]
+        loads = [self._ledger.load(i) for i in self._registry.placeable()]
         placement = self.policy.place(footprint, loads)
         if placement is not None:
             self._ledger.commit(placement)
@@ -113,8 +113,9 @@ class Admission:
             idle = [dataclasses.replace(self._ledger.load(i), pages_committed=0, home_batch=0) for i in instances]
             if self.policy.place(footprint, idle) is None:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, _never_fits(footprint, idle))
-        if not any(i.ready for i in instances):
-            problems = "; ".join(f"{i.name}: {i.problem}" for i in self._registry.instances()) or "it has none"
+        if not self._registry.placeable():
+            instances = self._registry.instances()
+            problems = "; ".join(f"{i.name}: {self._registry.problem(i)}" for i in instances) or "it has none"
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({problems})")
 
 

@@ -4,6 +4,9 @@ Discovery names worker addresses (a static list today; Kubernetes discovery will
 protocol). The registry asks each new worker what it serves (GetInfo) and refuses one whose model differs from the
 router's, then polls GetLoad as a heartbeat. A worker that fails a heartbeat, or a stream, is UNAVAILABLE and gets no
 new requests; it is checked again from GetInfo on (it may have restarted) and is READY once it answers.
+
+Instances of one decode group step together, so they take requests only while the whole group is ready: a ready
+worker whose group lacks a member is not placeable.
 """
 
 from __future__ import annotations
@@ -65,11 +68,31 @@ class WorkerRegistry:
         self._probe_timeout_s = max(heartbeat_s, 1.0)
         # Runs after every load report of a ready instance: capacity may have appeared.
         self.on_load: Callable[[Instance], None] = lambda instance: None
+        # Runs when a ready instance stops answering: its group can no longer step.
+        self.on_lost: Callable[[Instance, str], None] = lambda instance, problem: None
         self._instances: dict[str, Instance] = {}  # by address
         self._heartbeats: list[asyncio.Task[None]] = []
 
     def instances(self) -> list[Instance]:
         return list(self._instances.values())
+
+    def placeable(self) -> list[Instance]:
+        """Ready instances whose whole group is ready."""
+        return [i for i in self._instances.values() if i.ready and self.group_problem(i) is None]
+
+    def problem(self, instance: Instance) -> str:
+        """Why the instance takes no requests ("" when it does)."""
+        if not instance.ready:
+            return instance.problem
+        return self.group_problem(instance) or ""
+
+    def group_problem(self, instance: Instance) -> str | None:
+        if instance.info is None or instance.info.group_size <= 1:
+            return None
+        ready = sum(i.ready for i in self.group_of(instance))
+        if ready < instance.info.group_size:
+            return f"its group {instance.info.group} has {ready} of {instance.info.group_size} members ready"
+        return None
 
     def get(self, instance_id: str) -> Instance:
         for instance in self._instances.values():
@@ -93,10 +116,20 @@ class WorkerRegistry:
         await asyncio.gather(*(self._check(i) for i in self._instances.values() if i.ready))
 
     def mark_unavailable(self, instance: Instance, problem: str) -> None:
-        if instance.ready or problem != instance.problem:
+        was_ready = instance.ready
+        if was_ready or problem != instance.problem:
             log.warning("worker %s is unavailable: %s", instance.name, problem)
         instance.ready = False
         instance.problem = problem
+        if was_ready:
+            self.on_lost(instance, problem)
+
+    def group_of(self, instance: Instance) -> list[Instance]:
+        """The instances that step with this one (itself included)."""
+        if instance.info is None or instance.info.group_size <= 1:
+            return [instance]
+        group = instance.info.group
+        return [i for i in self._instances.values() if i.info is not None and i.info.group == group]
 
     async def stop(self) -> None:
         for task in self._heartbeats:

@@ -71,6 +71,7 @@ async def serve_router(
         admission,
         trace.get_tracer(__name__, tracer_provider=tracer_provider),
     )
+    registry.on_lost = servicer.lose_group
     await StaticDiscovery(workers).run(registry)
     try:
         server = await GrpcServer.start(

@@ -55,6 +55,7 @@ class _Live:
     call: Any = None  # the home's Submit call, once placed
     completion_tokens: int = 0
     aborted: bool = False
+    lost: str | None = None  # why the router gave up on the home's group mid-stream
 
     def finish(self, reason: common_pb2.FinishReason.ValueType) -> router_pb2.GenerateResponse:
         response = router_pb2.GenerateResponse(request_id=self.request_id, finish_reason=reason)
@@ -175,10 +176,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     return
                 yield response
         except asyncio.CancelledError:
-            # Abort cancels the call itself; a cancellation of this task (client, deadline) is passed on.
+            # Abort and a lost group cancel the call itself; a cancellation of this task (client, deadline) is
+            # passed on.
             task = asyncio.current_task()
-            if not live.aborted or (task is not None and task.cancelling()):
+            if (task is not None and task.cancelling()) or not (live.aborted or live.lost):
                 raise
+            if live.lost is not None:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"instance {home.name} became unavailable mid-stream ({live.lost}); the request did not finish",
+                ) from None
             yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
             return
         except grpc.aio.AioRpcError as exc:
@@ -203,6 +210,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
         )
 
+    def lose_group(self, instance: Instance, problem: str) -> None:
+        """Ends the streams homed on the lost instance's group: a stalled home would never end them itself."""
+        homes = {i.id for i in self._registry.group_of(instance)}
+        for live in self._live.values():
+            if live.call is not None and live.placement is not None and live.placement.home in homes:
+                live.lost = f"{instance.name}: {problem}"
+                live.call.cancel()
+
     async def Abort(self, request: router_pb2.AbortRequest, context: Any) -> router_pb2.AbortResponse:
         live = self._live.get(request.request_id)
         if live is None:
@@ -221,17 +236,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         await self._registry.refresh()
         response = router_pb2.ListInstancesResponse(queued=self._admission.queued)
         for instance in self._registry.instances():
+            problem = self._registry.problem(instance)
             status = response.instances.add(
                 id=instance.id,
                 address=instance.address,
-                state=router_pb2.INSTANCE_STATE_READY if instance.ready else router_pb2.INSTANCE_STATE_UNAVAILABLE,
+                state=router_pb2.INSTANCE_STATE_UNAVAILABLE if problem else router_pb2.INSTANCE_STATE_READY,
                 home_batch=self._ledger.home_batch(instance.id),
                 kv_pages_committed=self._ledger.pages_committed(instance.id),
                 kv_pages_in_use=instance.pages_in_use,
+                problem=problem,
             )
             if instance.info is not None:
                 status.kv_pages_total = instance.info.kv_pages_total
                 status.page_size = instance.info.page_size
+                status.group = instance.info.group
+                status.rank = instance.info.rank
         for live in self._live.values():
             if live.placement is not None:
                 response.requests.add(

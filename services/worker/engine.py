@@ -14,7 +14,8 @@ import torch
 
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
-from nanocp.worker.group import Group, GroupSpec
+from nanocp.worker.group import Group
+from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import ExpertShard, Qwen3Moe
 from nanocp.worker.request import (

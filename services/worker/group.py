@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanocp.worker.group_spec import GroupSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +27,8 @@ class GroupFailure(RuntimeError):
     """A peer died, stalled past the collective timeout, or the rendezvous broke: the group cannot step again."""
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    rank: int = 0
-    size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    @classmethod
-    def from_env(cls) -> GroupSpec:
-        env = os.environ
-        return cls(
-            rank=int(env.get("RANK", 0)),
-            size=int(env.get("WORLD_SIZE", 1)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-        )
-
-    @property
-    def name(self) -> str:
-        """Names the group for the router: every member reports the same."""
-        return f"{self.master_addr}:{self.master_port}"
+# torch 2.13 renamed all_gather_into_tensor; the GPU machines run an older torch.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Group:
@@ -89,7 +70,7 @@ class Group:
         counts = torch.zeros(self.size, dtype=torch.int64)
         mine = torch.tensor([local], dtype=torch.int64)
         try:
-            dist.all_gather_into_tensor(counts, mine)
+            _all_gather(counts, mine)
         except RuntimeError as exc:
             raise GroupFailure(f"rank {self.rank}: the group's step exchange failed: {exc}") from exc
         return counts.tolist()

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from nanocp.worker.engine import Engine
-from nanocp.worker.request import EngineLoad, OutputCallback, RequestOutput, SamplingParams
+from nanocp.worker.request import EngineError, EngineLoad, OutputCallback, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ class EngineLoop:
         self.engine.group.ring()
         self._thread.join()
         self.engine.fail_all(None)
-        self.engine.group.close()
+        if self.failed is None:  # tearing down a broken group can hang; the process is about to end anyway
+            self.engine.group.close()
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback) -> None:
         """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
         if self.failed is not None:
-            raise self.failed
+            raise EngineError("UNAVAILABLE", f"the decode group failed ({self.failed}); the worker must restart")
         self.engine.check_request(prompt, params)
         with self._live_lock:
             self.engine.check_new_id(request_id, self._live)

@@ -21,6 +21,8 @@ from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.telemetry import extract_context
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.group import Group
+from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.loop import EngineLoop
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
 
@@ -33,6 +35,7 @@ _STATUS = {
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
     "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -112,9 +115,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 output = await outputs.get()
                 finished = output.finish_reason is not None
                 if output.error is not None:
-                    await _abort(
-                        context, span, grpc.StatusCode.INTERNAL, f"instance {self._instance_id}: {output.error}"
-                    )
+                    # A failed group is this instance's state, not a fault of the request: say UNAVAILABLE.
+                    code = grpc.StatusCode.UNAVAILABLE if self._engine_loop.failed else grpc.StatusCode.INTERNAL
+                    await _abort(context, span, code, f"instance {self._instance_id}: {output.error}")
                 response = worker_pb2.SubmitResponse(token_ids=output.new_token_ids)
                 if output.finish_reason is not None:
                     response.finish_reason = _FINISH[output.finish_reason]
@@ -133,15 +136,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 span.set_status(trace.StatusCode.ERROR, "the caller cancelled the stream")
                 self._engine_loop.abort(request.request_id)
 
+    async def _refuse_if_failed(self, context: Any) -> None:
+        if self._engine_loop.failed is not None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"instance {self._instance_id}: its decode group failed ({self._engine_loop.failed}); it must restart",
+            )
+
     async def Abort(self, request: worker_pb2.AbortRequest, context: Any) -> worker_pb2.AbortResponse:
-        if not await asyncio.to_thread(self._engine_loop.abort, request.request_id):
+        if not self._engine_loop.abort(request.request_id):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
             )
         return worker_pb2.AbortResponse()
 
     async def GetInfo(self, request: worker_pb2.GetInfoRequest, context: Any) -> worker_pb2.GetInfoResponse:
-        model, config = self._engine.model_config, self._engine.config
+        await self._refuse_if_failed(context)
+        model, config, group = self._engine.model_config, self._engine.config, self._engine.group
         return worker_pb2.GetInfoResponse(
             instance_id=self._instance_id,
             model=model.name,
@@ -149,10 +160,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_context=model.max_context,
             page_size=config.page_size,
             kv_pages_total=config.num_pages,
+            group=group.spec.name,
+            rank=group.rank,
+            group_size=group.size,
         )
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Any) -> worker_pb2.GetLoadResponse:
-        load = await asyncio.to_thread(self._engine_loop.load)
+        await self._refuse_if_failed(context)
+        load = self._engine_loop.load()
         return worker_pb2.GetLoadResponse(
             running=load.running,
             waiting=load.waiting,
@@ -173,6 +188,11 @@ class WorkerServer:
     def port(self) -> int:
         return self._server.port
 
+    @property
+    def failure(self) -> Exception | None:
+        """Why the decode group failed, once it has: the process must then exit so the group restarts whole."""
+        return self._engine_loop.failed
+
     async def stop(self, grace: float | None = None) -> None:
         # The server first: cancelling live streams aborts their requests, then the engine thread can end.
         await self._server.stop(grace)
@@ -189,22 +209,48 @@ async def serve_worker(
     port: int,
     instance_id: str,
     *,
+    group: GroupSpec | None = None,
+    collective_timeout_s: float = 60.0,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> WorkerServer:
-    """Builds the engine for `model` (a preset or a model directory), starts it and serves it; port 0 picks one.
+    """Joins the decode group (alone by default), builds the engine for `model` (a preset or a model directory)
+    with this rank's experts, and serves it; port 0 picks a port.
 
-    Spans go to `tracer_provider`, or to the global one that nanocp.telemetry.configure_tracing installs.
+    A peer that dies or stalls past `collective_timeout_s` fails the group: live requests end UNAVAILABLE, the
+    worker stops serving and `WorkerServer.failure` says why. Spans go to `tracer_provider`, or to the global one
+    that nanocp.telemetry.configure_tracing installs.
     """
-    engine = await asyncio.to_thread(Engine.from_spec, model, engine_config)
-    engine_loop = EngineLoop(engine)
-    engine_loop.start()
+    spec = group or GroupSpec()
+
+    def build() -> Engine:  # rendezvous blocks until every rank has joined
+        return Engine.from_spec(model, engine_config, Group(spec, engine_config.device, collective_timeout_s))
+
+    engine = await asyncio.to_thread(build)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_fatal(exc: Exception) -> None:  # on the engine thread
+        log.error("worker %s: decode group %s failed: %s; stopping", instance_id, spec.name, exc)
+        loop.call_soon_threadsafe(lambda: stopping.append(loop.create_task(worker.stop(grace=1.0))))
+
+    engine_loop = EngineLoop(engine, on_fatal)
     servicer = WorkerServicer(engine_loop, instance_id, trace.get_tracer(__name__, tracer_provider=tracer_provider))
     try:
         server = await GrpcServer.start(
             host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)]
         )
     except BaseException:
-        engine_loop.stop()
+        engine.group.close()
         raise
-    log.info("worker %s serves %s on %s:%d", instance_id, engine.model_config.name, host, server.port)
-    return WorkerServer(server, engine_loop, instance_id)
+    worker = WorkerServer(server, engine_loop, instance_id)
+    engine_loop.start()  # after `worker` exists: a failed step stops it
+    log.info(
+        "worker %s (rank %d of %d) serves %s on %s:%d",
+        instance_id,
+        spec.rank,
+        spec.size,
+        engine.model_config.name,
+        host,
+        server.port,
+    )
+    return worker

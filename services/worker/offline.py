@@ -1,0 +1,132 @@
+"""Runs a decode group offline: N engine processes on this machine, each given its own requests, until all finish.
+
+What tests (exactness across group sizes) and benchmarks (the step breakdown) use; the service path is the same
+engine driven by the worker server instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.group import Group
+from nanocp.worker.group_spec import GroupSpec
+from nanocp.worker.request import RequestOutput, SamplingParams
+
+
+@dataclass(frozen=True)
+class OfflineRequest:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class RankResult:
+    rank: int
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    steps: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    sections: list[dict[str, float]] = field(default_factory=list)  # per step, when timing
+    error: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_group(
+    model: str,
+    config: EngineConfig,
+    requests_by_rank: list[list[OfflineRequest]],
+    timing: bool = False,
+    timeout_s: float = 120.0,
+) -> list[RankResult]:
+    """One process per rank (len(requests_by_rank) of them); returns each rank's tokens and step times.
+
+    Raises RuntimeError naming the rank when one fails or the group does not finish within timeout_s.
+    """
+    size = len(requests_by_rank)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    results: mp.Queue[RankResult] = ctx.Queue()
+    processes = [
+        ctx.Process(
+            target=_rank_main,
+            args=(GroupSpec(rank, size, "127.0.0.1", port), model, config, requests, timing, results),
+            daemon=True,
+        )
+        for rank, requests in enumerate(requests_by_rank)
+    ]
+    for p in processes:
+        p.start()
+    collected: dict[int, RankResult] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(collected) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"the group of {size} did not finish within {timeout_s:.0f} s")
+            try:
+                result = results.get(timeout=min(remaining, 1.0))
+            except Exception:  # queue.Empty: check that nobody died without a word
+                dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0) and i not in collected]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} exited with code {processes[dead[0]].exitcode}") from None
+                continue
+            if result.error is not None:
+                raise RuntimeError(f"rank {result.rank} failed: {result.error}")
+            collected[result.rank] = result
+    finally:
+        for p in processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [collected[r] for r in range(size)]
+
+
+def _rank_main(
+    spec: GroupSpec,
+    model: str,
+    config: EngineConfig,
+    requests: list[OfflineRequest],
+    timing: bool,
+    results: mp.Queue[RankResult],
+) -> None:
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    import torch
+
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    result = RankResult(spec.rank)
+    try:
+        engine = Engine.from_spec(model, config, Group(spec, config.device, timeout_s=60))
+        engine.timer.enabled = timing
+
+        def collect(out: RequestOutput) -> None:
+            result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+        for r in requests:
+            engine.add_request(r.request_id, r.prompt, r.params, collect)
+        while True:
+            engine.timer.seconds.clear()
+            start = time.perf_counter()
+            if not engine.step():
+                break
+            result.steps += 1
+            result.step_seconds.append(time.perf_counter() - start)
+            if timing:
+                result.sections.append(dict(engine.timer.seconds))
+        engine.group.close()
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    results.put(result)
+    results.close()
+    results.join_thread()
+    # torch.distributed teardown can hang when a peer is gone; the results are out, so leave at once.
+    os._exit(0)
