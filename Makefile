@@ -26,6 +26,7 @@ proto: $(GENERATED)
 
 bench: $(INSTALLED) $(GENERATED)
 	$(PY) bench/engine_vs_transformers.py
+	$(PY) bench/group_step_breakdown.py
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "nanocp needs Python 3.11 or newer")'
