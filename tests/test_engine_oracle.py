@@ -11,7 +11,6 @@ from transformers import Qwen3MoeForCausalLM
 from nanocp.checkpoint import write_random_checkpoint
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.request import RequestOutput, SamplingParams
-from nanocp.worker.step_inputs import prepare_step
 
 # float32 on both sides; what differs is only the order of floating-point sums.
 LOGIT_ATOL = 1e-4
@@ -43,9 +42,9 @@ def test_prompt_logits_match_transformers_for_a_batch_of_prompts(
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=1), lambda _: None)
     chunks = engine.scheduler.schedule()
     assert [c.num_tokens for c in chunks] == list(PROMPT_LENGTHS), "the whole batch is one step"
-    for chunk in chunks:
-        engine.scheduler.allocate_pages(chunk)
-    inputs = prepare_step(chunks, engine.cache, "cpu")
+    planned = engine.plan_step(chunks)
+    assert planned is not None
+    inputs, _ = planned
     with torch.inference_mode():
         logits = engine.model.logits(engine.model(inputs.token_ids, inputs.context))
         offset = 0

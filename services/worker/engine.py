@@ -5,6 +5,7 @@ Single-threaded by design; nanocp.worker.loop drives it from a thread and serial
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Collection
@@ -14,6 +15,7 @@ import torch
 
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.worker.comm import Route
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache
@@ -26,10 +28,12 @@ from nanocp.worker.request import (
     Request,
     RequestOutput,
     SamplingParams,
+    footprint_pages,
 )
 from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
-from nanocp.worker.step_inputs import prepare_step
+from nanocp.worker.shards import ShardSpec, ShardStore, check_shards, shard_ends
+from nanocp.worker.step_plan import StepInputs, build, outgoing
 from nanocp.worker.timing import StepTimer
 from nanocp.worker.weights import build_model
 
@@ -64,8 +68,11 @@ class Engine:
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
         self.timer = StepTimer(enabled=False)  # enable to break steps down (benchmarks, tracing)
         self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
-        self.scheduler = Scheduler(self.cache.pool, config.page_size, config.max_step_tokens, config.max_running)
+        self.store = ShardStore(self.cache.pool, config.page_size)
+        self.scheduler = Scheduler(self.store, self.group.rank, config.max_step_tokens, config.max_running)
         self.requests: dict[str, Request] = {}
+        self._frees: dict[int, list[int]] = {}  # holder rank -> keys of ended requests whose shards it must free
+        self._keys = itertools.count(self.group.rank << 40)  # unique in the group: the rank is in the high bits
         self._seeds = random.Random(config.seed)
 
     @classmethod
@@ -86,10 +93,17 @@ class Engine:
         return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group)
 
     def add_request(
-        self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        shards: list[ShardSpec] | None = None,
     ) -> None:
+        """`shards` places the request's KV over the group (the router's placement); by default all of it here."""
         self.check_new_id(request_id, self.requests)
-        self.check_request(prompt, params)
+        shards = shards or self.local_placement(prompt, params)
+        self.check_request(prompt, params, shards)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
         )
@@ -97,7 +111,9 @@ class Engine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-        request = Request(request_id, list(prompt), params, on_output, stop_ids, generator=generator)
+        request = Request(
+            request_id, list(prompt), params, on_output, stop_ids, shards, key=next(self._keys), generator=generator
+        )
         self.requests[request_id] = request
         self.scheduler.add(request)
 
@@ -106,14 +122,26 @@ class Engine:
         if request_id in live:
             raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")
 
-    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
-        """Refuses what this instance can never serve; reads only immutable settings, so any thread may call it."""
+    def local_placement(self, prompt: list[int], params: SamplingParams) -> list[ShardSpec]:
+        """One shard, here, for the request's whole footprint."""
+        pages = footprint_pages(len(prompt), params.max_tokens, self.config.page_size)
+        return [ShardSpec(self.group.rank, 0, pages)]
+
+    def check_request(self, prompt: list[int], params: SamplingParams, shards: list[ShardSpec]) -> None:
+        """Refuses what the group can never serve; reads only immutable settings, so any thread may call it."""
         c = self.config
         try:
             check_request(prompt, params, self.model_config)
         except LimitError as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from None
-        pages = -(-(len(prompt) + params.max_tokens - 1) // c.page_size)
+        problem = check_shards(shards, self.group.size, c.page_size)
+        covered = shard_ends(shards, c.page_size)[-1] if problem is None else 0
+        needed = len(prompt) + params.max_tokens - 1
+        if problem is None and covered < needed:
+            problem = f"its shards cover {covered} positions, the request needs {needed}"
+        if problem is not None:
+            raise EngineError("INVALID_ARGUMENT", f"placement: {problem}")
+        pages = max(s.page_quota for s in shards)
         if pages > c.num_pages:
             raise EngineError(
                 "RESOURCE_EXHAUSTED",
@@ -133,7 +161,7 @@ class Engine:
             self._finish(request, FinishReason.ABORT, [], error)
 
     def has_work(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._frees)
 
     def load(self) -> EngineLoad:
         pool = self.cache.pool
@@ -151,18 +179,46 @@ class Engine:
         In a group every instance steps together: one with no work of its own still runs the step with an empty
         batch, because its experts serve the others' tokens.
         """
-        chunks = self.scheduler.schedule()
-        if sum(self.group.exchange_counts(sum(c.num_tokens for c in chunks))) == 0:
-            return False
-        self.run_chunks(chunks)
-        return True
+        return self.run_chunks(self.scheduler.schedule())
+
+    def plan_step(self, chunks: list[Chunk]) -> tuple[StepInputs, bool] | None:
+        """Agrees on the step with the group and plans it: None when the whole group is idle; otherwise the inputs
+        and whether any instance has tokens (a step may carry only shard frees)."""
+        out = outgoing(chunks, self.group.rank, self.group.size, self.config.page_size, self._frees)
+        self._frees = {}
+        local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows]
+        tokens, meta, remote = (sum(column) for column in zip(*self.group.exchange_counts(local), strict=True))
+        if tokens == 0 and meta == 0:
+            return None
+        incoming, incoming_counts = out.meta[:0], [0] * self.group.size
+        if meta > 0:
+            route = Route.plan(out.meta_counts)
+            incoming, incoming_counts = route.forward(out.meta), route.recv_rows
+        inputs = build(
+            chunks,
+            out,
+            incoming,
+            incoming_counts,
+            self.store,
+            self.group.rank,
+            remote > 0,
+            self.cache.k,
+            self.cache.v,
+            self.config.device,
+            self.timer,
+        )
+        return inputs, tokens > 0
 
     @torch.inference_mode()
-    def run_chunks(self, chunks: list[Chunk]) -> None:
-        """Feeds the scheduled chunks through the model and samples for those that reach their last token."""
-        for chunk in chunks:
-            self.scheduler.allocate_pages(chunk)
-        inputs = prepare_step(chunks, self.cache, self.config.device, self.timer)
+    def run_chunks(self, chunks: list[Chunk]) -> bool:
+        """Runs a step of the scheduled chunks and samples for those that reach their last token; False when the
+        whole group was idle."""
+        planned = self.plan_step(chunks)
+        if planned is None:
+            return False
+        inputs, any_tokens = planned
+        if not any_tokens:
+            return True
         hidden = self.model(inputs.token_ids, inputs.context)
         tokens: list[int] = []
         if inputs.sampling_chunks:
@@ -179,9 +235,13 @@ class Engine:
                 request.on_output(self._output(request, [token], None))
             else:
                 self._finish(request, reason, [token])
+        return True
 
     def _finish(self, request: Request, reason: FinishReason, new_tokens: list[int], error: str | None = None) -> None:
         self.scheduler.remove(request)
+        for shard in request.shards:
+            if shard.holder != self.group.rank:
+                self._frees.setdefault(shard.holder, []).append(request.key)
         del self.requests[request.request_id]
         request.on_output(self._output(request, new_tokens, reason, error))
 

@@ -63,11 +63,11 @@ class Group:
     def size(self) -> int:
         return self.spec.size
 
-    def exchange_counts(self, local: int) -> list[int]:
-        """Every instance's count (rows it brings to this step), the same list on all of them."""
+    def exchange_counts(self, local: list[int]) -> list[list[int]]:
+        """Every instance's counts for this step (tokens, metadata rows, ...), the same lists on all of them."""
         if self.size == 1:
             return [local]
-        counts = torch.zeros(self.size, dtype=torch.int64)
+        counts = torch.zeros(self.size, len(local), dtype=torch.int64)
         mine = torch.tensor([local], dtype=torch.int64)
         try:
             _all_gather(counts, mine)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from nanocp.worker.engine import Engine
 from nanocp.worker.request import EngineError, EngineLoad, OutputCallback, RequestOutput, SamplingParams
+from nanocp.worker.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,19 @@ class EngineLoop:
         if self.failed is None:  # tearing down a broken group can hang; the process is about to end anyway
             self.engine.group.close()
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OutputCallback) -> None:
+    def submit(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        shards: list[ShardSpec] | None = None,
+    ) -> None:
         """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
         if self.failed is not None:
             raise EngineError("UNAVAILABLE", f"the decode group failed ({self.failed}); the worker must restart")
-        self.engine.check_request(prompt, params)
+        shards = shards or self.engine.local_placement(prompt, params)
+        self.engine.check_request(prompt, params, shards)
         with self._live_lock:
             self.engine.check_new_id(request_id, self._live)
             self._live.add(request_id)
@@ -60,7 +69,7 @@ class EngineLoop:
                     self._live.discard(request_id)
             on_output(output)
 
-        self._post(lambda: self.engine.add_request(request_id, prompt, params, relay))
+        self._post(lambda: self.engine.add_request(request_id, prompt, params, relay, shards))
 
     def abort(self, request_id: str) -> bool:
         """False for an id that is not live; otherwise the request ends (and frees its pages) before the next step."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from nanocp import kernels
 from nanocp.model_config import ModelConfig
+from nanocp.worker.attention_plan import AttentionPlan
 from nanocp.worker.comm import Route
 from nanocp.worker.timing import StepTimer
 
@@ -33,8 +34,7 @@ class ExpertShard:
 @dataclass
 class StepContext:
     positions: torch.Tensor  # (tokens,) position of each token in its request
-    slot_mapping: torch.Tensor  # (tokens,) flat KV slot each token's K, V are written to
-    attention: kernels.AttentionMetadata
+    attention: AttentionPlan
     k_cache: torch.Tensor  # (layers, pages, page_size, kv_heads, head_dim)
     v_cache: torch.Tensor
     timer: StepTimer = field(default_factory=lambda: StepTimer(enabled=False))
@@ -99,9 +99,7 @@ class Attention(nn.Module):
         q = self.rotary(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), ctx.positions)
         k = self.rotary(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), ctx.positions)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        k_cache, v_cache = ctx.k_cache[self.layer], ctx.v_cache[self.layer]
-        kernels.store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
-        out, _ = kernels.paged_attention(q, k_cache, v_cache, ctx.attention, self.scale)
+        out = ctx.attention.run(q, k, v, ctx.k_cache[self.layer], ctx.v_cache[self.layer], self.scale, ctx.timer)
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
@@ -163,8 +161,7 @@ class DecoderLayer(nn.Module):
         self.moe = SparseMoE(config, shard)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        with ctx.timer.section("attention"):
-            x = x + self.attn(self.input_norm(x), ctx)
+        x = x + self.attn(self.input_norm(x), ctx)
         return x + self.moe(self.post_attn_norm(x), ctx.timer)
 
 

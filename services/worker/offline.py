@@ -16,6 +16,7 @@ from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.request import RequestOutput, SamplingParams
+from nanocp.worker.shards import ShardSpec
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class OfflineRequest:
     request_id: str
     prompt: list[int]
     params: SamplingParams
+    shards: list[ShardSpec] | None = None  # its KV placement over the group; None: all on its home
 
 
 @dataclass
@@ -32,6 +34,8 @@ class RankResult:
     steps: int = 0
     step_seconds: list[float] = field(default_factory=list)
     sections: list[dict[str, float]] = field(default_factory=list)  # per step, when timing
+    pages_in_use: int = 0  # at the end: anything left is a leak
+    pages_committed: int = 0
     error: str | None = None
 
 
@@ -112,7 +116,7 @@ def _rank_main(
             result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
 
         for r in requests:
-            engine.add_request(r.request_id, r.prompt, r.params, collect)
+            engine.add_request(r.request_id, r.prompt, r.params, collect, r.shards)
         while True:
             engine.timer.seconds.clear()
             start = time.perf_counter()
@@ -122,6 +126,8 @@ def _rank_main(
             result.step_seconds.append(time.perf_counter() - start)
             if timing:
                 result.sections.append(dict(engine.timer.seconds))
+        load = engine.load()
+        result.pages_in_use, result.pages_committed = load.pages_in_use, load.pages_committed
         engine.group.close()
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"

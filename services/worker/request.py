@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from nanocp.worker.shards import ShardSpec
 
 
 class EngineError(Exception):
@@ -37,6 +38,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def footprint_pages(prompt_tokens: int, max_tokens: int, page_size: int) -> int:
+    """Pages for every position a request may cache: the last sampled token never enters the cache."""
+    return -(-(prompt_tokens + max_tokens - 1) // page_size)
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,10 @@ class Request:
     params: SamplingParams
     on_output: OutputCallback
     stop_ids: frozenset[int]
+    shards: list[ShardSpec]  # where its KV lives, in position order
+    key: int = 0  # names the request to the group's other instances (unique in the group)
     output: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K, V are in the cache
-    page_quota: int = 0  # pages reserved for this request's whole footprint
-    pages: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
 
     @property
@@ -88,9 +94,9 @@ class Request:
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt)
 
-    def footprint_pages(self, page_size: int) -> int:
-        # The last sampled token never enters the cache, so prompt + max_tokens - 1 positions at most.
-        return math.ceil((len(self.prompt) + self.params.max_tokens - 1) / page_size)
+    def shard_at(self, position: int) -> int:
+        """Index of the shard covering `position`."""
+        return max(i for i, s in enumerate(self.shards) if s.start <= position)
 
     def finish_reason_after(self, token: int) -> FinishReason | None:
         if token in self.stop_ids:

@@ -1,8 +1,9 @@
 """Continuous batching with chunked prefill: which requests feed how many tokens into the next step.
 
 Decode tokens go first (one per running request), then prefill chunks fill what is left of the per-step token budget,
-so a long prompt never stalls the decodes. A waiting request is admitted, in arrival order, once its whole KV
-footprint can be committed in the page pool.
+so a long prompt never stalls the decodes. A chunk never straddles two of its request's shards (its causal mask
+assumes its rows are the last of one shard's KV). A waiting request is admitted, in arrival order, once the quotas
+of its shards held here can be committed in the page pool (the router has already counted every shard's quota).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nanocp.worker.kv_cache import PagePool
 from nanocp.worker.request import Request
+from nanocp.worker.shards import ShardStore, shard_ends
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,9 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, page_size: int, max_step_tokens: int, max_running: int) -> None:
-        self.pool = pool
-        self.page_size = page_size
+    def __init__(self, store: ShardStore, rank: int, max_step_tokens: int, max_running: int) -> None:
+        self.store = store
+        self.rank = rank
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.waiting: deque[Request] = deque()
@@ -43,34 +44,29 @@ class Scheduler:
         budget -= len(chunks)
         for r in self.running:
             if budget > 0 and r.prefilling:
-                chunks.append(Chunk(r, min(len(r.prompt) - r.num_computed, budget)))
+                chunks.append(self._prefill_chunk(r, budget))
                 budget -= chunks[-1].num_tokens
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             head = self.waiting[0]
-            quota = head.footprint_pages(self.page_size)
-            if not self.pool.can_commit(quota):
+            local = [(i, s) for i, s in enumerate(head.shards) if s.holder == self.rank]
+            if not self.store.pool.can_commit(sum(s.page_quota for _, s in local)):
                 break
             self.waiting.popleft()
-            self.pool.commit(quota)
-            head.page_quota = quota
+            for i, shard in local:
+                self.store.open(head.key, i, shard.page_quota)
             self.running.append(head)
-            chunks.append(Chunk(head, min(len(head.prompt), budget)))
+            chunks.append(self._prefill_chunk(head, budget))
             budget -= chunks[-1].num_tokens
         return chunks
 
-    def allocate_pages(self, chunk: Chunk) -> None:
-        """Takes the pages the chunk's tokens need, within the request's committed quota."""
-        r = chunk.request
-        needed = -(-(r.num_computed + chunk.num_tokens) // self.page_size) - len(r.pages)
-        if needed > 0:
-            assert len(r.pages) + needed <= r.page_quota, f"request {r.request_id} outgrew its page quota"
-            r.pages.extend(self.pool.take(needed))
+    def _prefill_chunk(self, r: Request, budget: int) -> Chunk:
+        shard_end = shard_ends(r.shards, self.store.page_size)[r.shard_at(r.num_computed)]
+        return Chunk(r, min(len(r.prompt) - r.num_computed, budget, shard_end - r.num_computed))
 
     def remove(self, request: Request) -> None:
-        """Takes a finished or aborted request out and gives its pages and quota back."""
+        """Takes a finished or aborted request out and gives back the pages and quotas of its shards held here."""
         if request in self.running:
             self.running.remove(request)
-            self.pool.release(request.pages, request.page_quota)
-            request.pages = []
         else:
             self.waiting.remove(request)
+        self.store.free(request.key)

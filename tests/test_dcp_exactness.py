@@ -1,0 +1,78 @@
+"""Context parallelism is exact: a request's KV split into shards on several instances gives the same greedy tokens.
+
+Requests of a 4-instance CPU group are placed at CP degrees 1 to 4, with shards on instances other than their home,
+prefill chunks cut at shard boundaries, and decodes that move into the next shard; all must equal the single
+instance, which equals transformers (tests/test_group_exactness.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.offline import OfflineRequest, run_group
+from nanocp.worker.request import RequestOutput, SamplingParams, footprint_pages
+from nanocp.worker.shards import ShardSpec
+
+PAGE = 8
+CONFIG = EngineConfig(page_size=PAGE, num_pages=256, max_step_tokens=48, max_running=8)
+SHAPES = [(100, 20), (37, 30), (150, 12), (9, 25), (64, 40), (120, 16)]  # (prompt tokens, new tokens)
+
+
+def split(prompt: int, new: int, holders: list[int]) -> list[ShardSpec]:
+    """Contiguous shards of about equal pages on `holders`, in position order."""
+    pages = footprint_pages(prompt, new, PAGE)
+    k = len(holders)
+    sizes = [pages // k + (1 if i < pages % k else 0) for i in range(k)]
+    starts = [sum(sizes[:i]) * PAGE for i in range(k)]
+    return [ShardSpec(h, start, size) for h, start, size in zip(holders, starts, sizes, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[tuple[list[int], SamplingParams]]:
+    generator = torch.Generator().manual_seed(11)
+    return [
+        (torch.randint(0, 256, (n,), generator=generator).tolist(), SamplingParams(temperature=0.0, max_tokens=m))
+        for n, m in SHAPES
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_instance(requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    engine = Engine.from_spec("tiny", CONFIG)
+    tokens: dict[str, list[int]] = {}
+
+    def collect(out: RequestOutput) -> None:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, params, collect)
+    while engine.step():
+        pass
+    return [tokens[f"r{i}"] for i in range(len(requests))]
+
+
+# (home, holders) per request: degree = len(holders).
+LAYOUTS = {
+    "degree-1-remote": [(0, [1]), (1, [2]), (2, [3]), (3, [0]), (0, [2]), (1, [3])],
+    "degree-2": [(0, [0, 1]), (1, [2, 3]), (2, [3, 2]), (3, [1, 0]), (0, [1, 2]), (1, [0, 1])],
+    "degree-4": [(0, [0, 1, 2, 3]), (1, [3, 2, 1, 0]), (2, [1, 3, 0, 2]), (3, [2, 0, 3, 1])] * 1
+    + [(0, [1, 0, 3, 2]), (2, [0, 1, 2, 3])],
+    "mixed-degrees": [(0, [0]), (1, [1, 2, 3]), (2, [0, 2]), (3, [3]), (0, [3, 1, 2, 0]), (1, [2])],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_cp_placements_give_the_tokens_of_one_instance(
+    requests: list[tuple[list[int], SamplingParams]], single_instance: list[list[int]], layout: str
+) -> None:
+    by_rank: list[list[OfflineRequest]] = [[] for _ in range(4)]
+    for i, ((prompt, params), (home, holders)) in enumerate(zip(requests, LAYOUTS[layout], strict=True)):
+        shards = split(len(prompt), params.max_tokens, holders)
+        by_rank[home].append(OfflineRequest(f"r{i}", prompt, params, shards))
+    results = run_group("tiny", CONFIG, by_rank)
+    tokens = {rid: t for r in results for rid, t in r.tokens.items()}
+    for i, expected in enumerate(single_instance):
+        assert tokens[f"r{i}"] == expected, f"request {i} placed {LAYOUTS[layout][i]}"
+    assert all(r.pages_in_use == 0 and r.pages_committed == 0 for r in results), "every holder freed every shard"
