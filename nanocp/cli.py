@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
@@ -75,6 +76,7 @@ def _worker(args: argparse.Namespace) -> None:
             args.instance_id,
             group=group,
             collective_timeout_s=args.collective_timeout,
+            domain=args.topology_domain,
         )
     )
     logging.shutdown()
@@ -83,14 +85,18 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _router(args: argparse.Namespace) -> None:
+    from nanocp.router.cost import CostModel
+    from nanocp.router.policies import make_policy
     from nanocp.router.server import serve_router
     from nanocp.telemetry import configure_tracing
 
     configure_tracing("nanocp-router")
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    _serve_until_signalled(
-        lambda: serve_router(args.model, workers, args.host, args.port, args.policy, args.queue_size)
+    cost = CostModel.load(args.cost_model) if args.cost_model else None
+    policy = make_policy(
+        args.policy, cp_degree=args.cp_degree, shard_tokens=args.shard_tokens, max_degree=args.max_degree, cost=cost
     )
+    _serve_until_signalled(lambda: serve_router(args.model, workers, args.host, args.port, policy, args.queue_size))
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -151,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--seed", type=int, default=0, help="seed of preset weights and unseeded samplers")
     worker.add_argument("--dtype", default=None, help="override the model's dtype (float32, bfloat16)")
     worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    worker.add_argument(
+        "--topology-domain",
+        default=os.environ.get("NANOCP_TOPOLOGY_DOMAIN", ""),
+        help="NVLink clique, rack or host of this instance; shards prefer their home's (default "
+        "$NANOCP_TOPOLOGY_DOMAIN)",
+    )
     env = GroupSpec.from_env()
     worker.add_argument("--rank", type=int, default=env.rank, help="rank in the decode group (default $RANK or 0)")
     worker.add_argument(
@@ -171,7 +183,21 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--workers", required=True, help="comma-separated worker addresses, host:port")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=50051)
-    router.add_argument("--policy", default="static", help="placement policy (default static)")
+    router.add_argument(
+        "--policy",
+        default="dcp",
+        choices=("dcp", "static", "uniform"),
+        help="dcp: CP degree sized to each request's KV; static: every request on one instance (SGLang DP "
+        "attention); uniform: every request at --cp-degree (default dcp)",
+    )
+    router.add_argument("--cp-degree", type=int, default=None, help="uniform's CP degree (default: the group size)")
+    router.add_argument(
+        "--shard-tokens", type=int, default=4096, help="dcp: KV tokens a shard should hold at most (default 4096)"
+    )
+    router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
+    router.add_argument(
+        "--cost-model", type=Path, default=None, help="dcp: JSON of step-time coefficients (nanocp.router.cost)"
+    )
     router.add_argument("--queue-size", type=int, default=256, help="requests that may wait for KV memory")
     router.set_defaults(func=_router)
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from opentelemetry.trace import TracerProvider
@@ -14,10 +18,12 @@ from nanocp.client import AsyncClient
 from nanocp.router.server import RouterServer, serve_router
 from nanocp.v1 import router_pb2
 from nanocp.worker.engine import EngineConfig
+from nanocp.worker.offline import free_port
 from nanocp.worker.server import WorkerServer, serve_worker
 
 HOST = "127.0.0.1"
 HEARTBEAT_S = 0.1  # fast, so tests see a worker's failure or return quickly
+COLLECTIVE_TIMEOUT_S = 3.0  # how long a process group's members wait for a stalled peer
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
@@ -111,3 +117,36 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
 async def cluster(start_cluster: StartCluster) -> Cluster:
     """One tiny worker (64 pages of 16 tokens) behind a router."""
     return await start_cluster()
+
+
+@dataclass
+class ProcessGroup:
+    """A decode group of `nanocp worker` processes (tiny model) on the given ports; each logs to a file."""
+
+    ports: list[int]
+    processes: list[subprocess.Popen[bytes]]
+
+    @classmethod
+    def start(cls, ports: list[int]) -> ProcessGroup:
+        rendezvous = str(free_port())
+        logs = Path(tempfile.mkdtemp(prefix="nanocp-group-"))
+        processes = []
+        for rank, port in enumerate(ports):
+            command = [sys.executable, "-m", "nanocp", "--log-level", "WARNING", "worker", "--port", str(port)]
+            command += ["--instance-id", f"w{rank}", "--threads", "1", "--num-pages", "512"]
+            command += ["--rank", str(rank), "--world-size", str(len(ports)), "--master-port", rendezvous]
+            command += ["--collective-timeout", str(COLLECTIVE_TIMEOUT_S)]
+            with open(logs / f"w{rank}.log", "wb") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        return cls(ports, processes)
+
+    def kill(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+async def all_ready(client: AsyncClient, ready: bool) -> bool:
+    instances = (await client.list_instances()).instances
+    return bool(instances) and all((i.state == router_pb2.INSTANCE_STATE_READY) == ready for i in instances)

@@ -9,45 +9,17 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import HEARTBEAT_S, HOST, wait_until
+from conftest import COLLECTIVE_TIMEOUT_S, HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient, Unavailable
 from nanocp.router.server import RouterServer, serve_router
-from nanocp.v1 import router_pb2
 from nanocp.worker.offline import free_port
 
-COLLECTIVE_TIMEOUT_S = 3.0
 LONG = 4000  # new tokens: far more than a test waits for
-
-
-@dataclass
-class ProcessGroup:
-    ports: list[int]
-    processes: list[subprocess.Popen[bytes]]
-
-    @classmethod
-    def start(cls, ports: list[int]) -> ProcessGroup:
-        rendezvous = str(free_port())
-        processes = []
-        for rank, port in enumerate(ports):
-            command = [sys.executable, "-m", "nanocp", "--log-level", "WARNING", "worker", "--port", str(port)]
-            command += ["--instance-id", f"w{rank}", "--threads", "1", "--num-pages", "512"]
-            command += ["--rank", str(rank), "--world-size", str(len(ports)), "--master-port", rendezvous]
-            command += ["--collective-timeout", str(COLLECTIVE_TIMEOUT_S)]
-            processes.append(subprocess.Popen(command, stderr=subprocess.PIPE))
-        return cls(ports, processes)
-
-    def kill(self) -> None:
-        for p in self.processes:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
 
 
 @pytest.fixture
@@ -62,11 +34,6 @@ async def group_and_router() -> AsyncIterator[tuple[ProcessGroup, RouterServer, 
         await client.close()
         await router.stop()
         group.kill()
-
-
-async def all_ready(client: AsyncClient, ready: bool) -> bool:
-    instances = (await client.list_instances()).instances
-    return bool(instances) and all((i.state == router_pb2.INSTANCE_STATE_READY) == ready for i in instances)
 
 
 async def exits(process: subprocess.Popen[bytes]) -> int:

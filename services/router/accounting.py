@@ -20,17 +20,18 @@ class Ledger:
     def __init__(self) -> None:
         self._home_batch: Counter[str] = Counter()
         self._pages_committed: Counter[str] = Counter()
+        self._routed_rows: Counter[str] = Counter()
         self._drifting: set[str] = set()
 
     def commit(self, placement: Placement) -> None:
         self._home_batch[placement.home] += 1
-        for shard in placement.shards:
-            self._pages_committed[shard.instance] += shard.page_quota
+        self._pages_committed.update({s.instance: s.page_quota for s in placement.shards})
+        self._routed_rows.update(placement.routed_rows)
 
     def release(self, placement: Placement) -> None:
         self._home_batch[placement.home] -= 1
-        for shard in placement.shards:
-            self._pages_committed[shard.instance] -= shard.page_quota
+        self._pages_committed.subtract({s.instance: s.page_quota for s in placement.shards})
+        self._routed_rows.subtract(placement.routed_rows)
 
     def home_batch(self, instance_id: str) -> int:
         return self._home_batch[instance_id]
@@ -47,6 +48,10 @@ class Ledger:
             pages_total=instance.info.kv_pages_total,
             pages_committed=self.pages_committed(instance.id),
             home_batch=self.home_batch(instance.id),
+            routed_rows=self._routed_rows[instance.id],
+            group=instance.info.group,
+            rank=instance.info.rank,
+            domain=instance.info.domain,
         )
 
     def reconcile(self, instance: Instance) -> None:

@@ -18,6 +18,7 @@ class Shard:
     instance: str
     start: int  # first token position the shard covers
     page_quota: int  # pages its holder reserves for it
+    rank: int = 0  # the holder's rank in the home's decode group
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,25 @@ class Placement:
     def to_proto(self) -> common_pb2.Placement:
         return common_pb2.Placement(
             home=self.home,
-            shards=[common_pb2.Shard(instance=s.instance, start=s.start, page_quota=s.page_quota) for s in self.shards],
+            shards=[
+                common_pb2.Shard(instance=s.instance, start=s.start, page_quota=s.page_quota, rank=s.rank)
+                for s in self.shards
+            ],
         )
 
     @classmethod
     def from_proto(cls, proto: common_pb2.Placement) -> Placement:
-        return cls(proto.home, [Shard(s.instance, s.start, s.page_quota) for s in proto.shards])
+        return cls(proto.home, [Shard(s.instance, s.start, s.page_quota, s.rank) for s in proto.shards])
+
+    @property
+    def routed_rows(self) -> dict[str, int]:
+        """Query rows routed per decode step, by instance: one out and back per remote shard, at both ends."""
+        rows: dict[str, int] = {}
+        for shard in self.shards:
+            if shard.instance != self.home:
+                rows[self.home] = rows.get(self.home, 0) + 1
+                rows[shard.instance] = rows.get(shard.instance, 0) + 1
+        return rows
 
 
 @dataclass(frozen=True)
@@ -65,10 +79,26 @@ class InstanceLoad:
     pages_total: int
     pages_committed: int = 0
     home_batch: int = 0
+    routed_rows: int = 0  # query rows of CP requests it sends or answers each decode step
+    group: str = ""  # shards of a request stay within its home's decode group
+    rank: int = 0
+    domain: str = ""  # topology domain: shards prefer their home's
 
     @property
     def pages_free(self) -> int:
         return self.pages_total - self.pages_committed
+
+
+def contiguous_shards(footprint: Footprint, holders: list[InstanceLoad], pages: list[int]) -> list[Shard]:
+    """Shards in position order on `holders`, shard i taking pages[i] pages; the last one is the tail."""
+    page_size = holders[0].page_size
+    starts = [sum(pages[:i]) * page_size for i in range(len(pages))]
+    return [Shard(h.id, start, n, h.rank) for h, start, n in zip(holders, starts, pages, strict=True)]
+
+
+def even_split(total: int, parts: int) -> list[int]:
+    """`total` pages in `parts` shares differing by at most one, larger first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 class PlacementPolicy(Protocol):

@@ -10,6 +10,7 @@ from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
+from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.router.registry import Instance, StaticDiscovery, WorkerRegistry
 from nanocp.router.service import SERVICE_NAME, RouterServicer
@@ -41,7 +42,7 @@ async def serve_router(
     workers: list[str],
     host: str,
     port: int,
-    policy: str = "static",
+    policy: PlacementPolicy | None = None,
     queue_size: int = 256,
     *,
     heartbeat_s: float = 1.0,
@@ -53,7 +54,7 @@ async def serve_router(
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
     """
     model_config = load_model_config(model)
-    placement_policy = make_policy(policy)
+    placement_policy = policy or make_policy("static")
     ledger = Ledger()
     registry = WorkerRegistry(model_config, heartbeat_s)
     admission = Admission(placement_policy, registry, ledger, queue_size)

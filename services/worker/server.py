@@ -25,6 +25,7 @@ from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.loop import EngineLoop
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
+from nanocp.worker.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ async def _abort(context: Any, span: trace.Span, code: grpc.StatusCode, message:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine_loop: EngineLoop, instance_id: str, tracer: trace.Tracer) -> None:
+    def __init__(self, engine_loop: EngineLoop, instance_id: str, tracer: trace.Tracer, domain: str = "") -> None:
+        self._domain = domain
         self._engine_loop = engine_loop
         self._engine = engine_loop.engine
         self._instance_id = instance_id
@@ -105,7 +107,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # could land after the abort below and leave the request running for nobody.
         try:
             self._engine_loop.submit(
-                request.request_id, list(request.prompt_token_ids), sampling_params(request.sampling), on_output
+                request.request_id,
+                list(request.prompt_token_ids),
+                sampling_params(request.sampling),
+                on_output,
+                [ShardSpec(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None,
             )
         except EngineError as exc:
             await _abort(context, span, _STATUS[exc.code], str(exc))
@@ -163,6 +169,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             group=group.spec.name,
             rank=group.rank,
             group_size=group.size,
+            domain=self._domain,
         )
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Any) -> worker_pb2.GetLoadResponse:
@@ -211,6 +218,7 @@ async def serve_worker(
     *,
     group: GroupSpec | None = None,
     collective_timeout_s: float = 60.0,
+    domain: str = "",
     tracer_provider: trace.TracerProvider | None = None,
 ) -> WorkerServer:
     """Joins the decode group (alone by default), builds the engine for `model` (a preset or a model directory)
@@ -234,7 +242,8 @@ async def serve_worker(
         loop.call_soon_threadsafe(lambda: stopping.append(loop.create_task(worker.stop(grace=1.0))))
 
     engine_loop = EngineLoop(engine, on_fatal)
-    servicer = WorkerServicer(engine_loop, instance_id, trace.get_tracer(__name__, tracer_provider=tracer_provider))
+    tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+    servicer = WorkerServicer(engine_loop, instance_id, tracer, domain)
     try:
         server = await GrpcServer.start(
             host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)]

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from nanocp.router.cost import CostModel
 from nanocp.router.placement import PlacementPolicy
+from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
+from nanocp.router.policies.uniform import UniformPolicy
 
-POLICIES: dict[str, Callable[[], PlacementPolicy]] = {"static": StaticPolicy}
+POLICY_NAMES = ("static", "dcp", "uniform")
 
 
-def make_policy(name: str) -> PlacementPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+def make_policy(
+    name: str,
+    *,
+    cp_degree: int | None = None,
+    shard_tokens: int = 4096,
+    max_degree: int = 8,
+    cost: CostModel | None = None,
+) -> PlacementPolicy:
+    """`cp_degree` is uniform's D (default: the whole group); `shard_tokens`, `max_degree` and `cost` tune dcp."""
+    if name == "static":
+        return StaticPolicy()
+    if name == "dcp":
+        return DCPPolicy(shard_tokens, max_degree, cost)
+    if name == "uniform":
+        return UniformPolicy(cp_degree or 1_000_000)  # capped by the group's size
+    raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -7,15 +7,19 @@ request never waits while another instance could take it.
 
 from __future__ import annotations
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards
+
+
+def pick_home(instances: list[InstanceLoad]) -> InstanceLoad | None:
+    """Fewest home requests (MoE balance), then most free KV, then smallest id."""
+    return min(instances, key=lambda i: (i.home_batch, -i.pages_free, i.id), default=None)
 
 
 class StaticPolicy:
     name = "static"
 
     def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
-        candidates = [i for i in instances if footprint.pages(i.page_size) <= i.pages_free]
-        if not candidates:
+        home = pick_home([i for i in instances if footprint.pages(i.page_size) <= i.pages_free])
+        if home is None:
             return None
-        home = min(candidates, key=lambda i: (i.home_batch, -i.pages_free, i.id))
-        return Placement(home.id, [Shard(home.id, 0, footprint.pages(home.page_size))])
+        return Placement(home.id, contiguous_shards(footprint, [home], [footprint.pages(home.page_size)]))

@@ -1,0 +1,53 @@
+"""The predicted step time of an instance, the one place where placement weighs KV, batch and routing.
+
+A decode step of an instance reads its KV (attention), runs its home tokens through the MoE layers (the all-to-all
+traffic and expert work grow with them), and routes the query rows and partials of CP requests. So
+
+    t = kv_token_ms * KV tokens + home_token_ms * home batch + routed_row_ms * routed rows + fixed_ms
+
+and the group's step is paced by its slowest instance. Coefficients come from measured step times (`fit`), saved as
+JSON for the router's --cost-model; the defaults are of the Qwen3-30B-A3B shapes on an H100 (98 KB of KV per token
+at about 3 TB/s, MoE work per token, a few microseconds per routed row and layer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nanocp.router.placement import InstanceLoad
+
+
+@dataclass(frozen=True)
+class CostModel:
+    kv_token_ms: float = 3.3e-5
+    home_token_ms: float = 5e-3
+    routed_row_ms: float = 5e-2
+    fixed_ms: float = 2.0
+
+    def step_ms(self, load: InstanceLoad) -> float:
+        kv_tokens = load.pages_committed * load.page_size
+        return (
+            self.kv_token_ms * kv_tokens
+            + self.home_token_ms * load.home_batch
+            + self.routed_row_ms * load.routed_rows
+            + self.fixed_ms
+        )
+
+    @classmethod
+    def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:
+        """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples, coefficients >= 0."""
+        import torch  # only calibration needs it; the router does not
+
+        x = torch.tensor([[kv, home, rows, 1.0] for kv, home, rows, _ in samples], dtype=torch.float64)
+        y = torch.tensor([[ms] for *_, ms in samples], dtype=torch.float64)
+        coefficients = torch.linalg.lstsq(x, y).solution.clamp(min=0.0).flatten().tolist()
+        return cls(*coefficients)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        return cls(**json.loads(path.read_text()))

@@ -1,0 +1,71 @@
+"""`dcp`: each request at the CP degree its KV footprint needs, placed for dual balance.
+
+- Degree: at least the smallest k whose shards stay within the per-shard token target (so no instance's attention
+  grows with one long request), at most max_degree and the group's size. Larger degrees are candidates too.
+- Home: the instance with the fewest home requests (MoE balance), ties to the most free KV. Its KV may live elsewhere.
+- Shards: on the home when it has room, then on instances of the home's topology domain, then on the others, each
+  time the one with the most free KV (KV balance); even shares of the footprint.
+- Choice: among the candidate degrees, the placement that minimises the predicted step time of the group's slowest
+  instance (nanocp.router.cost), which also charges CP for the rows it routes. Ties go to the smaller degree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from nanocp.router.cost import CostModel
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, even_split
+from nanocp.router.policies.static import pick_home
+
+
+class DCPPolicy:
+    name = "dcp"
+
+    def __init__(self, shard_tokens: int = 4096, max_degree: int = 8, cost: CostModel | None = None) -> None:
+        if shard_tokens < 1 or max_degree < 1:
+            raise ValueError(f"need shard_tokens >= 1 and max_degree >= 1, got {shard_tokens} and {max_degree}")
+        self.shard_tokens = shard_tokens
+        self.max_degree = max_degree
+        self.cost = cost or CostModel()
+
+    def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
+        home = pick_home(instances)
+        if home is None:
+            return None
+        group = [i for i in instances if i.group == home.group]
+        candidates = ((self.slowest_ms(p, group), p.cp_degree, p) for p in self._candidates(footprint, home, group))
+        best = min(candidates, key=lambda c: c[:2], default=None)
+        return best[2] if best is not None else None
+
+    def _candidates(self, footprint: Footprint, home: InstanceLoad, group: list[InstanceLoad]) -> Iterator[Placement]:
+        pages = footprint.pages(home.page_size)
+        most = min(self.max_degree, len(group))
+        fewest = min(math.ceil(pages * home.page_size / self.shard_tokens), most)
+        for degree in range(fewest, most + 1):
+            shares = even_split(pages, degree)
+            others = sorted(
+                (i for i in group if i is not home), key=lambda i: (i.domain != home.domain, -i.pages_free, i.id)
+            )
+            holders = ([home] if home.pages_free >= shares[0] else []) + others
+            holders = holders[:degree]
+            if len(holders) == degree and all(n <= h.pages_free for h, n in zip(holders, shares, strict=True)):
+                yield Placement(home.id, contiguous_shards(footprint, holders, shares))
+
+    def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
+        """The predicted step time of the group's slowest instance once `placement` is added."""
+        pages = {s.instance: s.page_quota for s in placement.shards}
+        rows = placement.routed_rows
+        return max(
+            self.cost.step_ms(
+                InstanceLoad(
+                    i.id,
+                    i.page_size,
+                    i.pages_total,
+                    i.pages_committed + pages.get(i.id, 0),
+                    i.home_batch + (i.id == placement.home),
+                    i.routed_rows + rows.get(i.id, 0),
+                )
+            )
+            for i in group
+        )

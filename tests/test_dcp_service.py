@@ -1,0 +1,83 @@
+"""DCP through the service: one 2-process group, a router per policy, the same mixed requests.
+
+Greedy tokens are identical whatever the policy places; the dcp router spreads a long request's KV over both
+instances and keeps short ones local, which ListInstances shows while they run; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
+
+from nanocp.client import AsyncClient
+from nanocp.router.policies import make_policy
+from nanocp.router.server import serve_router
+from nanocp.worker.offline import free_port
+
+LONG_PROMPT = list(range(1, 256)) * 5  # 1275 tokens
+SHORT_PROMPTS = [[7, 8, 9], list(range(40, 90))]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[ProcessGroup]:
+    processes = ProcessGroup.start([free_port(), free_port()])
+    yield processes
+    processes.kill()
+
+
+@contextlib.asynccontextmanager
+async def router_with(policy: str, group: ProcessGroup) -> AsyncIterator[AsyncClient]:
+    router = await serve_router(
+        "tiny",
+        [f"{HOST}:{p}" for p in group.ports],
+        HOST,
+        0,
+        make_policy(policy, cp_degree=2, shard_tokens=512, max_degree=2),
+        heartbeat_s=HEARTBEAT_S,
+    )
+    client = AsyncClient(f"{HOST}:{router.port}")
+    try:
+        await wait_until(lambda: all_ready(client, True), "the group to be ready", timeout=90)
+        yield client
+    finally:
+        await client.close()
+        await router.stop()
+
+
+async def generate_all(client: AsyncClient) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Streams every request at once; returns their tokens and the CP degree ListInstances showed for each."""
+    streams = {
+        name: client.generate(prompt, max_tokens=NEW, temperature=0.0, ignore_eos=True, request_id=name)
+        for name, prompt in [("long", LONG_PROMPT), *((f"short{i}", p) for i, p in enumerate(SHORT_PROMPTS))]
+    }
+    tokens: dict[str, list[int]] = {name: [] for name in streams}
+    first = {name: await anext(stream) for name, stream in streams.items()}  # all placed and running now
+    degrees = {r.request_id: len(r.placement.shards) for r in (await client.list_instances()).requests}
+    for name, stream in streams.items():
+        tokens[name].extend(first[name].token_ids)
+        async for chunk in stream:
+            tokens[name].extend(chunk.token_ids)
+    return tokens, degrees
+
+
+async def test_policies_place_differently_and_generate_identical_tokens(group: ProcessGroup) -> None:
+    results = {}
+    for policy in ("static", "dcp", "uniform"):
+        async with router_with(policy, group) as client:
+            results[policy] = await generate_all(client)
+
+            async def freed(c: AsyncClient = client) -> bool:
+                instances = (await c.list_instances()).instances
+                return all(i.kv_pages_in_use == 0 and i.kv_pages_committed == 0 for i in instances)
+
+            await wait_until(freed, f"every shard freed on every instance after {policy}")
+    tokens = {policy: t for policy, (t, _) in results.items()}
+    assert tokens["dcp"] == tokens["static"] == tokens["uniform"]
+    assert all(len(t) == NEW for t in tokens["static"].values())
+    assert results["static"][1] == {"long": 1, "short0": 1, "short1": 1}
+    assert results["dcp"][1] == {"long": 2, "short0": 1, "short1": 1}, "only the long request is split"
+    assert results["uniform"][1] == {"long": 2, "short0": 2, "short1": 2}

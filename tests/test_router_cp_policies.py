@@ -1,0 +1,110 @@
+"""The CP policies, table-driven: degree, home, shard holders and quotas, and what the cost model makes them choose."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanocp.router.cost import CostModel
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
+from nanocp.router.policies.dcp import DCPPolicy
+from nanocp.router.policies.uniform import UniformPolicy
+
+PAGE = 16
+
+
+def load(
+    id: str, rank: int, committed: int = 0, home: int = 0, total: int = 100, domain: str = "", group: str = "g"
+) -> InstanceLoad:
+    return InstanceLoad(id, PAGE, total, committed, home, group=group, rank=rank, domain=domain)
+
+
+FOUR = [load("a", 0), load("b", 1), load("c", 2), load("d", 3)]
+# Routing costs as much as 1000 KV tokens a row: a short request stays local, a long one is worth splitting.
+COST = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1.0, fixed_ms=0.0)
+
+
+@pytest.mark.parametrize(
+    ("footprint", "instances", "expected"),
+    [
+        pytest.param(
+            Footprint(100, 29), FOUR, Placement("a", [Shard("a", 0, 8, 0)]), id="short_request_stays_on_its_home"
+        ),
+        pytest.param(
+            Footprint(2000, 49),
+            FOUR,
+            Placement("a", [Shard("a", 0, 64, 0), Shard("b", 1024, 64, 1)]),
+            id="long_request_split_to_the_shard_target",
+        ),
+        pytest.param(
+            Footprint(2000, 49),
+            [load("a", 0, home=0, committed=90), load("b", 1, home=1), load("c", 2, home=1, committed=10)],
+            Placement("a", [Shard("b", 0, 64, 1), Shard("c", 1024, 64, 2)]),
+            id="home_by_batch_shards_by_free_kv_home_full",
+        ),
+        pytest.param(
+            Footprint(2000, 49),
+            [load("a", 0, domain="x"), load("b", 1, domain="y"), load("c", 2, domain="x", committed=30)],
+            Placement("a", [Shard("a", 0, 64, 0), Shard("c", 1024, 64, 2)]),
+            id="home_domain_before_more_free_kv_elsewhere",
+        ),
+        pytest.param(
+            Footprint(100, 29),
+            [load("a", 0, home=0, committed=100), load("b", 1, home=3)],
+            Placement("a", [Shard("b", 0, 8, 1)]),
+            id="light_home_full_kv_holds_its_short_request_elsewhere",
+        ),
+        pytest.param(Footprint(4000, 97), [load("a", 0), load("b", 1)], None, id="nothing_fits_now"),
+        pytest.param(
+            Footprint(2000, 49),
+            [load("a", 0), load("b", 1, group="h"), load("c", 2)],
+            Placement("a", [Shard("a", 0, 64, 0), Shard("c", 1024, 64, 2)]),
+            id="shards_stay_in_the_home_group",
+        ),
+    ],
+)
+def test_dcp_places_by_footprint_batch_and_kv(
+    footprint: Footprint, instances: list[InstanceLoad], expected: Placement | None
+) -> None:
+    assert DCPPolicy(shard_tokens=1024, max_degree=4, cost=COST).place(footprint, instances) == expected
+
+
+def test_dcp_goes_past_the_minimum_degree_when_that_lowers_the_slowest_instance() -> None:
+    roomy = [load(i, rank, total=1000) for rank, i in enumerate("abcd")]
+    cheap_routes = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e-6, fixed_ms=0.0)
+    placement = DCPPolicy(shard_tokens=100_000, max_degree=4, cost=cheap_routes).place(Footprint(2000, 49), roomy)
+    assert placement is not None and placement.cp_degree == 4
+    expensive_routes = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e3, fixed_ms=0.0)
+    placement = DCPPolicy(shard_tokens=100_000, max_degree=4, cost=expensive_routes).place(Footprint(2000, 49), roomy)
+    assert placement is not None and placement.cp_degree == 1
+
+
+def test_dcp_prediction_counts_kv_batch_and_routed_rows_on_every_instance() -> None:
+    policy = DCPPolicy(cost=COST)
+    split = Placement("a", [Shard("a", 0, 10, 0), Shard("b", 160, 10, 1)])
+    # a: 160 KV tokens + 1 home token + 1 routed row; b: 160 KV tokens + 1 routed row.
+    assert policy.slowest_ms(split, [load("a", 0), load("b", 1)]) == pytest.approx(0.16 + 0.1 + 1.0)
+
+
+@pytest.mark.parametrize(
+    ("degree", "expected"),
+    [
+        (1, Placement("a", [Shard("a", 0, 8, 0)])),
+        (2, Placement("a", [Shard("a", 0, 4, 0), Shard("b", 64, 4, 1)])),
+        (8, Placement("a", [Shard("a", 0, 2, 0), Shard("b", 32, 2, 1), Shard("c", 64, 2, 2), Shard("d", 96, 2, 3)])),
+    ],
+)
+def test_uniform_puts_every_request_at_its_degree_capped_by_the_group(degree: int, expected: Placement) -> None:
+    assert UniformPolicy(degree).place(Footprint(100, 29), FOUR) == expected
+
+
+def test_cost_model_fit_recovers_the_coefficients_of_its_samples() -> None:
+    truth = CostModel(kv_token_ms=2e-3, home_token_ms=0.3, routed_row_ms=0.7, fixed_ms=1.5)
+    samples = [
+        (kv, home, rows, truth.step_ms(InstanceLoad("x", 1, 10**6, kv, home, rows)))
+        for kv in (0, 500, 3000)
+        for home in (0, 4, 9)
+        for rows in (0, 2, 5)
+    ]
+    fitted = CostModel.fit(samples)
+    for name in ("kv_token_ms", "home_token_ms", "routed_row_ms", "fixed_ms"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
