@@ -102,7 +102,8 @@ def _router(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from nanocp.embedded import run
 
-    run(args.model, args.workers, args.requests, args.long_every, args.long_tokens, args.interval)
+    router_args = ["--policy", args.policy, "--shard-tokens", str(args.shard_tokens)]
+    run(args.model, args.workers, args.requests, args.long_every, args.long_tokens, args.interval, router_args)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -142,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (default 4)")
     run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
     run.add_argument("--interval", type=float, default=0.05, help="seconds between arrivals (default 0.05)")
+    run.add_argument("--policy", default="dcp", choices=("dcp", "static", "uniform"), help="placement (default dcp)")
+    run.add_argument(
+        "--shard-tokens", type=int, default=512, help="dcp: KV tokens a shard should hold at most (default 512)"
+    )
     run.set_defaults(func=_run)
 
     worker = commands.add_parser("worker", help="serve one decode instance (internal API)")
