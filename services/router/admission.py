@@ -110,20 +110,28 @@ class Admission:
     def _check_capacity(self, footprint: Footprint) -> None:
         instances = [i for i in self._registry.instances() if i.info is not None]
         if instances:
-            idle = [dataclasses.replace(self._ledger.load(i), pages_committed=0, home_batch=0) for i in instances]
+            idle = [
+                dataclasses.replace(self._ledger.load(i), pages_committed=0, home_batch=0, routed_rows=0)
+                for i in instances
+            ]
             if self.policy.place(footprint, idle) is None:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, _never_fits(footprint, idle))
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, _never_fits(footprint, idle, self.policy.name))
         if not self._registry.placeable():
             instances = self._registry.instances()
             problems = "; ".join(f"{i.name}: {self._registry.problem(i)}" for i in instances) or "it has none"
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({problems})")
 
 
-def _never_fits(footprint: Footprint, idle: list[InstanceLoad]) -> str:
+def _never_fits(footprint: Footprint, idle: list[InstanceLoad], policy: str) -> str:
     largest = max(idle, key=lambda i: i.pages_total * i.page_size)
+    groups: dict[str, int] = {}
+    for i in idle:
+        groups[i.group] = groups.get(i.group, 0) + i.pages_total * i.page_size
     return (
         f"the request can never fit: its KV cache needs {footprint.tokens} tokens ({footprint.prompt_tokens} prompt "
         f"+ {footprint.max_tokens} max_tokens - 1) = {footprint.pages(largest.page_size)} pages of "
         f"{largest.page_size} tokens, but the largest instance holds {largest.pages_total} pages "
-        f"({largest.pages_total * largest.page_size} tokens); shorten the prompt or lower max_tokens"
+        f"({largest.pages_total * largest.page_size} tokens) and the largest decode group {max(groups.values())} "
+        f"tokens, and the {policy} policy cannot place it even on idle instances; shorten the prompt or lower "
+        f"max_tokens"
     )

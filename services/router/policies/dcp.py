@@ -40,7 +40,7 @@ class DCPPolicy:
 
     def _candidates(self, footprint: Footprint, home: InstanceLoad, group: list[InstanceLoad]) -> Iterator[Placement]:
         pages = footprint.pages(home.page_size)
-        most = min(self.max_degree, len(group))
+        most = min(self.max_degree, len(group), pages)  # a shard holds at least one page
         fewest = min(math.ceil(pages * home.page_size / self.shard_tokens), most)
         for degree in range(fewest, most + 1):
             shares = even_split(pages, degree)

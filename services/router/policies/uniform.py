@@ -24,9 +24,10 @@ class UniformPolicy:
         if home is None:
             return None
         group = [i for i in instances if i.group == home.group]
-        degree = min(self.degree, len(group))
+        total = footprint.pages(home.page_size)
+        degree = min(self.degree, len(group), total)  # a shard holds at least one page
         holders = [home, *sorted((i for i in group if i is not home), key=lambda i: (-i.pages_free, i.id))][:degree]
-        pages = even_split(footprint.pages(home.page_size), degree)
+        pages = even_split(total, degree)
         if any(n > h.pages_free for h, n in zip(holders, pages, strict=True)):
             return None
         return Placement(home.id, contiguous_shards(footprint, holders, pages))
