@@ -96,7 +96,17 @@ def _router(args: argparse.Namespace) -> None:
     policy = make_policy(
         args.policy, cp_degree=args.cp_degree, shard_tokens=args.shard_tokens, max_degree=args.max_degree, cost=cost
     )
-    _serve_until_signalled(lambda: serve_router(args.model, workers, args.host, args.port, policy, args.queue_size))
+    _serve_until_signalled(
+        lambda: serve_router(
+            args.model,
+            workers,
+            args.host,
+            args.port,
+            policy,
+            args.queue_size,
+            reserve_output_tokens=args.reserve_output_tokens,
+        )
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -200,6 +210,13 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-tokens", type=int, default=4096, help="dcp: KV tokens a shard should hold at most (default 4096)"
     )
     router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
+    router.add_argument(
+        "--reserve-output-tokens",
+        type=int,
+        default=None,
+        help="place requests for their prompt and this many new tokens, growing placements as they decode "
+        "(default: reserve max_tokens up front)",
+    )
     router.add_argument(
         "--cost-model", type=Path, default=None, help="dcp: JSON of step-time coefficients (nanocp.router.cost)"
     )

@@ -30,13 +30,16 @@ def group() -> Iterator[ProcessGroup]:
 
 
 @contextlib.asynccontextmanager
-async def router_with(policy: str, group: ProcessGroup) -> AsyncIterator[AsyncClient]:
+async def router_with(
+    policy: str, group: ProcessGroup, reserve: int | None = None, shard_tokens: int = 512
+) -> AsyncIterator[AsyncClient]:
     router = await serve_router(
         "tiny",
         [f"{HOST}:{p}" for p in group.ports],
         HOST,
         0,
-        make_policy(policy, cp_degree=2, shard_tokens=512, max_degree=2),
+        make_policy(policy, cp_degree=2, shard_tokens=shard_tokens, max_degree=2),
+        reserve_output_tokens=reserve,
         heartbeat_s=HEARTBEAT_S,
     )
     client = AsyncClient(f"{HOST}:{router.port}")
@@ -81,3 +84,34 @@ async def test_policies_place_differently_and_generate_identical_tokens(group: P
     assert results["static"][1] == {"long": 1, "short0": 1, "short1": 1}
     assert results["dcp"][1] == {"long": 2, "short0": 1, "short1": 1}, "only the long request is split"
     assert results["uniform"][1] == {"long": 2, "short0": 2, "short1": 2}
+
+
+async def all_freed(client: AsyncClient) -> bool:
+    instances = (await client.list_instances()).instances
+    return all(i.kv_pages_in_use == 0 and i.kv_pages_committed == 0 for i in instances)
+
+
+@pytest.mark.parametrize("policy", ["static", "dcp"])
+async def test_placements_grow_mid_decode_without_changing_tokens(group: ProcessGroup, policy: str) -> None:
+    new = 72  # against a reserve of 16 new tokens: the placement must grow several times while decoding
+    prompt = list(range(3, 60))
+    async with router_with("static", group) as client:
+        expected = [t async for c in client.generate(prompt, max_tokens=new, temperature=0.0) for t in c.token_ids]
+    # dcp's shard target of 80 tokens fits the first placement (57 + 16 tokens) on one instance, not its growth.
+    async with router_with(policy, group, reserve=16, shard_tokens=80) as client:
+        placements, tokens = [], []
+        async for chunk in client.generate(prompt, max_tokens=new, temperature=0.0):
+            tokens.extend(chunk.token_ids)
+            if chunk.placement is not None:
+                placements.append(chunk.placement)
+        await wait_until(lambda: all_freed(client), "every grown shard freed")
+    assert tokens == expected
+    assert len(placements) > 1, "the placement grew mid-decode"
+    first, last = placements[0], placements[-1]
+    quota = sum(s.page_quota for s in last.shards)
+    assert quota > sum(s.page_quota for s in first.shards) and quota * 16 >= len(prompt) + new - 1
+    assert [s.start for s in last.shards[: len(first.shards)]] == [s.start for s in first.shards], "no KV moved"
+    if policy == "dcp":
+        assert last.cp_degree == 2 > first.cp_degree, "dcp grows by a shard on another instance"
+    else:
+        assert last.cp_degree == first.cp_degree == 1

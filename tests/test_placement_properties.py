@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,7 +11,7 @@ from nanocp.router.accounting import Ledger
 from nanocp.router.placement import Footprint, InstanceLoad, Placement
 from nanocp.router.policies import make_policy
 from nanocp.worker.kv_cache import PagePool
-from nanocp.worker.shards import ShardSpec, ShardStore, check_shards, shard_ends
+from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
 
 PAGE = 16
 MAX_DEGREE = 3
@@ -128,3 +130,37 @@ def test_a_holder_gives_back_every_page_and_quota_of_the_requests_it_frees(
     for key, _, _ in shards:
         store.free(key)
     assert pool.num_free == pool.num_pages and pool.committed == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    loads=instances(),
+    footprint=footprints,
+    pages=st.integers(1, 40),
+    policy=st.sampled_from(list(POLICIES)),
+)
+def test_a_grown_placement_keeps_its_kv_in_place_within_free_pages_and_the_cap(
+    loads: list[InstanceLoad], footprint: Footprint, pages: int, policy: str
+) -> None:
+    placement = POLICIES[policy].place(footprint, loads)
+    if placement is None:
+        return
+    after = [
+        replace(
+            i, pages_committed=i.pages_committed + sum(s.page_quota for s in placement.shards if s.instance == i.id)
+        )
+        for i in loads
+    ]
+    grown = POLICIES[policy].grow(placement, pages, after)
+    if grown is None:
+        return
+    old = [ShardSpec(s.rank, s.start, s.page_quota) for s in placement.shards]
+    new = [ShardSpec(s.rank, s.start, s.page_quota) for s in grown.shards]
+    assert check_growth(old, new) is None
+    assert sum(s.page_quota for s in grown.shards) == sum(s.page_quota for s in placement.shards) + pages
+    added = {s.instance: s.page_quota for s in grown.shards}
+    for s in placement.shards:
+        added[s.instance] -= s.page_quota
+    by_id = {i.id: i for i in after}
+    assert all(n <= by_id[i].pages_free for i, n in added.items()), "growth fits the free pages"
+    assert grown.cp_degree <= CAPS[policy]

@@ -7,6 +7,7 @@ import pytest
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
 from nanocp.router.policies.dcp import DCPPolicy
+from nanocp.router.policies.static import StaticPolicy
 from nanocp.router.policies.uniform import UniformPolicy
 
 PAGE = 16
@@ -108,3 +109,37 @@ def test_cost_model_fit_recovers_the_coefficients_of_its_samples() -> None:
     fitted = CostModel.fit(samples)
     for name in ("kv_token_ms", "home_token_ms", "routed_row_ms", "fixed_ms"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+
+
+GROWING = Placement("a", [Shard("a", 0, 4, 0)])  # 64 tokens on a
+
+
+@pytest.mark.parametrize(
+    ("policy", "instances", "expected"),
+    [
+        pytest.param(StaticPolicy(), FOUR, Placement("a", [Shard("a", 0, 6, 0)]), id="static_grows_the_tail_in_place"),
+        pytest.param(
+            DCPPolicy(shard_tokens=128, max_degree=4, cost=COST),
+            FOUR,
+            Placement("a", [Shard("a", 0, 6, 0)]),
+            id="dcp_tail_within_target_grows_in_place",
+        ),
+        pytest.param(
+            DCPPolicy(shard_tokens=64, max_degree=4, cost=COST),
+            [load("a", 0), load("b", 1, committed=50), load("c", 2)],
+            Placement("a", [Shard("a", 0, 4, 0), Shard("c", 64, 2, 2)]),
+            id="dcp_past_target_adds_a_shard_on_the_freest",
+        ),
+        pytest.param(
+            DCPPolicy(shard_tokens=64, max_degree=1, cost=COST),
+            FOUR,
+            Placement("a", [Shard("a", 0, 6, 0)]),
+            id="dcp_at_its_degree_cap_grows_the_tail_past_target",
+        ),
+        pytest.param(StaticPolicy(), [load("a", 0, committed=99)], None, id="no_room_to_grow"),
+    ],
+)
+def test_policies_grow_placements_without_moving_kv(
+    policy: StaticPolicy | DCPPolicy, instances: list[InstanceLoad], expected: Placement | None
+) -> None:
+    assert policy.grow(GROWING, 2, instances) == expected

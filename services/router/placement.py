@@ -107,3 +107,25 @@ class PlacementPolicy(Protocol):
     def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
         """A placement whose quotas fit the instances' free pages, or None when nothing fits now."""
         ...
+
+    def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
+        """The placement with room for `pages` more pages after its tail, existing KV left where it is; None when
+        there is no room."""
+        ...
+
+
+def grow_tail(placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
+    """A larger quota for the tail, when its holder has the pages: the degree stays."""
+    tail = placement.shards[-1]
+    holder = next((i for i in instances if i.id == tail.instance), None)
+    if holder is None or holder.pages_free < pages:
+        return None
+    grown = Shard(tail.instance, tail.start, tail.page_quota + pages, tail.rank)
+    return Placement(placement.home, [*placement.shards[:-1], grown])
+
+
+def add_shard(placement: Placement, pages: int, holder: InstanceLoad) -> Placement:
+    """One more shard, on `holder`, starting where the tail's quota ends: the degree grows by one."""
+    tail = placement.shards[-1]
+    start = tail.start + tail.page_quota * holder.page_size
+    return Placement(placement.home, [*placement.shards, Shard(holder.id, start, pages, holder.rank)])

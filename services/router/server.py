@@ -45,6 +45,7 @@ async def serve_router(
     policy: PlacementPolicy | None = None,
     queue_size: int = 256,
     *,
+    reserve_output_tokens: int | None = None,
     heartbeat_s: float = 1.0,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> RouterServer:
@@ -71,6 +72,7 @@ async def serve_router(
         ledger,
         admission,
         trace.get_tracer(__name__, tracer_provider=tracer_provider),
+        reserve_output_tokens,
     )
     registry.on_lost = servicer.lose_group
     await StaticDiscovery(workers).run(registry)

@@ -9,6 +9,8 @@ FINISH_REASON_ABORT and the usage so far (no error status), so the caller keeps 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -50,8 +52,9 @@ class _Live:
     """A request between validation and its last message."""
 
     request_id: str
-    footprint: Footprint
+    footprint: Footprint  # everything it may need
     placement: Placement | None = None  # None while it waits for KV memory
+    placement_grew: bool = False  # the next message tells the client its grown placement
     call: Any = None  # the home's Submit call, once placed
     completion_tokens: int = 0
     aborted: bool = False
@@ -73,7 +76,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         ledger: Ledger,
         admission: Admission,
         tracer: trace.Tracer,
+        reserve_output_tokens: int | None = None,
     ) -> None:
+        """`reserve_output_tokens`: place each request for its prompt and this many new tokens (not max_tokens),
+        and grow its placement as it decodes; None places every request for max_tokens at once."""
+        self._reserve = reserve_output_tokens
         self._model = model
         self._tokenizer = tokenizer
         self._registry = registry
@@ -81,6 +88,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._admission = admission
         self._tracer = tracer
         self._live: dict[str, _Live] = {}
+        self._growths: set[asyncio.Task[None]] = set()  # kept referenced until done
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: Any
@@ -127,9 +135,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             }
         )
         live = self._live[request_id] = _Live(request_id, valid.footprint)
+        first = valid.footprint
+        if self._reserve is not None:
+            first = Footprint(first.prompt_tokens, min(first.max_tokens, self._reserve))
         try:
             try:
-                live.placement = await self._admission.admit(request_id, live.footprint)
+                live.placement = await self._admission.admit(request_id, first)
             except Withdrawn:
                 live.aborted = True
             if live.placement is None or live.aborted:  # while queued, or between its placement and now
@@ -165,10 +176,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 response = router_pb2.GenerateResponse(request_id=live.request_id, token_ids=output.token_ids)
                 if decoder is not None:
                     response.text = decoder.push(list(output.token_ids))
-                if live.completion_tokens == 0:
+                if live.completion_tokens == 0 or live.placement_grew:
                     response.placement.CopyFrom(live.placement.to_proto())
-                    if output.token_ids:
-                        span.add_event("first_token")
+                    live.placement_grew = False
+                if live.completion_tokens == 0 and output.token_ids:
+                    span.add_event("first_token")
+                if output.needs_pages:
+                    growth = asyncio.create_task(self._grow(live, home, span))
+                    self._growths.add(growth)
+                    growth.add_done_callback(self._growths.discard)
                 live.completion_tokens += len(output.token_ids)
                 if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                     response.MergeFrom(self._finished(live, output.finish_reason, span))
@@ -193,6 +209,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             live.call.cancel()  # a no-op once the stream ended; otherwise the worker aborts and frees the pages
         raise self._worker_failure(home, None)
+
+    async def _grow(self, live: _Live, home: Instance, span: trace.Span) -> None:
+        """Grows a request's placement when its home asks; tells the home, which ends it if there is no room."""
+        if live.placement is None or home.info is None:
+            return
+        page_size = home.info.page_size
+        tail = live.placement.shards[-1]
+        missing = live.footprint.tokens - (tail.start + tail.page_quota * page_size)
+        pages = math.ceil(min(missing, self._reserve or missing) / page_size)
+        loads = [self._ledger.load(i) for i in self._registry.placeable()]
+        grown = self._admission.policy.grow(live.placement, pages, loads) if pages > 0 else None
+        if grown is not None:
+            self._ledger.release(live.placement)
+            self._ledger.commit(grown)
+            live.placement, live.placement_grew = grown, True
+            span.add_event("placement_grown", {"nanocp.cp_degree": grown.cp_degree, "nanocp.pages": pages})
+        extend = worker_pb2.ExtendRequest(request_id=live.request_id)
+        if grown is not None:
+            extend.placement.CopyFrom(grown.to_proto())
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the request may have ended meanwhile
+            await home.stub.Extend(extend, timeout=10)
 
     def _finished(
         self, live: _Live, reason: common_pb2.FinishReason.ValueType, span: trace.Span

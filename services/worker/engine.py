@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,12 +32,16 @@ from nanocp.worker.request import (
 )
 from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
-from nanocp.worker.shards import ShardSpec, ShardStore, check_shards, shard_ends
+from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
 from nanocp.worker.step_plan import StepInputs, build, outgoing
 from nanocp.worker.timing import StepTimer
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
+
+# A request asks for its placement to grow while this many pages of its tail are still free, so the router's answer
+# arrives before a decode step must wait for it.
+GROW_AHEAD_PAGES = 2
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,17 @@ class Engine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
+        coverage = shard_ends(shards, self.config.page_size)[-1]
         request = Request(
-            request_id, list(prompt), params, on_output, stop_ids, shards, key=next(self._keys), generator=generator
+            request_id,
+            list(prompt),
+            params,
+            on_output,
+            stop_ids,
+            shards,
+            coverage,
+            key=next(self._keys),
+            generator=generator,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -136,9 +149,10 @@ class Engine:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from None
         problem = check_shards(shards, self.group.size, c.page_size)
         covered = shard_ends(shards, c.page_size)[-1] if problem is None else 0
-        needed = len(prompt) + params.max_tokens - 1
+        # It must hold the prompt and the first sampled token; beyond that the placement may grow as it decodes.
+        needed = min(len(prompt) + params.max_tokens - 1, len(prompt) + 1)
         if problem is None and covered < needed:
-            problem = f"its shards cover {covered} positions, the request needs {needed}"
+            problem = f"its shards cover {covered} positions, the request needs at least {needed}"
         if problem is not None:
             raise EngineError("INVALID_ARGUMENT", f"placement: {problem}")
         pages = max(s.page_quota for s in shards)
@@ -156,9 +170,28 @@ class Engine:
         self._finish(request, FinishReason.ABORT, [])
         return True
 
-    def fail_all(self, error: str | None) -> None:
+    def fail_all(self, error: str | None, code: str = "INTERNAL") -> None:
         for request in list(self.requests.values()):
-            self._finish(request, FinishReason.ABORT, [], error)
+            self._finish(request, FinishReason.ABORT, [], error, code)
+
+    def extend(self, request_id: str, shards: list[ShardSpec] | None) -> None:
+        """Grows a request's placement, or (None: no room anywhere) ends it with RESOURCE_EXHAUSTED."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return  # it ended meanwhile
+        if shards is None:
+            error = f"no KV memory left to grow its placement after {len(request.output)} tokens"
+            self._finish(request, FinishReason.ABORT, [], error, "RESOURCE_EXHAUSTED")
+            return
+        problem = check_growth(request.shards, shards) or check_shards(shards, self.group.size, self.config.page_size)
+        if problem is not None:
+            self._finish(request, FinishReason.ABORT, [], f"placement: {problem}", "INVALID_ARGUMENT")
+            return
+        request.shards = shards
+        request.coverage = shard_ends(shards, self.config.page_size)[-1]
+        for index, shard in enumerate(shards):
+            if shard.holder == self.group.rank and request in self.scheduler.running:
+                self.store.open(request.key, index, shard.page_quota)
 
     def has_work(self) -> bool:
         return bool(self.requests or self._frees)
@@ -232,18 +265,26 @@ class Engine:
             request.output.append(token)
             reason = request.finish_reason_after(token)
             if reason is None:
-                request.on_output(self._output(request, [token], None))
+                asks = request.should_ask_for_pages(GROW_AHEAD_PAGES * self.config.page_size)
+                request.on_output(replace(self._output(request, [token], None), needs_pages=asks))
             else:
                 self._finish(request, reason, [token])
         return True
 
-    def _finish(self, request: Request, reason: FinishReason, new_tokens: list[int], error: str | None = None) -> None:
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        new_tokens: list[int],
+        error: str | None = None,
+        code: str = "INTERNAL",
+    ) -> None:
         self.scheduler.remove(request)
         for shard in request.shards:
             if shard.holder != self.group.rank:
                 self._frees.setdefault(shard.holder, []).append(request.key)
         del self.requests[request.request_id]
-        request.on_output(self._output(request, new_tokens, reason, error))
+        request.on_output(replace(self._output(request, new_tokens, reason, error), error_code=code))
 
     @staticmethod
     def _output(

@@ -79,6 +79,14 @@ class EngineLoop:
         self._post(lambda: self.engine.abort(request_id))
         return True
 
+    def extend(self, request_id: str, shards: list[ShardSpec] | None) -> bool:
+        """Grows a live request's placement (None: there is no room); False for an id that is not live."""
+        with self._live_lock:
+            if request_id not in self._live:
+                return False
+        self._post(lambda: self.engine.extend(request_id, shards))
+        return True
+
     def load(self) -> EngineLoad:
         return self._load
 
@@ -104,7 +112,9 @@ class EngineLoop:
             log.exception("engine step failed; failing every live request")
             if self.engine.group.size > 1:
                 self.failed = exc  # first, so the failed requests' streams can tell a group failure
-            self.engine.fail_all(f"engine step failed: {exc}")
+            # A failed group is this instance's state, not the requests' fault: UNAVAILABLE; a lone bug: INTERNAL.
+            code = "UNAVAILABLE" if self.failed is not None else "INTERNAL"
+            self.engine.fail_all(f"engine step failed: {exc}", code)
             if self.failed is not None and self._on_fatal is not None:
                 self._on_fatal(exc)
             return False

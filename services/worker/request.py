@@ -54,7 +54,9 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None  # set when the engine failed the request (an internal error, not the caller's)
+    error: str | None = None  # why the engine failed the request, when it did
+    error_code: str = "INTERNAL"  # the gRPC status of that failure
+    needs_pages: bool = False  # the tail's quota runs low: the placement should grow
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ class Request:
     on_output: OutputCallback
     stop_ids: frozenset[int]
     shards: list[ShardSpec]  # where its KV lives, in position order
+    coverage: int  # positions the shards can hold: the tail's end
     key: int = 0  # names the request to the group's other instances (unique in the group)
+    asked_pages_at: int = 0  # the coverage when it last asked for its placement to grow
     output: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K, V are in the cache
     generator: torch.Generator | None = None
@@ -93,6 +97,21 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt)
+
+    def should_ask_for_pages(self, ahead_tokens: int) -> bool:
+        """True, once per coverage, when the tail has fewer than `ahead_tokens` free positions and the request may
+        still need more than its shards hold."""
+        if self.coverage >= self.needed or self.asked_pages_at == self.coverage:
+            return False
+        if self.coverage - self.num_tokens >= ahead_tokens:
+            return False
+        self.asked_pages_at = self.coverage
+        return True
+
+    @property
+    def needed(self) -> int:
+        """Positions it may cache in all: the last sampled token never enters the cache."""
+        return len(self.prompt) + self.params.max_tokens - 1
 
     def shard_at(self, position: int) -> int:
         """Index of the shard covering `position`."""

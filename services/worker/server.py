@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 _STATUS = {
+    "INTERNAL": grpc.StatusCode.INTERNAL,
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
@@ -121,10 +122,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 output = await outputs.get()
                 finished = output.finish_reason is not None
                 if output.error is not None:
-                    # A failed group is this instance's state, not a fault of the request: say UNAVAILABLE.
-                    code = grpc.StatusCode.UNAVAILABLE if self._engine_loop.failed else grpc.StatusCode.INTERNAL
+                    code = _STATUS.get(output.error_code, grpc.StatusCode.INTERNAL)
                     await _abort(context, span, code, f"instance {self._instance_id}: {output.error}")
-                response = worker_pb2.SubmitResponse(token_ids=output.new_token_ids)
+                response = worker_pb2.SubmitResponse(token_ids=output.new_token_ids, needs_pages=output.needs_pages)
                 if output.finish_reason is not None:
                     response.finish_reason = _FINISH[output.finish_reason]
                     response.usage.prompt_tokens = output.prompt_tokens
@@ -141,6 +141,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if not finished:  # the caller went away mid-stream: free the pages now, not at max_tokens
                 span.set_status(trace.StatusCode.ERROR, "the caller cancelled the stream")
                 self._engine_loop.abort(request.request_id)
+
+    async def Extend(self, request: worker_pb2.ExtendRequest, context: Any) -> worker_pb2.ExtendResponse:
+        shards = [ShardSpec(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None
+        if not self._engine_loop.extend(request.request_id, shards):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
+            )
+        return worker_pb2.ExtendResponse()
 
     async def _refuse_if_failed(self, context: Any) -> None:
         if self._engine_loop.failed is not None:

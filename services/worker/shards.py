@@ -25,6 +25,16 @@ def shard_ends(shards: list[ShardSpec], page_size: int) -> list[int]:
     return [s.start for s in shards[1:]] + [shards[-1].start + shards[-1].page_quota * page_size]
 
 
+def check_growth(old: list[ShardSpec], new: list[ShardSpec]) -> str | None:
+    """Why `new` is not `old` grown without moving KV (the tail's quota larger, shards added after it), or None."""
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return "a grown placement keeps every shard but the tail as it was"
+    tail, kept = old[-1], new[len(old) - 1]
+    if (kept.holder, kept.start) != (tail.holder, tail.start) or kept.page_quota < tail.page_quota:
+        return "a grown placement keeps the tail where it was, with at least its quota"
+    return None
+
+
 def check_shards(shards: list[ShardSpec], group_size: int, page_size: int) -> str | None:
     """Why a placement's shards are unusable, or None."""
     if not shards or shards[0].start != 0:
@@ -56,12 +66,12 @@ class ShardStore:
         return sum(len(shards) for shards in self._held.values())
 
     def open(self, key: int, index: int, quota: int) -> HeldShard:
-        """The shard, committing its quota the first time it is seen."""
+        """The shard, committing its quota the first time it is seen and the difference when the quota grew."""
         shards = self._held.setdefault(key, {})
-        shard = shards.get(index)
-        if shard is None:
-            self.pool.commit(quota)
-            shard = shards[index] = HeldShard(quota)
+        shard = shards.setdefault(index, HeldShard(0))
+        if quota > shard.quota:
+            self.pool.commit(quota - shard.quota)
+            shard.quota = quota
         return shard
 
     def pages_for(self, key: int, index: int, tokens: int) -> list[int]:

@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 from nanocp.router.cost import CostModel
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, even_split
+from nanocp.router.placement import (
+    Footprint,
+    InstanceLoad,
+    Placement,
+    add_shard,
+    contiguous_shards,
+    even_split,
+    grow_tail,
+)
 from nanocp.router.policies.static import pick_home
 
 
@@ -52,20 +61,43 @@ class DCPPolicy:
             if len(holders) == degree and all(n <= h.pages_free for h, n in zip(holders, shares, strict=True)):
                 yield Placement(home.id, contiguous_shards(footprint, holders, shares))
 
+    def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
+        """A larger tail while it stays within the shard target, else one more shard on the group's instance with
+        the most free KV (home's domain first); when both are possible, whichever predicts the faster slowest
+        instance. Past the degree cap, or with no other instance free, the tail grows beyond the target."""
+        home = next((i for i in instances if i.id == placement.home), None)
+        if home is None:
+            return None
+        group = [i for i in instances if i.group == home.group]
+        holders = {s.instance for s in placement.shards}
+        new_shard = None
+        if placement.cp_degree < self.max_degree:
+            others = [i for i in group if i.id not in holders and i.pages_free >= pages]
+            best = min(others, key=lambda i: (i.domain != home.domain, -i.pages_free, i.id), default=None)
+            new_shard = add_shard(placement, pages, best) if best is not None else None
+        tail_tokens = (placement.shards[-1].page_quota + pages) * home.page_size
+        larger_tail = grow_tail(placement, pages, group) if tail_tokens <= self.shard_tokens or not new_shard else None
+        candidates = [new_shard, larger_tail]
+        # Score each candidate whole, against the loads without the placement it replaces.
+        before = [_without(placement, i) for i in group]
+        scored = [(self.slowest_ms(c, before), c.cp_degree, c) for c in candidates if c is not None]
+        return min(scored, key=lambda s: s[:2])[2] if scored else None
+
     def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
         """The predicted step time of the group's slowest instance once `placement` is added."""
-        pages = {s.instance: s.page_quota for s in placement.shards}
-        rows = placement.routed_rows
-        return max(
-            self.cost.step_ms(
-                InstanceLoad(
-                    i.id,
-                    i.page_size,
-                    i.pages_total,
-                    i.pages_committed + pages.get(i.id, 0),
-                    i.home_batch + (i.id == placement.home),
-                    i.routed_rows + rows.get(i.id, 0),
-                )
-            )
-            for i in group
-        )
+        return max(self.cost.step_ms(_with(placement, i, +1)) for i in group)
+
+
+def _with(placement: Placement, load: InstanceLoad, sign: int) -> InstanceLoad:
+    """The instance's load with the placement's grants added (sign +1) or taken out (-1)."""
+    pages = sum(s.page_quota for s in placement.shards if s.instance == load.id)
+    return replace(
+        load,
+        pages_committed=load.pages_committed + sign * pages,
+        home_batch=load.home_batch + sign * (load.id == placement.home),
+        routed_rows=load.routed_rows + sign * placement.routed_rows.get(load.id, 0),
+    )
+
+
+def _without(placement: Placement, load: InstanceLoad) -> InstanceLoad:
+    return _with(placement, load, -1)

@@ -7,7 +7,7 @@ request never waits while another instance could take it.
 
 from __future__ import annotations
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, grow_tail
 
 
 def pick_home(instances: list[InstanceLoad]) -> InstanceLoad | None:
@@ -23,3 +23,6 @@ class StaticPolicy:
         if home is None:
             return None
         return Placement(home.id, contiguous_shards(footprint, [home], [footprint.pages(home.page_size)]))
+
+    def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
+        return grow_tail(placement, pages, instances)

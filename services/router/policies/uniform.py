@@ -7,7 +7,7 @@ are short enough to stay local.
 
 from __future__ import annotations
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, even_split
+from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, even_split, grow_tail
 from nanocp.router.policies.static import pick_home
 
 
@@ -31,3 +31,6 @@ class UniformPolicy:
         if any(n > h.pages_free for h, n in zip(holders, pages, strict=True)):
             return None
         return Placement(home.id, contiguous_shards(footprint, holders, pages))
+
+    def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
+        return grow_tail(placement, pages, instances)  # the degree is fixed
