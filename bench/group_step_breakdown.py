@@ -35,9 +35,9 @@ def breakdown(results: list[RankResult]) -> dict[str, float]:
     """Mean milliseconds per decode step, over steps and ranks; the first step (prefill) is left out."""
     per_rank = []
     for r in results:
-        steps = list(zip(r.step_seconds[1:], r.sections[1:], strict=True))
-        row = {name: statistics.mean(s.get(name, 0.0) for _, s in steps) for name in SECTIONS}
-        row["step"] = statistics.mean(total for total, _ in steps)
+        steps = r.steps[1:]
+        row = {name: statistics.mean(s.sections.get(name, 0.0) for s in steps) for name in SECTIONS}
+        row["step"] = statistics.mean(s.seconds for s in steps)
         row["other"] = row["step"] - sum(row[name] for name in SECTIONS)
         per_rank.append(row)
     return {k: 1000 * statistics.mean(row[k] for row in per_rank) for k in (*SECTIONS, "other", "step")}

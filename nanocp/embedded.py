@@ -80,10 +80,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class LocalCluster:
+    router: str  # host:port
+    workers: list[str]
+
+
 @contextlib.contextmanager
-def local_cluster(model: str, num_workers: int, router_args: list[str], console: Console) -> Iterator[str]:
-    """Starts a decode group of workers and a router as child processes; yields the router's address; stops them all
-    on exit."""
+def local_cluster(
+    model: str, num_workers: int, router_args: list[str], console: Console, worker_args: tuple[str, ...] = ()
+) -> Iterator[LocalCluster]:
+    """Starts a decode group of workers and a router as child processes; stops them all on exit."""
     *worker_ports, router_port, rendezvous_port = free_ports(num_workers + 2)
     threads = max(1, (os.cpu_count() or 1) // num_workers)
     logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
@@ -99,14 +106,14 @@ def local_cluster(model: str, num_workers: int, router_args: list[str], console:
         for i, port in enumerate(worker_ports):
             group = ["--rank", str(i), "--world-size", str(num_workers), "--master-port", str(rendezvous_port)]
             args = ["--model", model, "--port", str(port), "--instance-id", f"w{i}", "--threads", str(threads)]
-            start(f"worker-w{i}", "worker", *args, *group)
+            start(f"worker-w{i}", "worker", *args, *group, *worker_args)
         workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
         start("router", "router", "--model", model, "--workers", workers, "--port", str(router_port), *router_args)
         address = f"127.0.0.1:{router_port}"
         with console.status(f"starting a group of {num_workers} worker(s) and a router on {model}"):
             _wait_serving(address, num_workers, processes, timeout=120)
         console.print(f"router on {address}, workers on {workers}; logs in {logs}")
-        yield address
+        yield LocalCluster(address, workers.split(","))
     finally:
         for process in processes:
             process.terminate()
@@ -259,9 +266,9 @@ def run(
     """`router_args` pass through to `nanocp router` (policy and its settings)."""
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole tables
     streams = workload(num_requests, long_every, long_tokens)
-    with local_cluster(model, num_workers, router_args, console) as address:
+    with local_cluster(model, num_workers, router_args, console) as cluster:
         start = time.perf_counter()
-        peaks = asyncio.run(drive(address, streams, console, interval))
+        peaks = asyncio.run(drive(cluster.router, streams, console, interval))
         wall = time.perf_counter() - start
     for table in summary(streams, peaks, wall):
         console.print(table)

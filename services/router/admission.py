@@ -39,6 +39,7 @@ class Admission:
         self._ledger = ledger
         self._queue_size = queue_size
         self._queue: deque[_Waiter] = deque()
+        self.waited_total = 0  # requests that had to wait for KV memory before their placement
 
     @property
     def queued(self) -> int:
@@ -62,6 +63,7 @@ class Admission:
             )
         waiter = _Waiter(request_id, footprint, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
+        self.waited_total += 1
         try:
             return await waiter.future
         except asyncio.CancelledError:  # the caller gave up (cancelled, deadline) while waiting

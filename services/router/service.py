@@ -271,7 +271,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.ListInstancesRequest, context: Any
     ) -> router_pb2.ListInstancesResponse:
         await self._registry.refresh()
-        response = router_pb2.ListInstancesResponse(queued=self._admission.queued)
+        response = router_pb2.ListInstancesResponse(
+            queued=self._admission.queued, waited_total=self._admission.waited_total
+        )
         for instance in self._registry.instances():
             problem = self._registry.problem(instance)
             status = response.instances.add(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
@@ -34,7 +35,7 @@ from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
 from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
 from nanocp.worker.step_plan import StepInputs, build, outgoing
-from nanocp.worker.timing import StepTimer
+from nanocp.worker.timing import StepLog, StepRecord, StepTimer
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Engine:
         self.config = config
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
         self.timer = StepTimer(enabled=False)  # enable to break steps down (benchmarks, tracing)
+        self.steps = StepLog()
+        self._step = 0  # numbered alike on every member: all run every step the group runs
         self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
         self.store = ShardStore(self.cache.pool, config.page_size)
         self.scheduler = Scheduler(self.store, self.group.rank, config.max_step_tokens, config.max_running)
@@ -246,9 +249,12 @@ class Engine:
     def run_chunks(self, chunks: list[Chunk]) -> bool:
         """Runs a step of the scheduled chunks and samples for those that reach their last token; False when the
         whole group was idle."""
+        start = time.perf_counter()
+        self.timer.seconds.clear()
         planned = self.plan_step(chunks)
         if planned is None:
             return False
+        self._step += 1
         inputs, any_tokens = planned
         if not any_tokens:
             return True
@@ -269,6 +275,17 @@ class Engine:
                 request.on_output(replace(self._output(request, [token], None), needs_pages=asks))
             else:
                 self._finish(request, reason, [token])
+        self.steps.add(
+            StepRecord(
+                self._step,
+                len(inputs.token_ids),
+                inputs.kv_tokens_read,
+                inputs.rows_routed,
+                self.cache.pool.num_in_use,
+                time.perf_counter() - start,
+                dict(self.timer.seconds),
+            )
+        )
         return True
 
     def _finish(

@@ -17,6 +17,7 @@ from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.request import RequestOutput, SamplingParams
 from nanocp.worker.shards import ShardSpec
+from nanocp.worker.timing import StepRecord
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,7 @@ class OfflineRequest:
 class RankResult:
     rank: int
     tokens: dict[str, list[int]] = field(default_factory=dict)
-    steps: int = 0
-    step_seconds: list[float] = field(default_factory=list)
-    sections: list[dict[str, float]] = field(default_factory=list)  # per step, when timing
+    steps: list[StepRecord] = field(default_factory=list)  # sections are timed when asked for
     pages_in_use: int = 0  # at the end: anything left is a leak
     pages_committed: int = 0
     error: str | None = None
@@ -117,15 +116,9 @@ def _rank_main(
 
         for r in requests:
             engine.add_request(r.request_id, r.prompt, r.params, collect, r.shards)
-        while True:
-            engine.timer.seconds.clear()
-            start = time.perf_counter()
-            if not engine.step():
-                break
-            result.steps += 1
-            result.step_seconds.append(time.perf_counter() - start)
-            if timing:
-                result.sections.append(dict(engine.timer.seconds))
+        while engine.step():
+            pass
+        result.steps = engine.steps.after(0)
         load = engine.load()
         result.pages_in_use, result.pages_committed = load.pages_in_use, load.pages_committed
         engine.group.close()

@@ -150,6 +150,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         return worker_pb2.ExtendResponse()
 
+    async def GetSteps(self, request: worker_pb2.GetStepsRequest, context: Any) -> worker_pb2.GetStepsResponse:
+        return worker_pb2.GetStepsResponse(
+            steps=[
+                worker_pb2.StepRecord(
+                    step=r.step,
+                    home_tokens=r.home_tokens,
+                    kv_tokens_read=r.kv_tokens_read,
+                    rows_routed=r.rows_routed,
+                    kv_pages_in_use=r.pages_in_use,
+                    step_ms=1000 * r.seconds,
+                    section_ms={name: 1000 * s for name, s in r.sections.items()},
+                )
+                for r in self._engine.steps.after(request.after_step)
+            ]
+        )
+
     async def _refuse_if_failed(self, context: Any) -> None:
         if self._engine_loop.failed is not None:
             await context.abort(
@@ -242,6 +258,7 @@ async def serve_worker(
         return Engine.from_spec(model, engine_config, Group(spec, engine_config.device, collective_timeout_s))
 
     engine = await asyncio.to_thread(build)
+    engine.timer.enabled = True  # host clocks around sections: microseconds a step, for GetSteps
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 

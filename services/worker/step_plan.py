@@ -95,6 +95,8 @@ class StepInputs:
     context: StepContext
     sample_rows: torch.Tensor  # rows whose hidden state gives a next-token distribution
     sampling_chunks: list[Chunk]
+    kv_tokens_read: int  # by this instance's attention, per layer
+    rows_routed: int  # query rows sent out plus received
 
 
 def build(
@@ -217,7 +219,14 @@ def build(
         )
     plan = AttentionPlan(home_rows, tensor(local_slots), segments, page_size, merge_index, routes)
     context = StepContext(tensor(positions), plan, k_cache, v_cache, timer)
-    return StepInputs(tensor(token_ids), context, tensor(sample_rows), [c for c in chunks if c.samples])
+    return StepInputs(
+        tensor(token_ids),
+        context,
+        tensor(sample_rows),
+        [c for c in chunks if c.samples],
+        kv_tokens_read=sum(s.kv_len for s in segments),
+        rows_routed=len(query_send) + received_row - home_rows,
+    )
 
 
 def _column(counts: list[int]) -> torch.Tensor:
