@@ -105,6 +105,7 @@ def _router(args: argparse.Namespace) -> None:
             policy,
             args.queue_size,
             reserve_output_tokens=args.reserve_output_tokens,
+            metrics_port=args.metrics_port,
         )
     )
 
@@ -210,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-tokens", type=int, default=4096, help="dcp: KV tokens a shard should hold at most (default 4096)"
     )
     router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
+    router.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
+    )
     router.add_argument(
         "--reserve-output-tokens",
         type=int,

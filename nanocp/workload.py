@@ -20,7 +20,7 @@ class TraceRequest:
 
 
 def load_mooncake(path: Path, limit: int | None = None) -> list[TraceRequest]:
-    requests = []
+    requests: list[TraceRequest] = []
     with path.open() as lines:
         for line in lines:
             if limit is not None and len(requests) >= limit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 from opentelemetry import trace
 
@@ -10,6 +11,7 @@ from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
+from nanocp.router.metrics import RouterCollector, serve_metrics
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.router.registry import Instance, StaticDiscovery, WorkerRegistry
@@ -21,15 +23,22 @@ log = logging.getLogger(__name__)
 
 
 class RouterServer:
-    def __init__(self, server: GrpcServer, registry: WorkerRegistry) -> None:
+    def __init__(self, server: GrpcServer, registry: WorkerRegistry, metrics: WSGIServer | None = None) -> None:
         self._server = server
         self._registry = registry
+        self._metrics = metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        return int(self._metrics.server_address[1]) if self._metrics is not None else None
 
     @property
     def port(self) -> int:
         return self._server.port
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
         await self._server.stop(grace)
         await self._registry.stop()
 
@@ -46,6 +55,7 @@ async def serve_router(
     queue_size: int = 256,
     *,
     reserve_output_tokens: int | None = None,
+    metrics_port: int | None = None,
     heartbeat_s: float = 1.0,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> RouterServer:
@@ -83,14 +93,18 @@ async def serve_router(
     except BaseException:
         await registry.stop()
         raise
+    metrics = None
+    if metrics_port is not None:
+        metrics = serve_metrics(RouterCollector(registry, ledger, admission, servicer.placements), host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", host, metrics.server_address[1])
     ready = sum(i.ready for i in registry.instances())
     log.info(
         "router serves %s on %s:%d with policy %s; %d of %d workers ready",
         model_config.name,
         host,
         server.port,
-        policy,
+        placement_policy.name,
         ready,
         len(workers),
     )
-    return RouterServer(server, registry)
+    return RouterServer(server, registry, metrics)

@@ -247,6 +247,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
         )
 
+    def placements(self) -> list[Placement]:
+        """The live requests' placements (queued ones have none yet)."""
+        return [live.placement for live in self._live.values() if live.placement is not None]
+
     def lose_group(self, instance: Instance, problem: str) -> None:
         """Ends the streams homed on the lost instance's group: a stalled home would never end them itself."""
         homes = {i.id for i in self._registry.group_of(instance)}

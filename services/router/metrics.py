@@ -1,0 +1,76 @@
+"""Prometheus metrics of the router, read at scrape time from the counts it keeps anyway (no second bookkeeping).
+
+Per instance: KV pages committed and total, home batch, routed rows, readiness; per CP degree: live requests;
+and the admission queue. Served over HTTP on the router's --metrics-port.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nanocp.router.accounting import Ledger
+from nanocp.router.admission import Admission
+from nanocp.router.placement import Placement
+from nanocp.router.registry import WorkerRegistry
+
+
+class RouterCollector(Collector):
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        ledger: Ledger,
+        admission: Admission,
+        placements: Callable[[], list[Placement]],
+    ) -> None:
+        """`placements` gives the live requests' placements."""
+        self._registry = registry
+        self._ledger = ledger
+        self._admission = admission
+        self._placements = placements
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["instance", "group"]
+        committed = GaugeMetricFamily(
+            "nanocp_instance_kv_pages_committed", "KV pages the router granted on the instance", labels=labels
+        )
+        total = GaugeMetricFamily("nanocp_instance_kv_pages_total", "KV pages of the instance", labels=labels)
+        batch = GaugeMetricFamily("nanocp_instance_home_batch", "requests whose home is the instance", labels=labels)
+        rows = GaugeMetricFamily(
+            "nanocp_instance_routed_rows", "query rows of CP requests it routes each decode step", labels=labels
+        )
+        ready = GaugeMetricFamily("nanocp_instance_ready", "1 when the instance takes requests", labels=labels)
+        for instance in self._registry.instances():
+            if instance.info is None:
+                continue
+            load = self._ledger.load(instance)
+            values = [instance.id, instance.info.group]
+            committed.add_metric(values, load.pages_committed)
+            total.add_metric(values, load.pages_total)
+            batch.add_metric(values, load.home_batch)
+            rows.add_metric(values, load.routed_rows)
+            ready.add_metric(values, 0.0 if self._registry.problem(instance) else 1.0)
+        yield from (committed, total, batch, rows, ready)
+        live = GaugeMetricFamily("nanocp_requests_live", "live requests by CP degree", labels=["cp_degree"])
+        for degree, count in sorted(Counter(p.cp_degree for p in self._placements()).items()):
+            live.add_metric([str(degree)], count)
+        yield live
+        yield GaugeMetricFamily(
+            "nanocp_admission_queue_length", "requests waiting for KV memory", value=self._admission.queued
+        )
+        yield CounterMetricFamily(
+            "nanocp_admission_waited", "requests that waited for KV memory", value=self._admission.waited_total
+        )
+
+
+def serve_metrics(collector: Collector, host: str, port: int) -> WSGIServer:
+    """Serves /metrics on a background thread (port 0 picks a port: server.server_address has it)."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,50 @@
+"""The router's Prometheus endpoint shows per-instance KV, home batch and live requests by CP degree."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+from conftest import HEARTBEAT_S, HOST, Cluster, wait_until
+
+from nanocp.client import AsyncClient
+from nanocp.router.server import serve_router
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("nanocp_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_follow_a_live_request_and_return_to_zero(cluster: Cluster) -> None:
+    router = await serve_router(
+        "tiny", [cluster.worker_address("w0")], HOST, 0, metrics_port=0, heartbeat_s=HEARTBEAT_S
+    )
+    assert router.metrics_port is not None
+    client = AsyncClient(f"{HOST}:{router.port}")
+    try:
+        stream = client.generate([1, 2, 3], max_tokens=500, temperature=0.0, ignore_eos=True)
+        await anext(stream)
+        live = await asyncio.to_thread(scrape, router.metrics_port)
+        labels = '{group="127.0.0.1:29500",instance="w0"}'
+        assert live[f"nanocp_instance_home_batch{labels}"] == 1
+        assert live[f"nanocp_instance_kv_pages_committed{labels}"] == 32  # (3 + 500 - 1) tokens in pages of 16
+        assert live[f"nanocp_instance_kv_pages_total{labels}"] == 64
+        assert live[f"nanocp_instance_ready{labels}"] == 1
+        assert live['nanocp_requests_live{cp_degree="1"}'] == 1
+        stream.cancel()
+
+        async def drained() -> bool:
+            samples = await asyncio.to_thread(scrape, router.metrics_port)  # type: ignore[arg-type]
+            return samples[f"nanocp_instance_kv_pages_committed{labels}"] == 0
+
+        await wait_until(drained, "the metrics to show the pages released")
+        assert "nanocp_requests_live" not in "".join(await asyncio.to_thread(scrape, router.metrics_port))
+    finally:
+        await client.close()
+        await router.stop()
