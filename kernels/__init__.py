@@ -1,4 +1,5 @@
-"""Attention, merge and MoE ops behind one interface; plain torch here, fused GPU kernels plug in per device.
+"""Attention, merge and MoE ops behind one interface, chosen by the tensors' device: plain torch on CPU (also the
+reference the GPU kernels are tested against), FlashInfer, Triton and grouped GEMM on CUDA.
 
 Convention at this interface: log-sum-exp values are natural logarithms (backends in base 2 convert at their edge).
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -48,6 +49,12 @@ class AttentionMetadata:
         groups = [self._group(singles, causal=False)] if singles else []
         return groups + [self._group([b], causal=self.causal) for b in multis]
 
+    @cached_property
+    def backend_plans(self) -> dict[tuple[Any, ...], Any]:
+        """Plans a GPU backend makes for this step, keyed by what they depend on besides the metadata (head counts,
+        dtypes, scale); made on the first layer's call and reused by the others."""
+        return {}
+
     def _group(self, segments: list[int], causal: bool) -> _SegmentGroup:
         device = self.page_indices.device
         n = self.qo_indptr[segments[0] + 1] - self.qo_indptr[segments[0]]
@@ -76,6 +83,18 @@ def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Writes token rows into the pool at flat slots (page * page_size + offset); slot -1 is a padding row."""
+    if k_cache.is_cuda:
+        from nanocp.kernels import triton_ops  # imports triton, which only GPU machines have
+
+        triton_ops.store_kv(k_cache, v_cache, k, v, slot_mapping)
+    else:
+        reference_store_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+def reference_store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """The torch version of store_kv (its boolean indexing waits for the device, so it can't run in a CUDA graph)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep])
@@ -94,6 +113,21 @@ def paged_attention(
     Returns o (rows, heads, dim) in q's dtype and lse (rows, heads) in float32. A segment with no keys yields
     o = 0 and lse = -inf, which merges as neutral.
     """
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # what FlashInfer runs; the rest takes the reference
+        from nanocp.kernels import flashinfer_attention
+
+        return flashinfer_attention.paged_attention(q, k_cache, v_cache, meta, scale)
+    return reference_paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def reference_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch version of paged_attention: float32 arithmetic on any device, the oracle for the GPU kernels."""
     num_heads, dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
     group_size = num_heads // num_kv_heads
@@ -120,6 +154,15 @@ def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
     outputs: (parts, rows, heads, dim); lses: (parts, rows, heads), natural log. Parts with lse = -inf count as
     empty. lse = log sum_j exp(lse_j); o = sum_j exp(lse_j - lse) o_j.
     """
+    if outputs.is_cuda:
+        from nanocp.kernels import triton_ops
+
+        return triton_ops.merge_states(outputs, lses)
+    return reference_merge_states(outputs, lses)
+
+
+def reference_merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch version of merge_states."""
     lse = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - lse[None]).nan_to_num(0.0)  # all parts empty: -inf - -inf
     merged = (weights[..., None] * outputs.float()).sum(dim=0)

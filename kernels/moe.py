@@ -12,6 +12,17 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, 
     w_gate_up: (experts, 2 * width, hidden), gate rows first; w_down: (experts, hidden, width).
     Returns (rows, hidden): down(silu(gate(x)) * up(x)) with each row's own expert.
     """
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        from nanocp.kernels import gpu_moe
+
+        return gpu_moe.grouped_swiglu(x, counts, w_gate_up, w_down)
+    return reference_grouped_swiglu(x, counts, w_gate_up, w_down)
+
+
+def reference_grouped_swiglu(
+    x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """The torch version of grouped_swiglu: a loop over experts, on any device and dtype."""
     out = torch.empty_like(x)
     start = 0
     for expert, count in enumerate(counts):

@@ -1,0 +1,159 @@
+"""Paged attention on CUDA through FlashInfer, behind the kernels/ interface.
+
+Single-row segments (decodes) run in FlashInfer's batch decode with tensor cores; multi-row segments (prefill
+chunks, several routed queries of one request) in its batch prefill over the paged cache, causal or not. FlashInfer
+writes log-sum-exp in base 2; it is converted to the interface's natural log here.
+
+A step's metadata is planned once (plan() runs on the host) and every layer reuses the plan. Wrappers are costly to
+make (workspaces, pinned buffers), so they live in a pool per device: a metadata borrows one wrapper per kind and
+hands it back when it is garbage-collected, so several metadata objects of one step (local and routed queries) keep
+their own plans. CUDA graphs will want one wrapper per batch bucket made with use_cuda_graph=True: another pool.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from nanocp.kernels.attention import AttentionMetadata
+
+LN2 = math.log(2.0)
+# FlashInfer's recommended split-k scratch, one per device and shared by all wrappers: safe while attention runs on
+# one stream; attention overlapped on a second stream needs wrappers with a workspace of their own.
+WORKSPACE_BYTES = 128 << 20
+BACKEND = "fa2"  # one JIT module serves both tensor-core decode and paged prefill
+
+
+@dataclass(frozen=True)
+class _Launch:
+    wrapper: Any
+    rows: slice | torch.Tensor  # the query rows it computes: a slice when contiguous, so it writes in place
+
+
+@dataclass(frozen=True)
+class _Plan:
+    launches: list[_Launch]
+    rows_covered: int  # rows of segments with keys; the other rows are o = 0, lse = -inf
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+_pools: dict[tuple[torch.device, str], list[Any]] = {}
+
+
+def _take_wrapper(device: torch.device, kind: str) -> Any:
+    pool = _pools.setdefault((device, kind), [])
+    if pool:
+        return pool.pop()
+    import flashinfer
+
+    if device not in _workspaces:
+        _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)  # zeroed at first use
+    workspace = _workspaces[device]
+    if kind == "decode":
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True, backend=BACKEND)
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=BACKEND)
+
+
+def _give_back(device: torch.device, kind: str, wrapper: Any) -> None:
+    _pools[(device, kind)].append(wrapper)
+
+
+def _rows(meta: AttentionMetadata, segments: list[int], device: torch.device) -> slice | torch.Tensor:
+    ranges = [(meta.qo_indptr[b], meta.qo_indptr[b + 1]) for b in segments]
+    if all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1)):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.tensor([r for start, end in ranges for r in range(start, end)], device=device)
+
+
+def _pages(
+    meta: AttentionMetadata, segments: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's page table for the segments: (indptr, indices, last_page_len), with exactly the pages that hold
+    each segment's keys (a segment may list more). indptr and last_page_len stay on the host, where plan() reads
+    them; indices go to the device."""
+    size = meta.page_size
+    counts = [-(-meta.kv_lens[b] // size) for b in segments]
+    starts = [meta.page_indptr[b] for b in segments]
+    indptr = list(accumulate(counts, initial=0))
+    if all(s - starts[0] == i for s, i in zip(starts, indptr[:-1], strict=True)):
+        indices = meta.page_indices[starts[0] : starts[0] + indptr[-1]]
+    else:  # gather each segment's first pages in one indexing op
+        shift = torch.repeat_interleave(torch.tensor(starts) - torch.tensor(indptr[:-1]), torch.tensor(counts))
+        positions = torch.arange(indptr[-1]) + shift
+        indices = meta.page_indices[positions.to(meta.page_indices.device)]
+    last = [meta.kv_lens[b] - (n - 1) * size for b, n in zip(segments, counts, strict=True)]
+    return (
+        torch.tensor(indptr, dtype=torch.int32),
+        indices.to(device=device, dtype=torch.int32),
+        torch.tensor(last, dtype=torch.int32),
+    )
+
+
+def _plan(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> _Plan:
+    num_heads, dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    key = ("flashinfer", q.device, q.dtype, k_cache.dtype, num_heads, num_kv_heads, dim, scale)
+    plan: _Plan | None = meta.backend_plans.get(key)
+    if plan is not None:
+        return plan
+    singles: list[int] = []
+    multis: list[int] = []
+    for b in range(meta.num_segments):
+        rows = meta.qo_indptr[b + 1] - meta.qo_indptr[b]
+        if rows > 0 and meta.kv_lens[b] > 0:
+            (singles if rows == 1 else multis).append(b)
+    dtypes = {"q_data_type": q.dtype, "kv_data_type": k_cache.dtype, "sm_scale": scale}
+    launches = []
+    if singles:
+        wrapper = _take_wrapper(q.device, "decode")
+        indptr, indices, last = _pages(meta, singles, q.device)
+        wrapper.plan(indptr, indices, last, num_heads, num_kv_heads, dim, meta.page_size, **dtypes)
+        launches.append(_Launch(wrapper, _rows(meta, singles, q.device)))
+        weakref.finalize(meta, _give_back, q.device, "decode", wrapper)
+    if multis:
+        wrapper = _take_wrapper(q.device, "prefill")
+        qo_indptr = torch.tensor(
+            list(accumulate((meta.qo_indptr[b + 1] - meta.qo_indptr[b] for b in multis), initial=0)), dtype=torch.int32
+        )
+        indptr, indices, last = _pages(meta, multis, q.device)
+        # FlashInfer's causal mask aligns a segment's queries with its last keys, as the interface says.
+        wrapper.plan(
+            qo_indptr, indptr, indices, last, num_heads, num_kv_heads, dim, meta.page_size, causal=meta.causal, **dtypes
+        )
+        launches.append(_Launch(wrapper, _rows(meta, multis, q.device)))
+        weakref.finalize(meta, _give_back, q.device, "prefill", wrapper)
+    covered = sum(meta.qo_indptr[b + 1] - meta.qo_indptr[b] for b in singles + multis)
+    plan = _Plan(launches, covered)
+    meta.backend_plans[key] = plan
+    return plan
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.paged_attention on CUDA (bf16 or fp16)."""
+    plan = _plan(meta, q, k_cache, scale)
+    if plan.rows_covered == q.shape[0]:
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for launch in plan.launches:
+        if isinstance(launch.rows, slice):
+            rows = launch.rows
+            launch.wrapper.run(q[rows], (k_cache, v_cache), out=out[rows], lse=lse[rows], return_lse=True)
+        else:
+            o, s = launch.wrapper.run(q[launch.rows], (k_cache, v_cache), return_lse=True)
+            out[launch.rows] = o
+            lse[launch.rows] = s
+    return out, lse.mul_(LN2)

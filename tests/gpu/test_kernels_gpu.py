@@ -1,0 +1,178 @@
+"""Every GPU kernel against the torch reference, both on the GPU: the reference runs on float32 copies of the same
+bf16 inputs, so what differs is the kernels' own arithmetic (bf16 products, fp32 accumulation).
+
+Tolerances: outputs by relative error ||out - ref|| / ||ref|| < 1e-2 (bf16 operands land between 1e-3 and 1e-2);
+log-sum-exp by absolute error < 1e-2 in natural log; empty segments and parts exactly (o = 0, lse = -inf).
+Skips without CUDA. On the GPU machine: python3 -m pytest --noconftest -q tests/gpu (the repository's conftest
+needs the gRPC stack, which the GPU machine lacks and these tests don't use).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nanocp import kernels
+from nanocp.kernels.attention import reference_merge_states, reference_paged_attention, reference_store_kv
+from nanocp.kernels.moe import reference_grouped_swiglu
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PAGE, HEADS, KV_HEADS, DIM = 16, 32, 4, 128  # Qwen3-30B-A3B attention: GQA 32 / 4, head_dim 128
+SCALE = DIM**-0.5
+BF16 = torch.bfloat16
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor) -> None:
+    assert lse.dtype == torch.float32
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert not lse.isnan().any()
+    assert (lse[~empty] - ref[~empty]).abs().max().item() < 1e-2
+
+
+class Case:
+    """A pool whose pages hold each segment's KV in shuffled order, and the step's query rows."""
+
+    def __init__(self, segments: list[tuple[int, int]], causal: bool, seed: int, spare_pages: int = 0) -> None:
+        """segments: (query rows, kv_len) each; spare_pages: pages listed past the last one holding keys."""
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        listed = [-(-kv // PAGE) + spare_pages for _, kv in segments]
+        num_pages = sum(listed) + 7
+        shape = (num_pages, PAGE, KV_HEADS, DIM)
+        self.k_cache = torch.randn(shape, generator=gen, device="cuda").to(BF16)
+        self.v_cache = torch.randn(shape, generator=gen, device="cuda").to(BF16)
+        pages = torch.randperm(num_pages, generator=gen, device="cuda")[: sum(listed)]
+        rows = sum(n for n, _ in segments)
+        self.q = torch.randn(rows, HEADS, DIM, generator=gen, device="cuda").to(BF16)
+        self.meta = kernels.AttentionMetadata(
+            list(itertools.accumulate((n for n, _ in segments), initial=0)),
+            list(itertools.accumulate(listed, initial=0)),
+            pages,
+            [kv for _, kv in segments],
+            PAGE,
+            causal=causal,
+        )
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.paged_attention(self.q, self.k_cache, self.v_cache, self.meta, SCALE)
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference_paged_attention(self.q.float(), self.k_cache.float(), self.v_cache.float(), self.meta, SCALE)
+
+    def check(self) -> None:
+        out, lse = self.run()
+        ref, ref_lse = self.reference()
+        assert out.dtype == BF16 and out.shape == self.q.shape
+        assert rel_err(out, ref) < 1e-2
+        assert_lse_close(lse, ref_lse)
+        assert torch.equal(out[torch.isneginf(ref_lse[:, 0])], torch.zeros_like(out[torch.isneginf(ref_lse[:, 0])]))
+
+
+def test_decode_rows_with_partly_filled_last_pages() -> None:
+    Case([(1, kv) for kv in (1, 15, 16, 17, 100, 1000, 4097)], causal=True, seed=1).check()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+def test_prefill_chunks(causal: bool) -> None:
+    Case([(5, 5), (7, 40), (16, 300), (33, 33), (2, 1030)], causal=causal, seed=2 + causal).check()
+
+
+def test_mixed_step_with_empty_segments_and_spare_pages() -> None:
+    # Decodes and chunks interleaved (rows not contiguous per kind), segments without keys (o = 0, lse = -inf),
+    # a segment with keys but no queries, and page lists longer than the keys.
+    segments = [(1, 50), (0, 30), (3, 0), (1, 0), (4, 64), (1, 17), (6, 211), (1, 1)]
+    Case(segments, causal=True, seed=4, spare_pages=2).check()
+
+
+def test_lse_is_natural_log() -> None:
+    case = Case([(1, 77)], causal=True, seed=5)
+    _, lse = case.run()
+    keys = case.k_cache[case.meta.page_indices].reshape(-1, KV_HEADS, DIM)[:77].double()
+    queries = case.q.double().view(KV_HEADS, HEADS // KV_HEADS, DIM)
+    scores = torch.einsum("hgd,khd->hgk", queries, keys) * SCALE
+    expected = torch.logsumexp(scores, dim=-1).reshape(HEADS)
+    assert (lse[0].double() - expected).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4, 8])
+@pytest.mark.parametrize("query_rows", [1, 6], ids=["decode", "prefill-chunk"])
+def test_split_into_parts_and_merged_equals_unsplit(parts: int, query_rows: int) -> None:
+    kv_len = 1000  # 63 pages, the last one partly filled
+    whole = Case([(query_rows, kv_len)], causal=True, seed=10 + parts)
+    expected, expected_lse = whole.run()
+    pages = whole.meta.page_indices
+    # Cut at page boundaries; the chunk's own rows all sit in the last part, the only causal one.
+    cuts = torch.linspace(0, len(pages) - 1, parts + 1).round().long().tolist()
+    cuts[-1] = len(pages)
+    partials = []
+    for i, (first, last) in enumerate(itertools.pairwise(cuts)):
+        part_len = min(last * PAGE, kv_len) - first * PAGE
+        meta = kernels.AttentionMetadata(
+            [0, query_rows], [0, last - first], pages[first:last], [part_len], PAGE, causal=i == parts - 1
+        )
+        partials.append(kernels.paged_attention(whole.q, whole.k_cache, whole.v_cache, meta, SCALE))
+    merged, lse = kernels.merge_states(torch.stack([o for o, _ in partials]), torch.stack([s for _, s in partials]))
+    assert merged.dtype == BF16
+    assert rel_err(merged, expected) < 1e-2
+    assert (lse - expected_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("parts", [2, 5])
+def test_merge_with_empty_parts(parts: int) -> None:
+    rows = 9
+    outputs = torch.randn(parts, rows, HEADS, DIM, device="cuda").to(BF16)
+    lses = torch.randn(parts, rows, HEADS, device="cuda") * 3
+    lses[0, :4] = float("-inf")  # part 0 empty for some rows
+    lses[:, 5] = float("-inf")  # every part empty for row 5
+    outputs[:, 5] = 0  # an empty part's output is 0 by the interface
+    merged, lse = kernels.merge_states(outputs, lses)
+    ref, ref_lse = reference_merge_states(outputs.float(), lses)
+    assert rel_err(merged, ref) < 1e-2
+    assert_lse_close(lse, ref_lse)
+    assert torch.equal(merged[5], torch.zeros_like(merged[5]))
+    assert torch.isneginf(lse[5]).all()
+
+
+def test_plans_are_reused_and_kept_apart() -> None:
+    # Two metadata objects live in one step (say local and routed queries), used in turn by every layer.
+    a = Case([(1, 300), (1, 20), (4, 90)], causal=True, seed=20)
+    b = Case([(1, 33), (7, 500)], causal=False, seed=21)
+    for case in (a, b, a, b):
+        case.q = torch.randn_like(case.q, dtype=torch.float32).to(BF16)
+        case.check()
+    assert len(a.meta.backend_plans) == 1 and len(b.meta.backend_plans) == 1
+
+
+def test_store_kv_skips_padding_rows() -> None:
+    num_pages, rows = 12, 40
+    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(num_pages * PAGE, device="cuda")[:rows]
+    slots[::7] = -1
+    # k, v as strided views of one fused projection, as a model makes them.
+    fused = torch.randn(rows, 2 * KV_HEADS + 3, DIM, device="cuda").to(BF16)
+    k, v = fused[:, :KV_HEADS], fused[:, KV_HEADS : 2 * KV_HEADS]
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference_store_kv(expected_k, expected_v, k, v, slots)
+    kernels.store_kv(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 17, 1, 0, 64, 5, 0], [0, 0, 0, 40, 0, 0, 0, 0], [1] * 8])
+def test_grouped_swiglu_matches_reference(counts: list[int]) -> None:
+    hidden, width = 2048, 768  # Qwen3-30B-A3B expert shapes, fewer experts
+    experts = len(counts)
+    x = torch.randn(sum(counts), hidden, device="cuda").to(BF16)
+    w_gate_up = (torch.randn(experts, 2 * width, hidden, device="cuda") * hidden**-0.5).to(BF16)
+    w_down = (torch.randn(experts, hidden, width, device="cuda") * width**-0.5).to(BF16)
+    out = kernels.grouped_swiglu(x, counts, w_gate_up, w_down)
+    ref = reference_grouped_swiglu(x.float(), counts, w_gate_up.float(), w_down.float())
+    assert out.dtype == BF16 and out.shape == x.shape
+    assert rel_err(out, ref) < 1e-2
