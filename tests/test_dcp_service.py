@@ -1,4 +1,4 @@
-"""DCP through the service: one 2-process group, a router per policy, the same mixed requests.
+"""DCP through the service: groups of 2 and 4 worker processes, a router per policy, the same mixed requests.
 
 Greedy tokens are identical whatever the policy places; the dcp router spreads a long request's KV over both
 instances and keeps short ones local, which ListInstances shows while they run; nothing is left behind.
@@ -22,9 +22,9 @@ SHORT_PROMPTS = [[7, 8, 9], list(range(40, 90))]
 NEW = 24
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[ProcessGroup]:
-    processes = ProcessGroup.start([free_port(), free_port()])
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-instances", "4-instances"])
+def group(request: pytest.FixtureRequest) -> Iterator[ProcessGroup]:
+    processes = ProcessGroup.start([free_port() for _ in range(request.param)])
     yield processes
     processes.kill()
 
