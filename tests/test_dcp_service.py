@@ -115,3 +115,16 @@ async def test_placements_grow_mid_decode_without_changing_tokens(group: Process
         assert last.cp_degree == 2 > first.cp_degree, "dcp grows by a shard on another instance"
     else:
         assert last.cp_degree == first.cp_degree == 1
+
+
+async def test_a_cancelled_cp_request_frees_its_shards_on_every_holder(group: ProcessGroup) -> None:
+    async with router_with("dcp", group) as client:
+        # 1275 + 200 tokens in two even shards: the prompt alone spans both.
+        stream = client.generate(LONG_PROMPT, max_tokens=200, temperature=0.0, ignore_eos=True)
+        first = await anext(stream)
+        assert first.placement is not None and first.placement.cp_degree == 2
+        await anext(stream)
+        held = {i.id: i.kv_pages_in_use for i in (await client.list_instances()).instances}
+        assert all(held[s.instance] > 0 for s in first.placement.shards), "both holders hold KV"
+        stream.cancel()
+        await wait_until(lambda: all_freed(client), "the cancelled request's shards freed on every holder")
