@@ -1,4 +1,5 @@
-"""static vs dcp vs uniform on one long-tailed workload: same requests, same arrival times, same 4 CPU instances.
+"""static, balanced (token-balanced static), dcp and uniform on one long-tailed workload: same requests, same
+arrival times, same 4 CPU instances.
 
 The workload is the head of the public Mooncake trace (../shared/traces), its prompt lengths divided to fit the tiny
 model's context (the long tail kept) and its arrivals rescaled to --rate. Each policy gets a fresh group of worker
@@ -8,7 +9,8 @@ step, each instance's KV tokens read, query rows routed and timed attention work
   measured attention time (attention + CP routes + merge);
 - KV occupancy spread (max - min over instances, as a fraction of an instance's pages) and home-batch spread;
 - TPOT P50 / P99 and TTFT P50 / P99 from the client, and requests that had to wait for KV memory.
-It also fits the router's cost model to the measured steps (bench/results/cost_model_cpu.json, for --cost-model).
+It also fits the router's cost model to the measured steps (bench/results/cost_model_cpu.json, for --cost-model);
+the policies of the next run use those coefficients.
 Writes bench/results/policy_comparison.json and a plot beside it. Timings on 2 shared cores are noisy: compare
 policies within one run.
 
@@ -36,6 +38,7 @@ from nanocp.router.cost import CostModel
 from nanocp.workload import TraceRequest, at_rate, describe, fit_lengths, load_mooncake
 
 RESULTS = Path(__file__).parent / "results"
+COST_MODEL = RESULTS / "cost_model_cpu.json"
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake-synthetic.jsonl"
 PAGES = 256  # per instance: 4096 tokens, so a long request fills most of one
 ATTENTION = ("attention", "cp_route", "merge")
@@ -82,6 +85,8 @@ async def step_logs(workers: list[str]) -> list[list[worker_pb2.StepRecord]]:
 
 def run_policy(policy: str, requests: list[TraceRequest], console: Console) -> PolicyRun:
     router_args = ["--policy", policy, "--shard-tokens", "1024", "--max-degree", "4", "--cp-degree", "4"]
+    if COST_MODEL.exists():  # the coefficients an earlier run fitted on this machine class
+        router_args += ["--cost-model", str(COST_MODEL)]
     with local_cluster("tiny", 4, router_args, console, worker_args=("--num-pages", str(PAGES))) as cluster:
 
         async def go() -> PolicyRun:
@@ -163,7 +168,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="mean arrivals a second")
     parser.add_argument("--max-input", type=int, default=3000, help="the longest prompt after scaling")
     parser.add_argument("--max-output", type=int, default=48)
-    parser.add_argument("--policies", nargs="+", default=["static", "dcp", "uniform"])
+    parser.add_argument("--policies", nargs="+", default=["static", "balanced", "dcp", "uniform"])
     parser.add_argument("--out", type=Path, default=RESULTS / "policy_comparison.json")
     args = parser.parse_args()
 
@@ -177,7 +182,7 @@ def main() -> None:
         runs[policy] = run_policy(policy, requests, console)
     rows = {policy: summarise(run) for policy, run in runs.items()}
     cost = calibrate(runs)
-    cost.save(args.out.parent / "cost_model_cpu.json")
+    cost.save(COST_MODEL)
     result = {
         "benchmark": "placement policies on a long-tailed workload, 4 CPU instances (tiny model, gloo)",
         "workload": {"trace": args.trace.name, **describe(requests)},

@@ -17,10 +17,11 @@ PAGE = 16
 MAX_DEGREE = 3
 POLICIES = {
     "static": make_policy("static"),
+    "balanced": make_policy("balanced"),
     "uniform": make_policy("uniform", cp_degree=MAX_DEGREE),
     "dcp": make_policy("dcp", shard_tokens=256, max_degree=MAX_DEGREE),
 }
-CAPS = {"static": 1, "uniform": MAX_DEGREE, "dcp": MAX_DEGREE}
+CAPS = {"static": 1, "balanced": 1, "uniform": MAX_DEGREE, "dcp": MAX_DEGREE}
 
 
 @st.composite

@@ -6,6 +6,7 @@ import pytest
 
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
+from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
 from nanocp.router.policies.uniform import UniformPolicy
@@ -83,7 +84,7 @@ def test_dcp_prediction_counts_kv_batch_and_routed_rows_on_every_instance() -> N
     policy = DCPPolicy(cost=COST)
     split = Placement("a", [Shard("a", 0, 10, 0), Shard("b", 160, 10, 1)])
     # a: 160 KV tokens + 1 home token + 1 routed row; b: 160 KV tokens + 1 routed row.
-    assert policy.slowest_ms(split, [load("a", 0), load("b", 1)]) == pytest.approx(0.16 + 0.1 + 1.0)
+    assert policy.cost.slowest_ms(split, [load("a", 0), load("b", 1)]) == pytest.approx(0.16 + 0.1 + 1.0)
 
 
 @pytest.mark.parametrize(
@@ -143,3 +144,17 @@ def test_policies_grow_placements_without_moving_kv(
     policy: StaticPolicy | DCPPolicy, instances: list[InstanceLoad], expected: Placement | None
 ) -> None:
     assert policy.grow(GROWING, 2, instances) == expected
+
+
+def test_balanced_homes_a_request_where_the_predicted_slowest_instance_is_fastest() -> None:
+    # b has fewer requests (static would pick it) but far more KV: a's step is predicted faster.
+    loads = [load("a", 0, committed=10, home=3), load("b", 1, committed=90, home=1)]
+    placement = BalancedPolicy(COST).place(Footprint(100, 29), loads)
+    assert placement == Placement("a", [Shard("a", 0, 8, 0)])
+    assert StaticPolicy().place(Footprint(100, 29), loads) == Placement("b", [Shard("b", 0, 8, 1)])
+
+
+def test_balanced_never_splits_and_waits_when_nothing_fits() -> None:
+    placement = BalancedPolicy(COST).place(Footprint(1000, 500), FOUR)
+    assert placement is not None and placement.cp_degree == 1
+    assert BalancedPolicy(COST).place(Footprint(4000, 97), FOUR) is None

@@ -64,8 +64,9 @@ def test_static_policy_never_uses_context_parallelism() -> None:
 
 
 def test_make_policy_names_the_known_policies_when_asked_for_an_unknown_one() -> None:
-    assert [make_policy(n).name for n in ("static", "dcp", "uniform")] == ["static", "dcp", "uniform"]
-    with pytest.raises(ValueError, match=r"unknown placement policy 'ring'.*static, dcp, uniform"):
+    names = ("static", "balanced", "dcp", "uniform")
+    assert [make_policy(n).name for n in names] == list(names)
+    with pytest.raises(ValueError, match=r"unknown placement policy 'ring'.*static, balanced, dcp, uniform"):
         make_policy("ring")
 
 

@@ -13,10 +13,10 @@ at about 3 TB/s, MoE work per token, a few microseconds per routed row and layer
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from nanocp.router.placement import InstanceLoad
+from nanocp.router.placement import InstanceLoad, Placement
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class CostModel:
             + self.fixed_ms
         )
 
+    def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
+        """The predicted step time of the group's slowest instance once `placement` is added."""
+        return max(self.step_ms(with_placement(placement, i, +1)) for i in group)
+
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:
         """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples, coefficients >= 0."""
@@ -51,3 +55,14 @@ class CostModel:
     @classmethod
     def load(cls, path: Path) -> CostModel:
         return cls(**json.loads(path.read_text()))
+
+
+def with_placement(placement: Placement, load: InstanceLoad, sign: int) -> InstanceLoad:
+    """The instance's load with the placement's grants added (sign +1) or taken out (-1)."""
+    pages = sum(s.page_quota for s in placement.shards if s.instance == load.id)
+    return replace(
+        load,
+        pages_committed=load.pages_committed + sign * pages,
+        home_batch=load.home_batch + sign * (load.id == placement.home),
+        routed_rows=load.routed_rows + sign * placement.routed_rows.get(load.id, 0),
+    )

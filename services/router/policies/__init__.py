@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import PlacementPolicy
+from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
 from nanocp.router.policies.uniform import UniformPolicy
 
-POLICY_NAMES = ("static", "dcp", "uniform")
+POLICY_NAMES = ("static", "balanced", "dcp", "uniform")
 
 
 def make_policy(
@@ -19,9 +20,12 @@ def make_policy(
     max_degree: int = 8,
     cost: CostModel | None = None,
 ) -> PlacementPolicy:
-    """`cp_degree` is uniform's D (default: the whole group); `shard_tokens`, `max_degree` and `cost` tune dcp."""
+    """`cp_degree` is uniform's D (default: the whole group); `shard_tokens`, `max_degree` and `cost` tune dcp;
+    `cost` also drives balanced."""
     if name == "static":
         return StaticPolicy()
+    if name == "balanced":
+        return BalancedPolicy(cost)
     if name == "dcp":
         return DCPPolicy(shard_tokens, max_degree, cost)
     if name == "uniform":

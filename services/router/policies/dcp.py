@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import replace
 
-from nanocp.router.cost import CostModel
+from nanocp.router.cost import CostModel, with_placement
 from nanocp.router.placement import (
     Footprint,
     InstanceLoad,
@@ -43,7 +42,9 @@ class DCPPolicy:
         if home is None:
             return None
         group = [i for i in instances if i.group == home.group]
-        candidates = ((self.slowest_ms(p, group), p.cp_degree, p) for p in self._candidates(footprint, home, group))
+        candidates = (
+            (self.cost.slowest_ms(p, group), p.cp_degree, p) for p in self._candidates(footprint, home, group)
+        )
         best = min(candidates, key=lambda c: c[:2], default=None)
         return best[2] if best is not None else None
 
@@ -79,25 +80,6 @@ class DCPPolicy:
         larger_tail = grow_tail(placement, pages, group) if tail_tokens <= self.shard_tokens or not new_shard else None
         candidates = [new_shard, larger_tail]
         # Score each candidate whole, against the loads without the placement it replaces.
-        before = [_without(placement, i) for i in group]
-        scored = [(self.slowest_ms(c, before), c.cp_degree, c) for c in candidates if c is not None]
+        before = [with_placement(placement, i, -1) for i in group]
+        scored = [(self.cost.slowest_ms(c, before), c.cp_degree, c) for c in candidates if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
-
-    def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
-        """The predicted step time of the group's slowest instance once `placement` is added."""
-        return max(self.cost.step_ms(_with(placement, i, +1)) for i in group)
-
-
-def _with(placement: Placement, load: InstanceLoad, sign: int) -> InstanceLoad:
-    """The instance's load with the placement's grants added (sign +1) or taken out (-1)."""
-    pages = sum(s.page_quota for s in placement.shards if s.instance == load.id)
-    return replace(
-        load,
-        pages_committed=load.pages_committed + sign * pages,
-        home_batch=load.home_batch + sign * (load.id == placement.home),
-        routed_rows=load.routed_rows + sign * placement.routed_rows.get(load.id, 0),
-    )
-
-
-def _without(placement: Placement, load: InstanceLoad) -> InstanceLoad:
-    return _with(placement, load, -1)
