@@ -5,6 +5,13 @@ Convention at this interface: log-sum-exp values are natural logarithms (backend
 """
 
 from nanocp.kernels.attention import AttentionMetadata, merge_states, paged_attention, store_kv
-from nanocp.kernels.moe import grouped_swiglu
+from nanocp.kernels.moe import grouped_swiglu, grouped_swiglu_by_ends
 
-__all__ = ["AttentionMetadata", "grouped_swiglu", "merge_states", "paged_attention", "store_kv"]
+__all__ = [
+    "AttentionMetadata",
+    "grouped_swiglu",
+    "grouped_swiglu_by_ends",
+    "merge_states",
+    "paged_attention",
+    "store_kv",
+]

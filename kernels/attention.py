@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -113,7 +115,8 @@ def paged_attention(
     Returns o (rows, heads, dim) in q's dtype and lse (rows, heads) in float32. A segment with no keys yields
     o = 0 and lse = -inf, which merges as neutral.
     """
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # what FlashInfer runs; the rest takes the reference
+    # What FlashInfer runs (its prefill kernels have no configuration for smaller heads); the rest takes the reference.
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in FLASHINFER_HEAD_DIMS:
         from nanocp.kernels import flashinfer_attention
 
         return flashinfer_attention.paged_attention(q, k_cache, v_cache, meta, scale)

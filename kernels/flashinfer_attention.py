@@ -142,7 +142,10 @@ def paged_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels.paged_attention on CUDA (bf16 or fp16)."""
-    plan = _plan(meta, q, k_cache, scale)
+    # Pooled wrappers serve callers in and out of inference mode (the engine, and code that runs kernels directly):
+    # the buffers plan() makes and updates must be normal tensors, which either kind of caller may update.
+    with torch.inference_mode(False):
+        plan = _plan(meta, q, k_cache, scale)
     if plan.rows_covered == q.shape[0]:
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     else:

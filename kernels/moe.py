@@ -19,6 +19,18 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, 
     return reference_grouped_swiglu(x, counts, w_gate_up, w_down)
 
 
+def grouped_swiglu_by_ends(
+    x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """grouped_swiglu with each expert's end row (int32 cumulative counts) on x's device: on CUDA no host sync, so
+    a step's MoE needs none and a CUDA graph can capture it; elsewhere the reference with the counts read back."""
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        from nanocp.kernels import gpu_moe
+
+        return gpu_moe.grouped_swiglu_by_ends(x, ends, w_gate_up, w_down)
+    return reference_grouped_swiglu(x, torch.diff(ends, prepend=ends.new_zeros(1)).tolist(), w_gate_up, w_down)
+
+
 def reference_grouped_swiglu(
     x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:

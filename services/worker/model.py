@@ -132,13 +132,30 @@ class SparseMoE(nn.Module):
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)  # (token, expert) rows by expert, hence by holder
         token_of = order // self.config.experts_per_token
+        if self.shard.size == 1:
+            with timer.section("moe_compute"):
+                y = self._local_experts(x[token_of], flat[order])
+        else:
+            y = self._routed_experts(x[token_of], flat, timer)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
+    def _local_experts(self, rows: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor:
+        """A lone instance holds every expert: rows sorted by expert are the experts' input as they are, and the
+        group ends are found on the device, so the step waits for no host round trip per layer."""
+        bounds = torch.arange(1, self.config.num_experts + 1, device=rows.device)
+        ends = torch.searchsorted(sorted_experts, bounds, out_int32=True)
+        return kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
+
+    def _routed_experts(self, rows: torch.Tensor, flat: torch.Tensor, timer: StepTimer) -> torch.Tensor:
+        """rows: by expert, hence by holder. Out to the experts' holders, computed there, and back."""
         per_expert = torch.bincount(flat, minlength=self.config.num_experts)
         with timer.section("moe_route"):
             route = Route.plan(per_expert.view(self.shard.size, -1))
-            received = route.forward(x[token_of])
+            received = route.forward(rows)
         # Peers' rows arrive peer by peer, each peer's by expert: regroup them expert by expert.
         peers, local = route.recv_counts.shape
-        block = torch.repeat_interleave(torch.arange(peers * local, device=x.device), route.recv_counts.flatten())
+        block = torch.repeat_interleave(torch.arange(peers * local, device=rows.device), route.recv_counts.flatten())
         by_expert = torch.argsort((block % local) * peers + block // local, stable=True)
         with timer.section("moe_compute"):
             y_sorted = kernels.grouped_swiglu(
@@ -147,9 +164,7 @@ class SparseMoE(nn.Module):
         y = torch.empty_like(y_sorted)
         y[by_expert] = y_sorted
         with timer.section("moe_route"):
-            y = route.backward(y)
-        y = y * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, y)
+            return route.backward(y)
 
 
 class DecoderLayer(nn.Module):

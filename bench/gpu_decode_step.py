@@ -1,0 +1,245 @@
+"""Decode step time of the engine on one GPU with the Qwen3-30B-A3B shapes (random bf16 weights), eager, over batch
+size and context length, and the bytes a step must read over that time as a fraction of the GPU's copy bandwidth.
+
+The engine's own steps are timed (Engine.step: planning on the host, the model, sampling; the step's wall time as
+StepRecord records it, which ends after the sampled tokens reach the host). For each context length one batch of
+the largest size is prefilled once, then decode steps are timed at each batch size, largest first, aborting requests
+to shrink the batch. Bytes a step must read: the weights of every expert the step's tokens touch in each layer
+(counted in one extra step), attention, router and norm weights, the LM head, and the KV the step's rows attend
+(StepRecord.kv_tokens_read). Beside each point, the model forward of one planned step alone, eager and replayed as a
+CUDA graph of that step: how much of the step is host overhead that graphs remove. The model's max_context is raised
+to hold 64K contexts (decode time does not depend on the rotary scaling). Writes bench/results/gpu_decode_step.json
+(or --out) and, where matplotlib is, a plot.
+
+    python3 bench/gpu_decode_step.py --kind nvidia-h200 [--out DIR] [--steps 10]
+    python3 bench/gpu_decode_step.py --plot bench/results/gpu_decode_step.json   # the plot alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
+
+from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.model import SparseMoE
+from nanocp.worker.request import SamplingParams
+from nanocp.worker.weights import build_model
+
+RESULTS = Path(__file__).parent / "results"
+# Batch sizes at each context length, within what the KV pool of an H200 holds next to the weights (~55 GB).
+GRID = {1024: [256, 64, 8, 1], 8192: [64, 8, 1], 65536: [8, 1]}
+PAGE = 16
+MAX_TOKENS = 256  # decode room per request: steps while others prefill, then every batch size's steps
+WARMUP_STEPS = 3
+HEADROOM_BYTES = 12 << 30  # activations of 16K-token prefill chunks, FlashInfer workspaces, the allocator's slack
+
+
+def weight_bytes(config: ModelConfig, experts_touched: list[int]) -> dict[str, int]:
+    """Weights a step reads: experts_touched[l] distinct experts in layer l; two bytes per bf16 value."""
+    h, layers = config.hidden_size, config.num_layers
+    attention = h * (config.q_size + 2 * config.kv_size) + config.q_size * h + 2 * config.head_dim + 2 * h
+    expert = 3 * config.expert_width * h
+    return {
+        "experts": 2 * expert * sum(experts_touched),
+        "attention_and_norms": 2 * layers * attention,
+        "router": 2 * layers * config.num_experts * h,
+        "lm_head": 2 * config.vocab_size * h,
+    }
+
+
+def count_touched_experts(engine: Engine) -> list[int]:
+    """Runs one step with hooks that count each layer's distinct experts (they sync: this step is not timed)."""
+    touched: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], _: Any) -> None:
+        assert isinstance(module, SparseMoE)
+        _, experts = module.route(args[0])
+        touched.append(int(experts.unique().numel()))
+
+    handles = [m.register_forward_hook(hook) for m in engine.model.modules() if isinstance(m, SparseMoE)]
+    try:
+        engine.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return touched
+
+
+def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
+    """Median step seconds and median KV tokens read over `steps` decode steps after a warm-up."""
+    for _ in range(WARMUP_STEPS):
+        engine.step()
+    for _ in range(steps):
+        engine.step()
+    records = engine.steps.after(0)[-steps:]
+    return statistics.median(r.seconds for r in records), int(statistics.median(r.kv_tokens_read for r in records))
+
+
+def forward_ms(engine: Engine) -> tuple[float, float | None, str | None]:
+    """The model forward of one planned decode step alone (no planning, no sampling), eager and replayed as a CUDA
+    graph, in ms, with the capture's error if it failed. Replays rerun that one step (its K, V go to the same slots):
+    what graphs in the engine would cost, less the per-step plan refresh and input copies."""
+    planned = engine.plan_step(engine.scheduler.schedule())
+    assert planned is not None
+    inputs, _ = planned
+
+    def forward() -> torch.Tensor:
+        return engine.model(inputs.token_ids, inputs.context)
+
+    with torch.inference_mode():
+        forward()  # plans the step's attention, as the first layer of a step does
+        eager = bench_ms(forward)
+        try:
+            replay, _ = graphed(forward)
+        except RuntimeError as exc:
+            return eager, None, str(exc).splitlines()[0]
+        return eager, bench_ms(replay), None
+
+
+def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    config = replace(load_model_config("qwen3-30b-a3b", dtype="bfloat16"), max_context=max(GRID) + 2 * MAX_TOKENS)
+    built = time.perf_counter()
+    model = build_model(config, "cuda", seed=0)
+    torch.cuda.synchronize()
+    print(f"built {config.name} in {time.perf_counter() - built:.1f} s", flush=True)
+    kv_token_bytes = config.kv_bytes_per_token(2)
+    needed_pages = max(b * -(-(ctx + MAX_TOKENS) // PAGE) for ctx, sizes in GRID.items() for b in sizes)
+    free, _ = torch.cuda.mem_get_info()
+    affordable = (free - HEADROOM_BYTES) // (PAGE * kv_token_bytes)
+    engine_config = EngineConfig(
+        page_size=PAGE,
+        num_pages=int(min(needed_pages, affordable)),
+        max_step_tokens=16384,
+        max_running=max(b for sizes in GRID.values() for b in sizes),
+        device="cuda",
+        dtype="bfloat16",
+    )
+    engine = Engine(config, model, engine_config)
+    print(f"KV pool: {engine_config.num_pages} pages ({engine_config.num_pages * PAGE} tokens)", flush=True)
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    points: list[dict[str, Any]] = []
+    for ctx, sizes in GRID.items():
+        sizes = [b for b in sizes if b * -(-(ctx + MAX_TOKENS) // PAGE) <= engine_config.num_pages]
+        if not sizes:
+            continue
+        ids = [f"c{ctx}-{i}" for i in range(sizes[0])]
+        for request_id in ids:
+            prompt = torch.randint(0, config.vocab_size, (ctx,), generator=generator).tolist()
+            engine.add_request(request_id, prompt, params, lambda _: None)
+        started = time.perf_counter()
+        while engine.scheduler.waiting or any(r.prefilling for r in engine.scheduler.running):
+            engine.step()
+        torch.cuda.synchronize()
+        print(f"ctx {ctx}: prefilled {sizes[0]} requests in {time.perf_counter() - started:.1f} s", flush=True)
+        for batch in sizes:
+            for request_id in ids[batch:]:
+                engine.abort(request_id)
+            ids = ids[:batch]
+            seconds, kv_tokens = time_decode(engine, steps)
+            eager_ms, graph_ms, graph_error = forward_ms(engine)
+            touched = count_touched_experts(engine)
+            weights = weight_bytes(config, touched)
+            total = sum(weights.values()) + kv_tokens * kv_token_bytes
+            point = {
+                "batch": batch,
+                "context": ctx,
+                "step_ms": seconds * 1e3,
+                "kv_tokens_read": kv_tokens,
+                "experts_touched_per_layer": statistics.mean(touched),
+                "bytes": {**weights, "kv": kv_tokens * kv_token_bytes, "total": total},
+                "bandwidth_fraction": total / seconds / bandwidth,
+                "forward_eager_ms": eager_ms,
+                "forward_graph_ms": graph_ms,
+                "forward_graph_bandwidth_fraction": None if graph_ms is None else total / (graph_ms / 1e3) / bandwidth,
+                "graph_error": graph_error,
+            }
+            points.append(point)
+            print(
+                f"batch {batch:4d} ctx {ctx:6d}: {point['step_ms']:.2f} ms, {total / 1e9:.1f} GB, "
+                f"{100 * point['bandwidth_fraction']:.1f}% of copy bandwidth; forward eager {eager_ms:.2f} ms, "
+                f"graph {graph_ms if graph_ms is None else round(graph_ms, 2)} ms {graph_error or ''}",
+                flush=True,
+            )
+        for request_id in ids:
+            engine.abort(request_id)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "kind": kind,
+        "torch": torch.__version__,
+        "model": "qwen3-30b-a3b shapes, random bf16 weights, max_context raised to hold 64K",
+        "mode": "eager engine steps; the model forward of one step also eager and as a CUDA graph replay",
+        "timing": f"step: median Engine.step wall time (StepRecord.seconds) over {steps} decode steps after "
+        f"{WARMUP_STEPS} warm-up steps; forward: {TIMING}",
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "page_size": PAGE,
+        "num_pages": engine_config.num_pages,
+        "points": points,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, bw_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for ctx in sorted({p["context"] for p in result["points"]}):
+        chosen = sorted((p for p in result["points"] if p["context"] == ctx), key=lambda p: p["batch"])
+        batches = [p["batch"] for p in chosen]
+        label = f"context {ctx // 1024}K"
+        (line,) = time_ax.plot(batches, [p["step_ms"] for p in chosen], marker="o", label=f"{label}, engine step")
+        bw_ax.plot(batches, [100 * p["bandwidth_fraction"] for p in chosen], marker="o", label=label)
+        graphed = [p for p in chosen if p.get("forward_graph_ms") is not None]
+        if graphed:
+            batches, style = [p["batch"] for p in graphed], {"marker": "x", "ls": "--", "color": line.get_color()}
+            graph_label = f"{label}, forward graph"
+            time_ax.plot(batches, [p["forward_graph_ms"] for p in graphed], **style, label=graph_label)
+            fractions = [100 * p["forward_graph_bandwidth_fraction"] for p in graphed]
+            bw_ax.plot(batches, fractions, **style, label=graph_label)
+    for ax in (time_ax, bw_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (decoding requests)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    time_ax.set_ylabel("ms")
+    bw_ax.set_ylabel("bytes read / step time (% of copy bandwidth)")
+    fig.suptitle(f"Qwen3-30B-A3B shapes: eager engine step and graphed model forward, {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="unknown", help="the device kind it runs on, recorded in the results")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot", type=Path, help="only plot this results file")
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    result = run(args.kind, args.steps, args.out)
+    try:
+        plot(result, args.out / "gpu_decode_step.png")
+    except ImportError:
+        print("no matplotlib here: plot later with --plot", flush=True)
+
+
+if __name__ == "__main__":
+    main()
