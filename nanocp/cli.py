@@ -92,6 +92,18 @@ def _router(args: argparse.Namespace) -> None:
 
     configure_tracing("nanocp-router")
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    discovery = None
+    if args.discover == "k8s":
+        from nanocp.router.discovery import KubernetesDiscovery
+
+        if not args.selector:
+            sys.exit("error: --discover k8s needs --selector (the worker pods' labels, e.g. app=nanocp-worker)")
+        try:
+            discovery = KubernetesDiscovery(args.namespace, args.selector, args.port_name)
+        except ValueError as exc:
+            sys.exit(f"error: --selector: {exc}")
+    elif not workers:
+        sys.exit("error: give --workers host:port,... or --discover k8s")
     cost = CostModel.load(args.cost_model) if args.cost_model else None
     policy = make_policy(
         args.policy, cp_degree=args.cp_degree, shard_tokens=args.shard_tokens, max_degree=args.max_degree, cost=cost
@@ -106,6 +118,7 @@ def _router(args: argparse.Namespace) -> None:
             args.queue_size,
             reserve_output_tokens=args.reserve_output_tokens,
             metrics_port=args.metrics_port,
+            discovery=discovery,
         )
     )
 
@@ -196,7 +209,22 @@ def _parser() -> argparse.ArgumentParser:
 
     router = commands.add_parser("router", help="serve the public API in front of workers")
     router.add_argument("--model", default="tiny", help=model_help + " (only config and tokenizer are read)")
-    router.add_argument("--workers", required=True, help="comma-separated worker addresses, host:port")
+    router.add_argument("--workers", default="", help="static discovery: comma-separated worker addresses, host:port")
+    router.add_argument(
+        "--discover",
+        default="static",
+        choices=("static", "k8s"),
+        help="static: the --workers list; k8s: watch the Ready worker pods matching --selector (default static)",
+    )
+    router.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="k8s: namespace of the worker pods (default $POD_NAMESPACE or default)",
+    )
+    router.add_argument("--selector", default="", help="k8s: label selector of the worker pods, key=value,...")
+    router.add_argument(
+        "--port-name", default="grpc", help="k8s: name of the worker container's gRPC port (default grpc)"
+    )
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=50051)
     router.add_argument(

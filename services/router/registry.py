@@ -1,9 +1,10 @@
 """Which workers exist and which of them answer.
 
-Discovery names worker addresses (a static list today; Kubernetes discovery will implement the same Discovery
-protocol). The registry asks each new worker what it serves (GetInfo) and refuses one whose model differs from the
-router's, then polls GetLoad as a heartbeat. A worker that fails a heartbeat, or a stream, is UNAVAILABLE and gets no
-new requests; it is checked again from GetInfo on (it may have restarted) and is READY once it answers.
+Discovery names worker addresses (a static list, or worker pods watched in Kubernetes: nanocp.router.discovery) and
+removes those that go away. The registry asks each new worker what it serves (GetInfo) and refuses one whose model
+differs from the router's, then polls GetLoad as a heartbeat. A worker that fails a heartbeat, or a stream, is
+UNAVAILABLE and gets no new requests; it is checked again from GetInfo on (it may have restarted) and is READY once it
+answers.
 
 Instances of one decode group step together, so they take requests only while the whole group is ready: a ready
 worker whose group lacks a member is not placeable.
@@ -48,7 +49,7 @@ class Instance:
 
 class Discovery(Protocol):
     async def run(self, registry: WorkerRegistry) -> None:
-        """Adds workers to the registry as they appear."""
+        """Adds workers to the registry as they appear (and removes those that go away)."""
         ...
 
 
@@ -71,7 +72,7 @@ class WorkerRegistry:
         # Runs when a ready instance stops answering: its group can no longer step.
         self.on_lost: Callable[[Instance, str], None] = lambda instance, problem: None
         self._instances: dict[str, Instance] = {}  # by address
-        self._heartbeats: list[asyncio.Task[None]] = []
+        self._heartbeats: dict[str, asyncio.Task[None]] = {}  # by address
 
     def instances(self) -> list[Instance]:
         return list(self._instances.values())
@@ -109,7 +110,21 @@ class WorkerRegistry:
         instance = Instance(address, channel, stub)
         self._instances[address] = instance
         await self._check(instance)
-        self._heartbeats.append(asyncio.create_task(self._heartbeat(instance), name=f"heartbeat {address}"))
+        self._heartbeats[address] = asyncio.create_task(self._heartbeat(instance), name=f"heartbeat {address}")
+
+    async def remove(self, address: str) -> None:
+        """Forgets a worker that went away (its pod was deleted); its live streams are lost as on a failed heartbeat."""
+        instance = self._instances.get(address)
+        if instance is None:
+            return
+        task = self._heartbeats.pop(address, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.mark_unavailable(instance, "it was removed by discovery")
+        del self._instances[address]
+        await instance.channel.close()
 
     async def refresh(self) -> None:
         """Asks every ready instance for its load now, so a caller sees current numbers, not a heartbeat-old one."""
@@ -132,9 +147,9 @@ class WorkerRegistry:
         return [i for i in self._instances.values() if i.info is not None and i.info.group == group]
 
     async def stop(self) -> None:
-        for task in self._heartbeats:
+        for task in self._heartbeats.values():
             task.cancel()
-        for task in self._heartbeats:
+        for task in self._heartbeats.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(i.channel.close() for i in self._instances.values()))

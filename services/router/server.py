@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from wsgiref.simple_server import WSGIServer
 
@@ -14,7 +16,7 @@ from nanocp.router.admission import Admission
 from nanocp.router.metrics import RouterCollector, serve_metrics
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
-from nanocp.router.registry import Instance, StaticDiscovery, WorkerRegistry
+from nanocp.router.registry import Discovery, Instance, StaticDiscovery, WorkerRegistry
 from nanocp.router.service import SERVICE_NAME, RouterServicer
 from nanocp.tokenizer import load_tokenizer
 from nanocp.v1 import router_pb2_grpc
@@ -23,10 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class RouterServer:
-    def __init__(self, server: GrpcServer, registry: WorkerRegistry, metrics: WSGIServer | None = None) -> None:
+    def __init__(
+        self,
+        server: GrpcServer,
+        registry: WorkerRegistry,
+        metrics: WSGIServer | None = None,
+        discovery: asyncio.Task[None] | None = None,
+    ) -> None:
         self._server = server
         self._registry = registry
         self._metrics = metrics
+        self._discovery = discovery
 
     @property
     def metrics_port(self) -> int | None:
@@ -40,6 +49,7 @@ class RouterServer:
         if self._metrics is not None:
             self._metrics.shutdown()
         await self._server.stop(grace)
+        await _cancel(self._discovery)
         await self._registry.stop()
 
     async def wait_for_termination(self) -> None:
@@ -58,10 +68,12 @@ async def serve_router(
     metrics_port: int | None = None,
     heartbeat_s: float = 1.0,
     tracer_provider: trace.TracerProvider | None = None,
+    discovery: Discovery | None = None,
 ) -> RouterServer:
     """Serves the router for `model` (a preset or a model directory; only its config and tokenizer are read).
 
     `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
+    A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
     """
     model_config = load_model_config(model)
@@ -85,12 +97,17 @@ async def serve_router(
         reserve_output_tokens,
     )
     registry.on_lost = servicer.lose_group
-    await StaticDiscovery(workers).run(registry)
+    discovering = None
+    if discovery is None:
+        await StaticDiscovery(workers).run(registry)
+    else:
+        discovering = asyncio.create_task(discovery.run(registry), name="discovery")
     try:
         server = await GrpcServer.start(
             host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)]
         )
     except BaseException:
+        await _cancel(discovering)
         await registry.stop()
         raise
     metrics = None
@@ -105,6 +122,13 @@ async def serve_router(
         server.port,
         placement_policy.name,
         ready,
-        len(workers),
+        len(registry.instances()),
     )
-    return RouterServer(server, registry, metrics)
+    return RouterServer(server, registry, metrics, discovering)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
