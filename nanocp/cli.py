@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
+from nanocp.router.policies.names import POLICY_NAMES
 from nanocp.worker.group_spec import GroupSpec
 
 
@@ -167,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (default 4)")
     run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
     run.add_argument("--interval", type=float, default=0.05, help="seconds between arrivals (default 0.05)")
-    run.add_argument("--policy", default="dcp", choices=("dcp", "static", "uniform"), help="placement (default dcp)")
+    run.add_argument("--policy", default="dcp", choices=POLICY_NAMES, help="placement (default dcp)")
     run.add_argument(
         "--shard-tokens", type=int, default=512, help="dcp: KV tokens a shard should hold at most (default 512)"
     )
@@ -230,9 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--policy",
         default="dcp",
-        choices=("dcp", "static", "uniform"),
+        choices=POLICY_NAMES,
         help="dcp: CP degree sized to each request's KV; static: every request on one instance (SGLang DP "
-        "attention); uniform: every request at --cp-degree (default dcp)",
+        "attention); balanced: on one instance chosen by predicted step time; uniform: every request at "
+        "--cp-degree (default dcp)",
     )
     router.add_argument("--cp-degree", type=int, default=None, help="uniform's CP degree (default: the group size)")
     router.add_argument(

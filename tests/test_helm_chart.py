@@ -169,7 +169,7 @@ def test_lws_kueue_rdma_tracing_and_network_policy_options() -> None:
     [
         (["workers.groupSize=-1"], "at '/workers/groupSize': minimum: got -1, want 1"),
         (["workers.groups=0"], "at '/workers/groups': minimum: got 0, want 1"),
-        (["policy.name=fastest"], "at '/policy/name': value must be one of 'dcp', 'static', 'uniform'"),
+        (["policy.name=fastest"], "at '/policy/name': value must be one of 'dcp', 'static', 'balanced', 'uniform'"),
         (["workers.gpus=two"], "at '/workers/gpus': got string, want integer"),
         (["topology.mode=strict"], "at '/topology/mode': value must be one of 'soft', 'hard'"),
         (["workers.nccl.env.DEBUG=INFO"], "'DEBUG' does not match pattern '^NCCL_[A-Z0-9_]+$'"),

@@ -6,10 +6,9 @@ from nanocp.router.cost import CostModel
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.dcp import DCPPolicy
+from nanocp.router.policies.names import POLICY_NAMES
 from nanocp.router.policies.static import StaticPolicy
 from nanocp.router.policies.uniform import UniformPolicy
-
-POLICY_NAMES = ("static", "balanced", "dcp", "uniform")
 
 
 def make_policy(
