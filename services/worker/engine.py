@@ -35,7 +35,7 @@ from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
 from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
 from nanocp.worker.step_plan import StepInputs, build, outgoing
-from nanocp.worker.timing import StepLog, StepRecord, StepTimer
+from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,15 @@ class Engine:
         and whether any instance has tokens (a step may carry only shard frees)."""
         out = outgoing(chunks, self.group.rank, self.group.size, self.config.page_size, self._frees)
         self._frees = {}
-        local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows]
-        tokens, meta, remote = (sum(column) for column in zip(*self.group.exchange_counts(local), strict=True))
+        # The exchange also carries each instance's work in its last recorded step: every member learns who was
+        # slowest and why, at no extra collective.
+        last = self.steps.last()
+        previous = [last.step, *last.work_us()] if last is not None else [0, 0, 0, 0, 0]
+        local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows, *previous]
+        counts = self.group.exchange_counts(local)
+        tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
+        if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):
+            self.steps.mark(last.step, Straggler.of([c[4:] for c in counts]))
         if tokens == 0 and meta == 0:
             return None
         incoming, incoming_counts = out.meta[:0], [0] * self.group.size

@@ -50,8 +50,11 @@ def run_group(
     requests_by_rank: list[list[OfflineRequest]],
     timing: bool = False,
     timeout_s: float = 120.0,
+    delays: list[dict[str, float]] | None = None,
 ) -> list[RankResult]:
     """One process per rank (len(requests_by_rank) of them); returns each rank's tokens and step times.
+
+    `delays` (a test hook, with timing): per rank, seconds to sleep in named step sections, to make a straggler.
 
     Raises RuntimeError naming the rank when one fails or the group does not finish within timeout_s.
     """
@@ -62,7 +65,15 @@ def run_group(
     processes = [
         ctx.Process(
             target=_rank_main,
-            args=(GroupSpec(rank, size, "127.0.0.1", port), model, config, requests, timing, results),
+            args=(
+                GroupSpec(rank, size, "127.0.0.1", port),
+                model,
+                config,
+                requests,
+                timing,
+                (delays or [{}] * size)[rank],
+                results,
+            ),
             daemon=True,
         )
         for rank, requests in enumerate(requests_by_rank)
@@ -100,6 +111,7 @@ def _rank_main(
     config: EngineConfig,
     requests: list[OfflineRequest],
     timing: bool,
+    delays: dict[str, float],
     results: mp.Queue[RankResult],
 ) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -110,6 +122,7 @@ def _rank_main(
     try:
         engine = Engine.from_spec(model, config, Group(spec, config.device, timeout_s=60))
         engine.timer.enabled = timing
+        engine.timer.delays = delays
 
         def collect(out: RequestOutput) -> None:
             result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)

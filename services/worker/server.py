@@ -161,6 +161,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     kv_pages_in_use=r.pages_in_use,
                     step_ms=1000 * r.seconds,
                     section_ms={name: 1000 * s for name, s in r.sections.items()},
+                    slowest_rank=r.straggler.rank if r.straggler else -1,
+                    straggler_ratio=r.straggler.ratio if r.straggler else 0.0,
+                    straggler_cause=r.straggler.cause if r.straggler else "",
                 )
                 for r in self._engine.steps.after(request.after_step)
             ]
