@@ -27,13 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
 from nanocp.client import AsyncClient
-from nanocp.embedded import local_cluster
-from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.embedded import local_cluster, step_logs
+from nanocp.internal.v1 import worker_pb2
 from nanocp.router.cost import CostModel
 from nanocp.workload import TraceRequest, at_rate, describe, fit_lengths, load_mooncake
 
@@ -72,15 +71,6 @@ async def replay(address: str, requests: list[TraceRequest]) -> list[Outcome]:
 
         start = time.perf_counter()
         return await asyncio.gather(*(one(i, r, start) for i, r in enumerate(requests)))
-
-
-async def step_logs(workers: list[str]) -> list[list[worker_pb2.StepRecord]]:
-    logs = []
-    for address in workers:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            logs.append(list((await stub.GetSteps(worker_pb2.GetStepsRequest(after_step=0))).steps))
-    return logs
 
 
 def run_policy(policy: str, requests: list[TraceRequest], console: Console) -> PolicyRun:

@@ -10,19 +10,23 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from nanocp.client import AsyncClient, Client, NanocpError
+from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.v1 import router_pb2
 
 
@@ -228,6 +232,34 @@ async def _wait_until_freed(client: AsyncClient, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def step_logs(workers: list[str]) -> list[list[worker_pb2.StepRecord]]:
+    """Every worker's step log (GetSteps), in the order given."""
+    logs = []
+    for address in workers:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            logs.append(list((await stub.GetSteps(worker_pb2.GetStepsRequest(after_step=0))).steps))
+    return logs
+
+
+def straggler_table(logs: list[list[worker_pb2.StepRecord]], names: list[str]) -> Table:
+    """How often each instance paced the group, and why, as the members judged each step."""
+    verdicts = [r for r in logs[0] if r.slowest_rank >= 0]  # every member holds the same verdicts
+    table = Table("instance", "slowest in steps", "share", "mean ratio to median", "causes", title="stragglers")
+    for rank, name in enumerate(names):
+        mine = [r for r in verdicts if r.slowest_rank == rank]
+        causes = Counter(r.straggler_cause for r in mine).most_common()
+        table.add_row(
+            name,
+            str(len(mine)),
+            f"{100 * len(mine) / max(1, len(verdicts)):.0f}%",
+            f"{statistics.mean(r.straggler_ratio for r in mine):.2f}" if mine else "-",
+            ", ".join(f"{cause} {count}" for cause, count in causes) or "-",
+        )
+    table.caption = f"{len(verdicts)} group steps judged by their members (own work: attention, MoE, host)"
+    return table
+
+
 def summary(streams: list[Stream], peaks: dict[str, tuple[int, float]], wall: float) -> list[Table]:
     latency = Table(
         "request", "home", "CP", "KV on", "prompt", "tokens", "TTFT ms", "TPOT ms", "tok/s", "finish", title="latency"
@@ -270,6 +302,9 @@ def run(
         start = time.perf_counter()
         peaks = asyncio.run(drive(cluster.router, streams, console, interval))
         wall = time.perf_counter() - start
+        logs = asyncio.run(step_logs(cluster.workers))
     for table in summary(streams, peaks, wall):
         console.print(table)
+    if num_workers > 1:
+        console.print(straggler_table(logs, [f"w{i}" for i in range(num_workers)]))
     console.print("all processes stopped; every instance's KV pool is back to empty")

@@ -19,7 +19,7 @@ def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> N
     ) as run:
         out, err = run.communicate(timeout=240)
     assert run.returncode == 0, err[-2000:]
-    for expected in ("short-0", "long-1", "TTFT ms", "TPOT ms", "peak home batch", "back to empty"):
+    for expected in ("short-0", "long-1", "TTFT ms", "TPOT ms", "peak home batch", "stragglers", "back to empty"):
         assert expected in out
     try:
         os.killpg(run.pid, 0)
