@@ -15,7 +15,7 @@ def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
     samples = {}
     for line in text.splitlines():
-        if line.startswith("nanocp_"):
+        if line.startswith(("nanocp_", "gen_ai_")):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
@@ -44,7 +44,17 @@ async def test_metrics_follow_a_live_request_and_return_to_zero(cluster: Cluster
             return samples[f"nanocp_instance_kv_pages_committed{labels}"] == 0
 
         await wait_until(drained, "the metrics to show the pages released")
-        assert "nanocp_requests_live" not in "".join(await asyncio.to_thread(scrape, router.metrics_port))
+        after = await asyncio.to_thread(scrape, router.metrics_port)
+        assert "nanocp_requests_live" not in "".join(after)
+        model = '{gen_ai_request_model="tiny"}'
+        assert after[f"gen_ai_server_time_to_first_token_seconds_count{model}"] == 1
+        assert after[f"gen_ai_server_time_to_first_token_seconds_sum{model}"] > 0
+        assert after[f"gen_ai_server_time_per_output_token_seconds_count{model}"] == 0, "a cancelled stream has none"
+        chunks = [c async for c in client.generate([4, 5], max_tokens=6, temperature=0.0, ignore_eos=True)]
+        assert sum(len(c.token_ids) for c in chunks) == 6
+        finished = await asyncio.to_thread(scrape, router.metrics_port)
+        assert finished[f"gen_ai_server_time_per_output_token_seconds_count{model}"] == 1
+        assert finished['gen_ai_server_time_per_output_token_seconds_bucket{gen_ai_request_model="tiny",le="2.5"}'] == 1
     finally:
         await client.close()
         await router.stop()

@@ -1,7 +1,9 @@
-"""Prometheus metrics of the router, read at scrape time from the counts it keeps anyway (no second bookkeeping).
+"""Prometheus metrics of the router.
 
-Per instance: KV pages committed and total, home batch, routed rows, readiness; per CP degree: live requests;
-and the admission queue. Served over HTTP on the router's --metrics-port.
+Load is read at scrape time from the counts the router keeps anyway (no second bookkeeping): per instance KV pages
+committed and total, home batch, routed rows, readiness; live requests per CP degree; the admission queue. Latency
+is observed as it happens, with the OpenTelemetry GenAI names and bucket boundaries: time to first token and time
+per output token. Served over HTTP on the router's --metrics-port.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
+from prometheus_client import Histogram, start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -68,9 +70,44 @@ class RouterCollector(Collector):
         )
 
 
-def serve_metrics(collector: Collector, host: str, port: int) -> WSGIServer:
+# Bucket boundaries the OpenTelemetry GenAI semantic conventions advise, in seconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class LatencyMetrics:
+    """Time to first token (from the router receiving the request) and time per output token, per model."""
+
+    def __init__(self, model: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["gen_ai_request_model"]
+        self._ttft = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "time to generate the first token, from the request's arrival",
+            labels,
+            unit="seconds",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model)
+        self._tpot = Histogram(
+            "gen_ai_server_time_per_output_token",
+            "time per output token after the first",
+            labels,
+            unit="seconds",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        ).labels(model)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def finished(self, seconds_after_first: float, tokens: int) -> None:
+        if tokens > 1:
+            self._tpot.observe(seconds_after_first / (tokens - 1))
+
+
+def serve_metrics(collector: Collector, latency: LatencyMetrics, host: str, port: int) -> WSGIServer:
     """Serves /metrics on a background thread (port 0 picks a port: server.server_address has it)."""
-    registry = CollectorRegistry()
-    registry.register(collector)
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    latency.registry.register(collector)
+    server, _ = start_http_server(port, addr=host, registry=latency.registry)
     return server

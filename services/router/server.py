@@ -112,7 +112,8 @@ async def serve_router(
         raise
     metrics = None
     if metrics_port is not None:
-        metrics = serve_metrics(RouterCollector(registry, ledger, admission, servicer.placements), host, metrics_port)
+        collector = RouterCollector(registry, ledger, admission, servicer.placements)
+        metrics = serve_metrics(collector, servicer.latency, host, metrics_port)
         log.info("metrics on http://%s:%d/metrics", host, metrics.server_address[1])
     ready = sum(i.ready for i in registry.instances())
     log.info(

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from nanocp.model_config import ModelConfig
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
 from nanocp.router.errors import RequestError
+from nanocp.router.metrics import LatencyMetrics
 from nanocp.router.placement import Footprint, Placement
 from nanocp.router.registry import Instance, WorkerRegistry
 from nanocp.router.validation import ValidRequest, validate
@@ -55,6 +57,8 @@ class _Live:
     footprint: Footprint  # everything it may need
     placement: Placement | None = None  # None while it waits for KV memory
     placement_grew: bool = False  # the next message tells the client its grown placement
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
     call: Any = None  # the home's Submit call, once placed
     completion_tokens: int = 0
     aborted: bool = False
@@ -81,6 +85,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         """`reserve_output_tokens`: place each request for its prompt and this many new tokens (not max_tokens),
         and grow its placement as it decodes; None places every request for max_tokens at once."""
         self._reserve = reserve_output_tokens
+        self.latency = LatencyMetrics(model.name)
         self._model = model
         self._tokenizer = tokenizer
         self._registry = registry
@@ -181,12 +186,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     live.placement_grew = False
                 if live.completion_tokens == 0 and output.token_ids:
                     span.add_event("first_token")
+                    live.first_token_at = time.perf_counter()
+                    self.latency.first_token(live.first_token_at - live.arrived)
                 if output.needs_pages:
                     growth = asyncio.create_task(self._grow(live, home, span))
                     self._growths.add(growth)
                     growth.add_done_callback(self._growths.discard)
                 live.completion_tokens += len(output.token_ids)
                 if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    self.latency.finished(time.perf_counter() - live.first_token_at, live.completion_tokens)
                     response.MergeFrom(self._finished(live, output.finish_reason, span))
                     yield response
                     return
