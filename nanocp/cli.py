@@ -78,6 +78,7 @@ def _worker(args: argparse.Namespace) -> None:
             group=group,
             collective_timeout_s=args.collective_timeout,
             domain=args.topology_domain,
+            metrics_port=args.metrics_port,
         )
     )
     logging.shutdown()
@@ -187,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--seed", type=int, default=0, help="seed of preset weights and unseeded samplers")
     worker.add_argument("--dtype", default=None, help="override the model's dtype (float32, bfloat16)")
     worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    worker.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
+    )
     worker.add_argument(
         "--topology-domain",
         default=os.environ.get("NANOCP_TOPOLOGY_DOMAIN", ""),

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 GROW_AHEAD_PAGES = 2
 
 
+class StepObserver(Protocol):
+    def step(self, record: StepRecord) -> None: ...
+
+    def verdict(self, straggler: Straggler) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
@@ -73,6 +80,7 @@ class Engine:
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
         self.timer = StepTimer(enabled=False)  # enable to break steps down (benchmarks, tracing)
         self.steps = StepLog()
+        self.observer: StepObserver | None = None  # told of each step and each group verdict (metrics)
         self._step = 0  # numbered alike on every member: all run every step the group runs
         self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
         self.store = ShardStore(self.cache.pool, config.page_size)
@@ -230,7 +238,10 @@ class Engine:
         counts = self.group.exchange_counts(local)
         tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
         if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):
-            self.steps.mark(last.step, Straggler.of([c[4:] for c in counts]))
+            straggler = Straggler.of([c[4:] for c in counts])
+            self.steps.mark(last.step, straggler)
+            if self.observer is not None:
+                self.observer.verdict(straggler)
         if tokens == 0 and meta == 0:
             return None
         incoming, incoming_counts = out.meta[:0], [0] * self.group.size
@@ -282,17 +293,18 @@ class Engine:
                 request.on_output(replace(self._output(request, [token], None), needs_pages=asks))
             else:
                 self._finish(request, reason, [token])
-        self.steps.add(
-            StepRecord(
-                self._step,
-                len(inputs.token_ids),
-                inputs.kv_tokens_read,
-                inputs.rows_routed,
-                self.cache.pool.num_in_use,
-                time.perf_counter() - start,
-                dict(self.timer.seconds),
-            )
+        record = StepRecord(
+            self._step,
+            len(inputs.token_ids),
+            inputs.kv_tokens_read,
+            inputs.rows_routed,
+            self.cache.pool.num_in_use,
+            time.perf_counter() - start,
+            dict(self.timer.seconds),
         )
+        self.steps.add(record)
+        if self.observer is not None:
+            self.observer.step(record)
         return True
 
     def _finish(

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from opentelemetry import trace
@@ -24,6 +25,7 @@ from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.loop import EngineLoop
+from nanocp.worker.metrics import StepMetrics, serve_worker_metrics
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from nanocp.worker.shards import ShardSpec
 
@@ -213,10 +215,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 class WorkerServer:
     """A running worker: the engine thread and the gRPC server in front of it."""
 
-    def __init__(self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str) -> None:
+    def __init__(
+        self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str, metrics: WSGIServer | None = None
+    ) -> None:
         self._server = server
         self._engine_loop = engine_loop
         self.instance_id = instance_id
+        self._metrics = metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        return int(self._metrics.server_address[1]) if self._metrics is not None else None
 
     @property
     def port(self) -> int:
@@ -229,6 +238,8 @@ class WorkerServer:
 
     async def stop(self, grace: float | None = None) -> None:
         # The server first: cancelling live streams aborts their requests, then the engine thread can end.
+        if self._metrics is not None:
+            self._metrics.shutdown()
         await self._server.stop(grace)
         self._engine_loop.stop()
 
@@ -246,6 +257,7 @@ async def serve_worker(
     group: GroupSpec | None = None,
     collective_timeout_s: float = 60.0,
     domain: str = "",
+    metrics_port: int | None = None,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> WorkerServer:
     """Joins the decode group (alone by default), builds the engine for `model` (a preset or a model directory)
@@ -262,6 +274,7 @@ async def serve_worker(
 
     engine = await asyncio.to_thread(build)
     engine.timer.enabled = True  # host clocks around sections: microseconds a step, for GetSteps
+    metrics = engine.observer = StepMetrics(instance_id, spec.rank) if metrics_port is not None else None
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 
@@ -279,7 +292,11 @@ async def serve_worker(
     except BaseException:
         engine.group.close()
         raise
-    worker = WorkerServer(server, engine_loop, instance_id)
+    metrics_server = None
+    if metrics is not None and metrics_port is not None:
+        metrics_server = serve_worker_metrics(metrics, engine_loop.load, host, metrics_port)
+        log.info("worker %s metrics on http://%s:%d/metrics", instance_id, host, metrics_server.server_address[1])
+    worker = WorkerServer(server, engine_loop, instance_id, metrics_server)
     engine_loop.start()  # after `worker` exists: a failed step stops it
     log.info(
         "worker %s (rank %d of %d) serves %s on %s:%d",

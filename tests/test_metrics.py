@@ -1,14 +1,21 @@
-"""The router's Prometheus endpoint shows per-instance KV, home batch and live requests by CP degree."""
+"""Prometheus endpoints: the router's (per-instance KV, home batch, live requests by CP degree, GenAI latency) and
+the workers' (steps, group verdicts, load)."""
 
 from __future__ import annotations
 
 import asyncio
 import urllib.request
 
+import grpc
 from conftest import HEARTBEAT_S, HOST, Cluster, wait_until
 
 from nanocp.client import AsyncClient
+from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.router.server import serve_router
+from nanocp.worker.engine import EngineConfig
+from nanocp.worker.metrics import StepMetrics
+from nanocp.worker.server import serve_worker
+from nanocp.worker.timing import Straggler
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -58,3 +65,34 @@ async def test_metrics_follow_a_live_request_and_return_to_zero(cluster: Cluster
     finally:
         await client.close()
         await router.stop()
+
+
+async def test_worker_metrics_show_steps_and_load() -> None:
+    config = EngineConfig(page_size=16, num_pages=64, max_step_tokens=64, max_running=8)
+    worker = await serve_worker("tiny", config, HOST, 0, "w0", metrics_port=0)
+    try:
+        assert worker.metrics_port is not None
+        async with grpc.aio.insecure_channel(f"{HOST}:{worker.port}") as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            submit = worker_pb2.SubmitRequest(request_id="m", prompt_token_ids=[1, 2, 3])
+            submit.sampling.max_tokens = 5
+            submit.sampling.temperature = 0.0
+            async for _ in stub.Submit(submit):
+                pass
+        samples = await asyncio.to_thread(scrape, worker.metrics_port)
+        assert samples["nanocp_step_seconds_count"] == 5  # one prefill step, then four decodes
+        assert samples["nanocp_kv_pages_total"] == 64
+        assert samples["nanocp_requests_running"] == 0
+    finally:
+        await worker.stop()
+
+
+def test_only_rank_0_reports_the_group_verdicts() -> None:
+    verdict = Straggler(rank=2, ratio=1.8, cause="attention")
+    for rank in (0, 1):
+        metrics = StepMetrics("w", rank)
+        metrics.verdict(verdict)
+        count = metrics.registry.get_sample_value(
+            "nanocp_group_slowest_steps_total", {"rank": "2", "cause": "attention"}
+        )
+        assert count == (1.0 if rank == 0 else None)

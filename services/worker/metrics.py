@@ -1,0 +1,73 @@
+"""Prometheus metrics of a worker: its steps as they happen, its load at scrape time.
+
+Step time is this instance's; the straggler ratio and the slowest-step counts describe the whole group, so only
+rank 0 of a group observes them (every member holds the same verdicts). Served on the worker's --metrics-port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nanocp.worker.request import EngineLoad
+from nanocp.worker.timing import StepRecord, Straggler
+
+STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0)
+
+
+class StepMetrics:
+    """What the engine reports after each step and each group verdict."""
+
+    def __init__(self, instance: str, rank: int) -> None:
+        self.registry = CollectorRegistry()
+        self._rank = rank
+        self._step = Histogram(
+            "nanocp_step",
+            "this instance's decode step time",
+            unit="seconds",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self._ratio = Histogram(
+            "nanocp_group_straggler_ratio",
+            "the group's slowest instance over the median, per step (reported by rank 0)",
+            buckets=RATIO_BUCKETS,
+            registry=self.registry,
+        )
+        self._slowest = Counter(
+            "nanocp_group_slowest_steps",
+            "steps in which a rank of the group was the slowest, by cause (reported by rank 0)",
+            ["rank", "cause"],
+            registry=self.registry,
+        )
+
+    def step(self, record: StepRecord) -> None:
+        self._step.observe(record.seconds)
+
+    def verdict(self, straggler: Straggler) -> None:
+        if self._rank == 0:
+            self._ratio.observe(straggler.ratio)
+            self._slowest.labels(str(straggler.rank), straggler.cause).inc()
+
+
+class LoadCollector(Collector):
+    def __init__(self, load: Callable[[], EngineLoad]) -> None:
+        self._load = load
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        load = self._load()
+        yield GaugeMetricFamily("nanocp_kv_pages_in_use", "KV pages holding tokens here", value=load.pages_in_use)
+        yield GaugeMetricFamily("nanocp_kv_pages_total", "KV pages of this instance", value=load.pages_total)
+        yield GaugeMetricFamily("nanocp_requests_running", "home requests in the running batch", value=load.running)
+        yield GaugeMetricFamily("nanocp_requests_waiting", "home requests waiting to run", value=load.waiting)
+
+
+def serve_worker_metrics(metrics: StepMetrics, load: Callable[[], EngineLoad], host: str, port: int) -> WSGIServer:
+    metrics.registry.register(LoadCollector(load))
+    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return server
