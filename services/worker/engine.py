@@ -235,7 +235,8 @@ class Engine:
         last = self.steps.last()
         previous = [last.step, *last.work_us()] if last is not None else [0, 0, 0, 0, 0]
         local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows, *previous]
-        counts = self.group.exchange_counts(local)
+        with self.timer.section("exchange"):  # a member that arrives early waits here: arrival lag, not host work
+            counts = self.group.exchange_counts(local)
         tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
         if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):
             straggler = Straggler.of([c[4:] for c in counts])

@@ -49,10 +49,11 @@ class StepRecord:
     straggler: Straggler | None = None  # known one step later, from the group's exchange
 
     def work_us(self) -> list[int]:
-        """Its own work in whole microseconds: attention (with merge), MoE compute, routing (with waits), host."""
+        """Its own work in whole microseconds: attention (with merge), MoE compute, routing (with the waits at the
+        routes and at the step exchange), host."""
         s = self.sections
         parts = [s.get("attention", 0.0) + s.get("merge", 0.0), s.get("moe_compute", 0.0)]
-        parts.append(s.get("cp_route", 0.0) + s.get("moe_route", 0.0))
+        parts.append(s.get("cp_route", 0.0) + s.get("moe_route", 0.0) + s.get("exchange", 0.0))
         parts.append(max(0.0, self.seconds - sum(parts)))
         return [round(1e6 * p) for p in parts]
 
