@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Histogram, start_http_server
+from prometheus_client import Histogram
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -104,10 +103,3 @@ class LatencyMetrics:
     def finished(self, seconds_after_first: float, tokens: int) -> None:
         if tokens > 1:
             self._tpot.observe(seconds_after_first / (tokens - 1))
-
-
-def serve_metrics(collector: Collector, latency: LatencyMetrics, host: str, port: int) -> WSGIServer:
-    """Serves /metrics on a background thread (port 0 picks a port: server.server_address has it)."""
-    latency.registry.register(collector)
-    server, _ = start_http_server(port, addr=host, registry=latency.registry)
-    return server

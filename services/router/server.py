@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from wsgiref.simple_server import WSGIServer
 
 from opentelemetry import trace
 
@@ -13,7 +12,7 @@ from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
-from nanocp.router.metrics import RouterCollector, serve_metrics
+from nanocp.router.metrics import RouterCollector
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.router.registry import Discovery, Instance, StaticDiscovery, WorkerRegistry
@@ -29,25 +28,21 @@ class RouterServer:
         self,
         server: GrpcServer,
         registry: WorkerRegistry,
-        metrics: WSGIServer | None = None,
         discovery: asyncio.Task[None] | None = None,
     ) -> None:
         self._server = server
         self._registry = registry
-        self._metrics = metrics
         self._discovery = discovery
 
     @property
     def metrics_port(self) -> int | None:
-        return int(self._metrics.server_address[1]) if self._metrics is not None else None
+        return self._server.metrics_port
 
     @property
     def port(self) -> int:
         return self._server.port
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._metrics is not None:
-            self._metrics.shutdown()
         await self._server.stop(grace)
         await _cancel(self._discovery)
         await self._registry.stop()
@@ -102,19 +97,18 @@ async def serve_router(
         await StaticDiscovery(workers).run(registry)
     else:
         discovering = asyncio.create_task(discovery.run(registry), name="discovery")
+    metrics = None
+    if metrics_port is not None:
+        servicer.latency.registry.register(RouterCollector(registry, ledger, admission, servicer.placements))
+        metrics = (servicer.latency.registry, metrics_port)
     try:
         server = await GrpcServer.start(
-            host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)]
+            host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)], metrics
         )
     except BaseException:
         await _cancel(discovering)
         await registry.stop()
         raise
-    metrics = None
-    if metrics_port is not None:
-        collector = RouterCollector(registry, ledger, admission, servicer.placements)
-        metrics = serve_metrics(collector, servicer.latency, host, metrics_port)
-        log.info("metrics on http://%s:%d/metrics", host, metrics.server_address[1])
     ready = sum(i.ready for i in registry.instances())
     log.info(
         "router serves %s on %s:%d with policy %s; %d of %d workers ready",
@@ -125,7 +119,7 @@ async def serve_router(
         ready,
         len(registry.instances()),
     )
-    return RouterServer(server, registry, metrics, discovering)
+    return RouterServer(server, registry, discovering)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

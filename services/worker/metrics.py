@@ -7,9 +7,8 @@ rank 0 of a group observes them (every member holds the same verdicts). Served o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -65,9 +64,3 @@ class LoadCollector(Collector):
         yield GaugeMetricFamily("nanocp_kv_pages_total", "KV pages of this instance", value=load.pages_total)
         yield GaugeMetricFamily("nanocp_requests_running", "home requests in the running batch", value=load.running)
         yield GaugeMetricFamily("nanocp_requests_waiting", "home requests waiting to run", value=load.waiting)
-
-
-def serve_worker_metrics(metrics: StepMetrics, load: Callable[[], EngineLoad], host: str, port: int) -> WSGIServer:
-    metrics.registry.register(LoadCollector(load))
-    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
-    return server

@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from opentelemetry import trace
@@ -25,7 +24,7 @@ from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.loop import EngineLoop
-from nanocp.worker.metrics import StepMetrics, serve_worker_metrics
+from nanocp.worker.metrics import LoadCollector, StepMetrics
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from nanocp.worker.shards import ShardSpec
 
@@ -215,17 +214,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 class WorkerServer:
     """A running worker: the engine thread and the gRPC server in front of it."""
 
-    def __init__(
-        self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str, metrics: WSGIServer | None = None
-    ) -> None:
+    def __init__(self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str) -> None:
         self._server = server
         self._engine_loop = engine_loop
         self.instance_id = instance_id
-        self._metrics = metrics
 
     @property
     def metrics_port(self) -> int | None:
-        return int(self._metrics.server_address[1]) if self._metrics is not None else None
+        return self._server.metrics_port
 
     @property
     def port(self) -> int:
@@ -238,8 +234,6 @@ class WorkerServer:
 
     async def stop(self, grace: float | None = None) -> None:
         # The server first: cancelling live streams aborts their requests, then the engine thread can end.
-        if self._metrics is not None:
-            self._metrics.shutdown()
         await self._server.stop(grace)
         self._engine_loop.stop()
 
@@ -285,18 +279,18 @@ async def serve_worker(
     engine_loop = EngineLoop(engine, on_fatal)
     tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
     servicer = WorkerServicer(engine_loop, instance_id, tracer, domain)
+    served = None
+    if metrics is not None and metrics_port is not None:
+        metrics.registry.register(LoadCollector(engine_loop.load))
+        served = (metrics.registry, metrics_port)
     try:
         server = await GrpcServer.start(
-            host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)]
+            host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)], served
         )
     except BaseException:
         engine.group.close()
         raise
-    metrics_server = None
-    if metrics is not None and metrics_port is not None:
-        metrics_server = serve_worker_metrics(metrics, engine_loop.load, host, metrics_port)
-        log.info("worker %s metrics on http://%s:%d/metrics", instance_id, host, metrics_server.server_address[1])
-    worker = WorkerServer(server, engine_loop, instance_id, metrics_server)
+    worker = WorkerServer(server, engine_loop, instance_id)
     engine_loop.start()  # after `worker` exists: a failed step stops it
     log.info(
         "worker %s (rank %d of %d) serves %s on %s:%d",
