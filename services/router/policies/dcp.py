@@ -52,11 +52,11 @@ class DCPPolicy:
         pages = footprint.pages(home.page_size)
         most = min(self.max_degree, len(group), pages)  # a shard holds at least one page
         fewest = min(math.ceil(pages * home.page_size / self.shard_tokens), most)
+        others = sorted(
+            (i for i in group if i is not home), key=lambda i: (i.domain != home.domain, -i.pages_free, i.id)
+        )
         for degree in range(fewest, most + 1):
             shares = even_split(pages, degree)
-            others = sorted(
-                (i for i in group if i is not home), key=lambda i: (i.domain != home.domain, -i.pages_free, i.id)
-            )
             holders = ([home] if home.pages_free >= shares[0] else []) + others
             holders = holders[:degree]
             if len(holders) == degree and all(n <= h.pages_free for h, n in zip(holders, shares, strict=True)):
