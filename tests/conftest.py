@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,24 @@ from nanocp.worker.server import WorkerServer, serve_worker
 HOST = "127.0.0.1"
 HEARTBEAT_S = 0.1  # fast, so tests see a worker's failure or return quickly
 COLLECTIVE_TIMEOUT_S = 3.0  # how long a process group's members wait for a stalled peer
+
+
+def write_model_config(path: Path, **overrides: int) -> Path:
+    """A config.json of a small Qwen3-MoE model (no weights): what a router reads of a model directory."""
+    config = {
+        "model_type": "qwen3_moe",
+        "vocab_size": 384,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "max_position_embeddings": 4096,
+    }
+    (path / "config.json").write_text(json.dumps({**config, **overrides}))
+    return path
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:

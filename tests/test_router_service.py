@@ -3,13 +3,12 @@ worker failure and recovery, and the per-instance accounting."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import HOST, Cluster, StartCluster, wait_until
+from conftest import HOST, Cluster, StartCluster, wait_until, write_model_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -157,19 +156,7 @@ async def test_unavailable_worker_is_used_again_once_it_answers(cluster: Cluster
 async def test_worker_serving_another_model_is_never_placed_on(
     cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = {
-        "model_type": "qwen3_moe",
-        "vocab_size": 384,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "max_position_embeddings": 2048,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_model_config(tmp_path, max_position_embeddings=2048)
     with caplog.at_level(logging.WARNING, logger="nanocp.router.registry"):
         router = await serve_router(str(tmp_path), [cluster.worker_address("w0")], HOST, 0)
     try:

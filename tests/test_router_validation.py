@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import Cluster
+from conftest import Cluster, write_model_config
 
 from nanocp.client import AlreadyExists, AsyncClient, InvalidArgument
 from nanocp.model_config import PRESETS
@@ -63,19 +62,7 @@ async def test_text_and_token_ids_together_are_invalid_argument(cluster: Cluster
 
 
 async def test_text_prompt_for_a_model_without_tokenizer_is_invalid_argument(tmp_path: Path) -> None:
-    config = {
-        "model_type": "qwen3_moe",
-        "vocab_size": 384,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "max_position_embeddings": 4096,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_model_config(tmp_path)
     router = await serve_router(str(tmp_path), [], "127.0.0.1", 0)  # validation needs no worker
     try:
         async with AsyncClient(f"127.0.0.1:{router.port}") as client:
