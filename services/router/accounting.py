@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from nanocp.router.placement import InstanceLoad, Placement
-from nanocp.router.registry import Instance
+
+if TYPE_CHECKING:  # the simulator counts with a ledger too, without the gRPC registry
+    from nanocp.router.registry import Instance
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ class Ledger:
         self._pages_committed.subtract({s.instance: s.page_quota for s in placement.shards})
         self._routed_rows.subtract(placement.routed_rows)
 
+    def swap(self, old: Placement, new: Placement) -> None:
+        """A request's placement grew: its grants become the new placement's."""
+        self.release(old)
+        self.commit(new)
+
     def home_batch(self, instance_id: str) -> int:
         return self._home_batch[instance_id]
 
@@ -42,16 +50,26 @@ class Ledger:
     def load(self, instance: Instance) -> InstanceLoad:
         """The instance as a policy sees it; it must have answered GetInfo."""
         assert instance.info is not None, f"instance at {instance.address} has not answered GetInfo"
+        info = instance.info
+        return self.count(
+            InstanceLoad(
+                instance.id, info.page_size, info.kv_pages_total, group=info.group, rank=info.rank, domain=info.domain
+            )
+        )
+
+    def count(self, instance: InstanceLoad) -> InstanceLoad:
+        """An instance described by its capacity (id, pages, group, ...) with the ledger's counts filled in."""
+        id = instance.id
         return InstanceLoad(
-            id=instance.id,
-            page_size=instance.info.page_size,
-            pages_total=instance.info.kv_pages_total,
-            pages_committed=self.pages_committed(instance.id),
-            home_batch=self.home_batch(instance.id),
-            routed_rows=self._routed_rows[instance.id],
-            group=instance.info.group,
-            rank=instance.info.rank,
-            domain=instance.info.domain,
+            id,
+            instance.page_size,
+            instance.pages_total,
+            self._pages_committed[id],
+            self._home_batch[id],
+            self._routed_rows[id],
+            instance.group,
+            instance.rank,
+            instance.domain,
         )
 
     def reconcile(self, instance: Instance) -> None:

@@ -3,15 +3,17 @@
 A request that fits nowhere now waits in a bounded FIFO queue and is placed, in arrival order, as pages are released
 or instances join; while anyone waits, newcomers queue behind them so a large request is not starved by small ones.
 A request that could not fit even on an idle cluster is refused at once, naming its size and the capacity.
-Placing and committing happen with no await in between, so two requests never take the same pages.
+
+`AdmissionQueue` is that logic, synchronous: the service wraps it in `Admission` (a queued request awaits a future),
+and the simulator (nanocp.sim) drives it directly, so both run the same decisions. Placing and committing happen
+with no await in between, so two requests never take the same pages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import grpc
 
@@ -25,25 +27,106 @@ class Withdrawn(Exception):
     """A queued request was aborted before it was placed."""
 
 
-@dataclass(eq=False)
-class _Waiter:
-    request_id: str
-    footprint: Footprint
-    future: asyncio.Future[Placement]
+class QueueFull(Exception):
+    """No KV memory is free now and the admission queue is full."""
 
 
-class Admission:
-    def __init__(self, policy: PlacementPolicy, registry: WorkerRegistry, ledger: Ledger, queue_size: int) -> None:
+class AdmissionQueue:
+    """Places requests with the policy and commits them in the ledger; queues, in arrival order, what fits nowhere.
+
+    `loads` answers the placeable instances as the ledger counts them now (it is called again after every commit).
+    """
+
+    def __init__(
+        self,
+        policy: PlacementPolicy,
+        ledger: Ledger,
+        loads: Callable[[], list[InstanceLoad]],
+        queue_size: int,
+    ) -> None:
         self.policy = policy
-        self._registry = registry
-        self._ledger = ledger
+        self.ledger = ledger
+        self._loads = loads
         self._queue_size = queue_size
-        self._queue: deque[_Waiter] = deque()
+        self._waiting: dict[str, Footprint] = {}  # by request id, in arrival order
         self.waited_total = 0  # requests that had to wait for KV memory before their placement
 
     @property
     def queued(self) -> int:
-        return sum(not w.future.done() for w in self._queue)
+        return len(self._waiting)
+
+    def never_fits(self, footprint: Footprint, instances: list[InstanceLoad]) -> str | None:
+        """Why the request could not be placed even with `instances` idle, or None when it could."""
+        idle = [dataclasses.replace(i, pages_committed=0, home_batch=0, routed_rows=0) for i in instances]
+        if not idle or self.policy.place(footprint, idle) is not None:
+            return None
+        return _never_fits(footprint, idle, self.policy.name)
+
+    def admit(self, request_id: str, footprint: Footprint) -> Placement | None:
+        """The request's placement, committed; or None: it waits until `pump` places it. Raises QueueFull."""
+        if not self._waiting:
+            placement = self._place(footprint)
+            if placement is not None:
+                return placement
+        if len(self._waiting) >= self._queue_size:
+            raise QueueFull(
+                f"no KV memory is free now and the admission queue is full ({self._queue_size} requests wait); "
+                "retry later"
+            )
+        self._waiting[request_id] = footprint
+        self.waited_total += 1
+        return None
+
+    def release(self, placement: Placement) -> list[tuple[str, Placement]]:
+        """Gives a request's pages back; answers the waiting requests that are placed now."""
+        self.ledger.release(placement)
+        return self.pump()
+
+    def withdraw(self, request_id: str) -> bool:
+        """Takes a waiting request out of the queue; False when it is not waiting. Pump afterwards: the head may
+        have changed."""
+        return self._waiting.pop(request_id, None) is not None
+
+    def pump(self) -> list[tuple[str, Placement]]:
+        """Places waiting requests in arrival order for as long as the oldest one fits; answers them."""
+        placed = []
+        while self._waiting:
+            request_id, footprint = next(iter(self._waiting.items()))
+            placement = self._place(footprint)
+            if placement is None:
+                break
+            del self._waiting[request_id]
+            placed.append((request_id, placement))
+        return placed
+
+    def _place(self, footprint: Footprint) -> Placement | None:
+        placement = self.policy.place(footprint, self._loads())
+        if placement is not None:
+            self.ledger.commit(placement)
+        return placement
+
+
+class Admission:
+    """The service's admission: an AdmissionQueue over the registry's placeable instances; a queued request awaits
+    its placement."""
+
+    def __init__(self, policy: PlacementPolicy, registry: WorkerRegistry, ledger: Ledger, queue_size: int) -> None:
+        self._registry = registry
+        self._ledger = ledger
+        self.queue = AdmissionQueue(policy, ledger, lambda: [ledger.load(i) for i in registry.placeable()], queue_size)
+        self._futures: dict[str, asyncio.Future[Placement]] = {}
+
+    @property
+    def policy(self) -> PlacementPolicy:
+        return self.queue.policy
+
+    @property
+    def queued(self) -> int:
+        return self.queue.queued
+
+    @property
+    def waited_total(self) -> int:
+        return self.queue.waited_total
 
     async def admit(self, request_id: str, footprint: Footprint) -> Placement:
         """The request's placement, committed in the ledger; the caller must `release` it when the request ends.
@@ -51,77 +134,57 @@ class Admission:
         Raises RequestError (RESOURCE_EXHAUSTED, UNAVAILABLE) or Withdrawn.
         """
         self._check_capacity(footprint)
-        if not self._queue:
-            placement = self._place(footprint)
-            if placement is not None:
-                return placement
-        if self.queued >= self._queue_size:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no KV memory is free now and the admission queue is full ({self._queue_size} requests wait); "
-                "retry later",
-            )
-        waiter = _Waiter(request_id, footprint, asyncio.get_running_loop().create_future())
-        self._queue.append(waiter)
-        self.waited_total += 1
         try:
-            return await waiter.future
+            placement = self.queue.admit(request_id, footprint)
+        except QueueFull as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        if placement is not None:
+            return placement
+        future = self._futures[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await future
         except asyncio.CancelledError:  # the caller gave up (cancelled, deadline) while waiting
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release(waiter.future.result())  # placed just before the cancellation landed
-            else:
-                self._forget(waiter)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # placed just before the cancellation landed
+            elif self.queue.withdraw(request_id):
+                self.pump()  # the head may have changed
             raise
+        finally:
+            del self._futures[request_id]
 
     def release(self, placement: Placement) -> None:
-        self._ledger.release(placement)
-        self.pump()
+        self._deliver(self.queue.release(placement))
 
     def withdraw(self, request_id: str) -> bool:
         """Aborts a queued request: its `admit` raises Withdrawn. False when it is not queued."""
-        waiter = next((w for w in self._queue if w.request_id == request_id and not w.future.done()), None)
-        if waiter is None:
+        if not self.queue.withdraw(request_id):
             return False
-        waiter.future.set_exception(Withdrawn())
-        self._forget(waiter)
+        self._futures[request_id].set_exception(Withdrawn())
+        self.pump()
         return True
 
     def pump(self) -> None:
         """Places waiting requests in arrival order for as long as the oldest one fits."""
-        while self._queue:
-            head = self._queue[0]
-            if not head.future.done():
-                placement = self._place(head.footprint)
-                if placement is None:
-                    return
-                head.future.set_result(placement)
-            self._queue.popleft()
+        self._deliver(self.queue.pump())
 
-    def _forget(self, waiter: _Waiter) -> None:
-        if waiter in self._queue:  # a pump may have dropped it already, once its future was cancelled
-            self._queue.remove(waiter)
-        self.pump()  # the head may have changed
-
-    def _place(self, footprint: Footprint) -> Placement | None:
-        loads = [self._ledger.load(i) for i in self._registry.placeable()]
-        placement = self.policy.place(footprint, loads)
-        if placement is not None:
-            self._ledger.commit(placement)
-        return placement
+    def _deliver(self, placed: list[tuple[str, Placement]]) -> None:
+        for request_id, placement in placed:
+            future = self._futures.get(request_id)
+            if future is None or future.done():  # its caller was cancelled and has not yet withdrawn it
+                self.release(placement)
+            else:
+                future.set_result(placement)
 
     def _check_capacity(self, footprint: Footprint) -> None:
-        instances = [i for i in self._registry.instances() if i.info is not None]
-        if instances:
-            idle = [
-                dataclasses.replace(self._ledger.load(i), pages_committed=0, home_batch=0, routed_rows=0)
-                for i in instances
-            ]
-            if self.policy.place(footprint, idle) is None:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, _never_fits(footprint, idle, self.policy.name))
+        instances = [self._ledger.load(i) for i in self._registry.instances() if i.info is not None]
+        problem = self.queue.never_fits(footprint, instances)
+        if problem is not None:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         if not self._registry.placeable():
-            instances = self._registry.instances()
-            problems = "; ".join(f"{i.name}: {self._registry.problem(i)}" for i in instances) or "it has none"
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({problems})")
+            described = "; ".join(f"{i.name}: {self._registry.problem(i)}" for i in self._registry.instances())
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({described or 'it has none'})"
+            )
 
 
 def _never_fits(footprint: Footprint, idle: list[InstanceLoad], policy: str) -> str:

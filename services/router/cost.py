@@ -4,15 +4,20 @@ A decode step of an instance reads its KV (attention), runs its home tokens thro
 traffic and expert work grow with them), and routes the query rows and partials of CP requests. So
 
     t = kv_token_ms * KV tokens + home_token_ms * home batch + routed_row_ms * routed rows + fixed_ms
+        + cp_step_ms if it routes any rows
 
-and the group's step is paced by its slowest instance. Coefficients come from measured step times (`fit`), saved as
-JSON for the router's --cost-model; the defaults are of the Qwen3-30B-A3B shapes on an H100 (98 KB of KV per token
-at about 3 TB/s, MoE work per token, a few microseconds per routed row and layer).
+and the group's step is paced by its slowest instance. `cp_step_ms` is the route's latency, paid once a step by an
+instance that takes part in any CP route whatever its row count: measured on CPU over gloo it is most of what CP
+costs (about a millisecond a layer), where a per-row price alone would call CP nearly free. Coefficients come from
+measured step times (`fit`) or from the simulator's hardware model (nanocp.sim), saved as JSON for the router's
+--cost-model (files without `cp_step_ms` load with 0); the defaults are of the Qwen3-30B-A3B shapes on an H100
+(98 KB of KV per token at about 3 TB/s, MoE work per token, a few microseconds per routed row and layer).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,29 +30,45 @@ class CostModel:
     home_token_ms: float = 5e-3
     routed_row_ms: float = 5e-2
     fixed_ms: float = 2.0
+    cp_step_ms: float = 0.0
 
     def step_ms(self, load: InstanceLoad) -> float:
-        kv_tokens = load.pages_committed * load.page_size
+        return self._ms(load.pages_committed * load.page_size, load.home_batch, load.routed_rows)
+
+    def _ms(self, kv_tokens: int, home_batch: int, routed_rows: int) -> float:
         return (
             self.kv_token_ms * kv_tokens
-            + self.home_token_ms * load.home_batch
-            + self.routed_row_ms * load.routed_rows
+            + self.home_token_ms * home_batch
+            + self.routed_row_ms * routed_rows
             + self.fixed_ms
+            + (self.cp_step_ms if routed_rows > 0 else 0.0)
         )
 
     def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
         """The predicted step time of the group's slowest instance once `placement` is added."""
-        return max(self.step_ms(with_placement(placement, i, +1)) for i in group)
+        # Arithmetic of with_placement without building loads: policies call this for every candidate.
+        pages: Counter[str] = Counter()
+        for shard in placement.shards:
+            pages[shard.instance] += shard.page_quota
+        rows = placement.routed_rows
+        return max(
+            self._ms(
+                (i.pages_committed + pages[i.id]) * i.page_size,
+                i.home_batch + (i.id == placement.home),
+                i.routed_rows + rows.get(i.id, 0),
+            )
+            for i in group
+        )
 
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:
         """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples, coefficients >= 0."""
         import torch  # only calibration needs it; the router does not
 
-        x = torch.tensor([[kv, home, rows, 1.0] for kv, home, rows, _ in samples], dtype=torch.float64)
+        x = torch.tensor([[kv, home, rows, 1.0, float(rows > 0)] for kv, home, rows, _ in samples], dtype=torch.float64)
         y = torch.tensor([[ms] for *_, ms in samples], dtype=torch.float64)
-        coefficients = torch.linalg.lstsq(x, y).solution.clamp(min=0.0).flatten().tolist()
-        return cls(*coefficients)
+        kv, home, rows, fixed, cp_step = torch.linalg.lstsq(x, y).solution.clamp(min=0.0).flatten().tolist()
+        return cls(kv, home, rows, fixed, cp_step)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
