@@ -3,23 +3,35 @@
 Tracing is off unless the standard OTEL_* environment variables ask for it, so a plain `nanocp run` exports nothing
 and needs no collector. Trace context crosses every gRPC hop in the call metadata through the global propagator
 (W3C traceparent by default), so a client span, the router span and the worker span share one trace.
+
+Sampling follows the standard OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (the SDK reads them; the default is
+parentbased_always_on), so a worker's span follows its router's decision.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import TypeGuard
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str], ...]
+
+# A worker traces every so many steps of its group when tracing is on: a few steps a second while decoding, at a cost
+# far below 1% of the step (bench/tracing_overhead.py).
+STEP_SPANS_EVERY = 64
 
 
 def _exporter_name() -> str | None:
@@ -53,11 +65,48 @@ def configure_tracing(default_service_name: str) -> TracerProvider | None:
     if name is None:
         return None
     service = os.environ.get("OTEL_SERVICE_NAME") or default_service_name
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}), id_generator=AgreedIds())
     provider.add_span_processor(BatchSpanProcessor(_make_exporter(name)))
     trace.set_tracer_provider(provider)
-    log.info("tracing on: %s exporter, service %s", name, service)
+    log.info("tracing on: %s exporter, service %s, sampler %s", name, service, provider.sampler.get_description())
     return provider
+
+
+def tracing_on(provider: trace.TracerProvider) -> TypeGuard[TracerProvider]:
+    """Whether spans started through `provider` may be recorded (the API's default provider records nothing)."""
+    return isinstance(provider, TracerProvider)
+
+
+_AGREED: ContextVar[tuple[int, int] | None] = ContextVar("nanocp_agreed_ids", default=None)
+
+
+class AgreedIds(RandomIdGenerator):
+    """Random ids, except for a span started inside `agreed_ids`: how one member of a decode group starts a span
+    whose ids the other members computed too, so they can make it the parent of theirs without talking."""
+
+    def generate_trace_id(self) -> int:
+        agreed = _AGREED.get()
+        return agreed[0] if agreed is not None else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        agreed = _AGREED.get()
+        return agreed[1] if agreed is not None else super().generate_span_id()
+
+
+@contextlib.contextmanager
+def agreed_ids(trace_id: int, span_id: int) -> Iterator[None]:
+    """The span started inside gets these ids, when its provider was built with AgreedIds."""
+    token = _AGREED.set((trace_id, span_id))
+    try:
+        yield
+    finally:
+        _AGREED.reset(token)
+
+
+def step_ids(run_id: str, step: int) -> tuple[int, int]:
+    """The trace id and root span id of a group step's trace, the same on every member of the group's run."""
+    digest = hashlib.blake2b(f"{run_id}/{step}".encode(), digest_size=24).digest()
+    return int.from_bytes(digest[:16]) or 1, int.from_bytes(digest[16:]) or 1  # zero ids are invalid
 
 
 def inject_metadata(context: Context | None = None) -> Metadata:

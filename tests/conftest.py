@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 
 from nanocp.client import AsyncClient
 from nanocp.router.server import RouterServer, serve_router
+from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.v1 import router_pb2
 from nanocp.worker.engine import EngineConfig
 from nanocp.worker.offline import free_port
@@ -108,10 +109,13 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
         num_pages: int = 64,
         queue_size: int = 8,
         tracer_provider: TracerProvider | None = None,
+        step_spans_every: int = STEP_SPANS_EVERY,
     ) -> Cluster:
         config = EngineConfig(page_size=16, num_pages=num_pages, max_step_tokens=64, max_running=8)
         servers = {
-            f"w{i}": await serve_worker("tiny", config, HOST, 0, f"w{i}", tracer_provider=tracer_provider)
+            f"w{i}": await serve_worker(
+                "tiny", config, HOST, 0, f"w{i}", tracer_provider=tracer_provider, step_spans_every=step_spans_every
+            )
             for i in range(workers)
         }
         router = await serve_router(

@@ -1,5 +1,5 @@
-"""Prometheus endpoints: the router's (per-instance KV, home batch, live requests by CP degree, GenAI latency) and
-the workers' (steps, group verdicts, load)."""
+"""Prometheus endpoints: the router's (per-instance KV, home batch, live requests by CP degree, GenAI latency with
+trace exemplars, CP degrees) and the workers' (steps, group verdicts, load)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import urllib.request
 
 import grpc
 from conftest import HEARTBEAT_S, HOST, Cluster, wait_until
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from nanocp.client import AsyncClient
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
@@ -15,7 +20,7 @@ from nanocp.router.server import serve_router
 from nanocp.worker.engine import EngineConfig
 from nanocp.worker.metrics import StepMetrics
 from nanocp.worker.server import serve_worker
-from nanocp.worker.timing import Straggler
+from nanocp.worker.timing import StepRecord, Straggler
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -91,8 +96,47 @@ def test_only_rank_0_reports_the_group_verdicts() -> None:
     verdict = Straggler(rank=2, ratio=1.8, cause="attention")
     for rank in (0, 1):
         metrics = StepMetrics("w", rank)
-        metrics.verdict(verdict)
+        metrics.verdict(StepRecord(5, 1, 10, 0, 1, 0.01), verdict)
         count = metrics.registry.get_sample_value(
             "nanocp_group_slowest_steps_total", {"rank": "2", "cause": "attention"}
         )
         assert count == (1.0 if rank == 0 else None)
+
+
+async def test_router_latency_carries_the_requests_trace_as_exemplar_and_counts_cp_degrees(cluster: Cluster) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    router = await serve_router(
+        "tiny",
+        [cluster.worker_address("w0")],
+        HOST,
+        0,
+        metrics_port=0,
+        heartbeat_s=HEARTBEAT_S,
+        tracer_provider=provider,
+    )
+    assert router.metrics_port is not None
+    client = AsyncClient(f"{HOST}:{router.port}")
+    try:
+        chunks = [c async for c in client.generate([1, 2, 3], max_tokens=4, temperature=0.0, ignore_eos=True)]
+        assert chunks[-1].finish_reason == "length"
+        (span,) = [s for s in exporter.get_finished_spans() if s.name == "text_completion tiny"]
+        families = await asyncio.to_thread(scrape_openmetrics, router.metrics_port)
+        ttft = families["gen_ai_server_time_to_first_token_seconds"]
+        exemplars = [s.exemplar for s in ttft.samples if s.exemplar is not None]
+        assert [e.labels["trace_id"] for e in exemplars] == [format(span.context.trace_id, "032x")]
+        degrees = {s.name: s.value for s in families["nanocp_request_cp_degree"].samples}
+        assert degrees["nanocp_request_cp_degree_count"] == 1 and degrees["nanocp_request_cp_degree_sum"] == 1
+    finally:
+        await client.close()
+        await router.stop()
+
+
+def scrape_openmetrics(port: int) -> dict[str, Metric]:
+    """What Prometheus reads with exemplar storage on: the OpenMetrics exposition, exemplars included."""
+    request = urllib.request.Request(
+        f"http://{HOST}:{port}/metrics", headers={"Accept": "application/openmetrics-text"}
+    )
+    text = urllib.request.urlopen(request, timeout=5).read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}

@@ -1,5 +1,6 @@
-"""Tracing: one Generate makes a router span and a worker child span in one trace, with the GenAI attributes;
-tracing is configured from OTEL_* variables and stays off without them."""
+"""Tracing: one Generate makes a router span and a home worker child span in one trace, with the GenAI attributes and
+the placement; sampled step spans link to the requests they ran; tracing is configured from OTEL_* variables (sampler
+included) and stays off without them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 def provider(exporter: InMemorySpanExporter) -> TracerProvider:
-    provider = TracerProvider()
+    provider = TracerProvider(id_generator=telemetry.AgreedIds())  # as configure_tracing builds it
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider
 
@@ -62,12 +63,46 @@ async def test_generate_makes_a_router_span_with_a_worker_child_in_the_callers_t
         "gen_ai.response.finish_reasons": ("length",),
         "nanocp.home": "w0",
         "nanocp.cp_degree": 1,
+        "nanocp.shards": ("w0",),
     }
     assert {k: router.attributes.get(k) for k in expected} == expected  # type: ignore[union-attr]
     assert [e.name for e in router.events] == ["first_token"]
-    assert worker.attributes is not None and worker.attributes["nanocp.instance"] == "w0"
-    assert worker.attributes["gen_ai.usage.output_tokens"] == 5
+    home: dict[str, Any] = {
+        "gen_ai.request.model": "tiny",
+        "gen_ai.response.id": router.attributes["gen_ai.response.id"],  # type: ignore[index]
+        "gen_ai.usage.input_tokens": 4,
+        "gen_ai.usage.output_tokens": 5,
+        "nanocp.instance": "w0",
+        "nanocp.home": "w0",
+        "nanocp.cp_degree": 1,
+        "nanocp.shards": ("w0",),
+    }
+    assert {k: worker.attributes.get(k) for k in home} == home  # type: ignore[union-attr]
+    assert [e.name for e in worker.events] == ["first_token"]
     assert router.status.is_ok and worker.status.is_ok
+
+
+async def test_sampled_step_spans_carry_the_breakdown_and_link_to_the_requests_they_ran(
+    start_cluster: StartCluster, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    cluster = await start_cluster(tracer_provider=provider, step_spans_every=2)
+    chunks = [c async for c in cluster.client.generate([1, 2, 3, 4], max_tokens=7, temperature=0.0, ignore_eos=True)]
+    assert chunks[-1].finish_reason == "length"
+    await cluster.wait_all_pages_free()
+    spans = exporter.get_finished_spans()
+    request = by_name(spans, "nanocp.internal.v1.WorkerService/Submit")
+    steps = sorted((s for s in spans if s.name == "instance_step tiny"), key=step_number)
+    # Seven steps (the prefill, then six decodes), every second one traced; a lone instance's step is its own root.
+    assert [s.attributes["nanocp.step"] for s in steps] == [2, 4, 6]  # type: ignore[index]
+    for step in steps:
+        assert step.parent is None and step.context.trace_id != request.context.trace_id
+        assert [(link.context.span_id, dict(link.attributes or {})) for link in step.links] == [
+            (request.context.span_id, {"gen_ai.response.id": request.attributes["gen_ai.response.id"]})  # type: ignore[index]
+        ]
+        attributes = step.attributes or {}
+        assert attributes["nanocp.instance"] == "w0" and attributes["nanocp.step.home_tokens"] == 1
+        assert attributes["nanocp.step.attention_ms"] > 0 and attributes["nanocp.step.moe_ms"] > 0
+        assert "nanocp.slowest" not in attributes, "a lone instance has no group to be slowest in"
 
 
 async def test_failed_generate_marks_the_router_span_as_an_error(
@@ -121,6 +156,18 @@ def test_tracing_is_configured_from_otel_environment_variables(
         provider.shutdown()
 
 
+def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    monkeypatch.setattr(trace, "set_tracer_provider", lambda provider: None)
+    provider = telemetry.configure_tracing("nanocp-worker")
+    assert provider is not None
+    assert provider.sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.25}")
+    assert isinstance(provider.id_generator, telemetry.AgreedIds), "step spans need agreed ids"
+    provider.shutdown()
+
+
 def test_otel_service_name_overrides_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-router")
@@ -150,3 +197,7 @@ def test_trace_context_round_trips_through_grpc_metadata(provider: TracerProvide
 def test_metadata_without_trace_context_extracts_to_no_parent() -> None:
     context = telemetry.extract_context([("user-agent", "x"), ("bin-bin", b"\x00")])
     assert not trace.get_current_span(context).get_span_context().is_valid
+
+
+def step_number(span: ReadableSpan) -> int:
+    return int((span.attributes or {})["nanocp.step"])  # type: ignore[arg-type]

@@ -3,7 +3,8 @@
 Load is read at scrape time from the counts the router keeps anyway (no second bookkeeping): per instance KV pages
 committed and total, home batch, routed rows, readiness; live requests per CP degree; the admission queue. Latency
 is observed as it happens, with the OpenTelemetry GenAI names and bucket boundaries: time to first token and time
-per output token. Served over HTTP on the router's --metrics-port.
+per output token, each with the request's trace id as an exemplar when its span is sampled (shown in the OpenMetrics
+exposition); and the CP degree each request ended with. Served over HTTP on the router's --metrics-port.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+from opentelemetry import trace
 from prometheus_client import Histogram
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -72,10 +74,12 @@ class RouterCollector(Collector):
 # Bucket boundaries the OpenTelemetry GenAI semantic conventions advise, in seconds.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DEGREE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class LatencyMetrics:
-    """Time to first token (from the router receiving the request) and time per output token, per model."""
+    """Time to first token (from the router receiving the request) and time per output token, per model; and the
+    distribution of CP degrees."""
 
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
@@ -96,10 +100,25 @@ class LatencyMetrics:
             buckets=TPOT_BUCKETS,
             registry=self.registry,
         ).labels(model)
+        self._degree = Histogram(
+            "nanocp_request_cp_degree",
+            "the CP degree each placed request ended with (instances holding its KV)",
+            buckets=DEGREE_BUCKETS,
+            registry=self.registry,
+        )
 
-    def first_token(self, seconds: float) -> None:
-        self._ttft.observe(seconds)
+    def first_token(self, seconds: float, span: trace.Span) -> None:
+        self._ttft.observe(seconds, _exemplar(span))
 
-    def finished(self, seconds_after_first: float, tokens: int) -> None:
+    def finished(self, seconds_after_first: float, tokens: int, span: trace.Span) -> None:
         if tokens > 1:
-            self._tpot.observe(seconds_after_first / (tokens - 1))
+            self._tpot.observe(seconds_after_first / (tokens - 1), _exemplar(span))
+
+    def placed(self, cp_degree: int) -> None:
+        self._degree.observe(cp_degree)
+
+
+def _exemplar(span: trace.Span) -> dict[str, str] | None:
+    """The span's trace id when it is sampled: where the trace of this observation can be found."""
+    context = span.get_span_context()
+    return {"trace_id": format(context.trace_id, "032x")} if context.trace_flags.sampled else None

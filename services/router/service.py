@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from nanocp.client.chunk import finish_reason_name
 from nanocp.internal.v1 import worker_pb2
@@ -151,7 +152,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if live.placement is None or live.aborted:  # while queued, or between its placement and now
                 yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
                 return
-            span.set_attributes({"nanocp.home": live.placement.home, "nanocp.cp_degree": live.placement.cp_degree})
+            span.set_attributes(_placement_attributes(live.placement))
             async with aclosing(self._relay(live, valid, context, span)) as responses:
                 async for response in responses:
                     yield response
@@ -159,6 +160,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             span.set_attribute("gen_ai.usage.output_tokens", live.completion_tokens)
             del self._live[request_id]
             if live.placement is not None:
+                self.latency.placed(live.placement.cp_degree)  # the degree it ended with, after any growth
                 self._admission.release(live.placement)
 
     async def _relay(
@@ -187,14 +189,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 if live.completion_tokens == 0 and output.token_ids:
                     span.add_event("first_token")
                     live.first_token_at = time.perf_counter()
-                    self.latency.first_token(live.first_token_at - live.arrived)
+                    self.latency.first_token(live.first_token_at - live.arrived, span)
                 if output.needs_pages:
                     growth = asyncio.create_task(self._grow(live, home, span))
                     self._growths.add(growth)
                     growth.add_done_callback(self._growths.discard)
                 live.completion_tokens += len(output.token_ids)
                 if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                    self.latency.finished(time.perf_counter() - live.first_token_at, live.completion_tokens)
+                    self.latency.finished(time.perf_counter() - live.first_token_at, live.completion_tokens, span)
                     response.MergeFrom(self._finished(live, output.finish_reason, span))
                     yield response
                     return
@@ -233,6 +235,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self._ledger.commit(grown)
             live.placement, live.placement_grew = grown, True
             span.add_event("placement_grown", {"nanocp.cp_degree": grown.cp_degree, "nanocp.pages": pages})
+            span.set_attributes(_placement_attributes(grown))
         extend = worker_pb2.ExtendRequest(request_id=live.request_id)
         if grown is not None:
             extend.placement.CopyFrom(grown.to_proto())
@@ -311,3 +314,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     max_tokens=live.footprint.max_tokens,
                 )
         return response
+
+
+def _placement_attributes(placement: Placement) -> dict[str, AttributeValue]:
+    return {
+        "nanocp.home": placement.home,
+        "nanocp.cp_degree": placement.cp_degree,
+        "nanocp.shards": [shard.instance for shard in placement.shards],  # in position order, the tail last
+    }

@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
 from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
 from nanocp.worker.step_plan import StepInputs, build, outgoing
-from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
+from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exchange_row
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ GROW_AHEAD_PAGES = 2
 
 
 class StepObserver(Protocol):
-    def step(self, record: StepRecord) -> None: ...
+    def step(self, record: StepRecord, chunks: Sequence[Chunk]) -> None: ...
 
-    def verdict(self, straggler: Straggler) -> None: ...
+    def verdict(self, record: StepRecord, straggler: Straggler) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Engine:
         self.model = model
         self.config = config
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
-        self.timer = StepTimer(enabled=False)  # enable to break steps down (benchmarks, tracing)
+        self.timer = StepTimer(enabled=False, device=config.device)  # enable to break steps down (benchmarks, tracing)
         self.steps = StepLog()
         self.observer: StepObserver | None = None  # told of each step and each group verdict (metrics)
         self._step = 0  # numbered alike on every member: all run every step the group runs
@@ -233,16 +233,16 @@ class Engine:
         # The exchange also carries each instance's work in its last recorded step: every member learns who was
         # slowest and why, at no extra collective.
         last = self.steps.last()
-        previous = [last.step, *last.work_us()] if last is not None else [0, 0, 0, 0, 0]
+        previous = exchange_row(last)
         local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows, *previous]
-        with self.timer.section("exchange"):  # a member that arrives early waits here: arrival lag, not host work
+        with self.timer.section("arrival_lag", host=True):  # a member that arrives early waits here
             counts = self.group.exchange_counts(local)
         tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
         if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):
             straggler = Straggler.of([c[4:] for c in counts])
             self.steps.mark(last.step, straggler)
             if self.observer is not None:
-                self.observer.verdict(straggler)
+                self.observer.verdict(last, straggler)
         if tokens == 0 and meta == 0:
             return None
         incoming, incoming_counts = out.meta[:0], [0] * self.group.size
@@ -269,7 +269,7 @@ class Engine:
         """Runs a step of the scheduled chunks and samples for those that reach their last token; False when the
         whole group was idle."""
         start = time.perf_counter()
-        self.timer.seconds.clear()
+        self.timer.start_step()
         planned = self.plan_step(chunks)
         if planned is None:
             return False
@@ -301,11 +301,11 @@ class Engine:
             inputs.rows_routed,
             self.cache.pool.num_in_use,
             time.perf_counter() - start,
-            dict(self.timer.seconds),
+            *self.timer.take(),
         )
         self.steps.add(record)
         if self.observer is not None:
-            self.observer.step(record)
+            self.observer.step(record, chunks)
         return True
 
     def _finish(

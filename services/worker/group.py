@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import secrets
 import threading
 
 import torch
@@ -43,6 +44,8 @@ class Group:
         self._bell: dist.TCPStore | None = None  # its own connection: the loop thread blocks on `_store`
         self._bell_lock = threading.Lock()
         self._local_bell = threading.Event()
+        # Names this run of the group alike on every member (step traces derive their ids from it).
+        self.run_id = secrets.token_hex(8)
         if spec.size == 1:
             return
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -51,7 +54,10 @@ class Group:
         self._store = dist.TCPStore(
             spec.master_addr, spec.master_port, spec.size, is_master=spec.rank == 0, timeout=timeout
         )
+        if spec.rank == 0:  # rank 0's store is new each run; the others read the key once everyone has joined
+            self._store.set("nanocp/run_id", self.run_id)
         dist.init_process_group(backend, store=self._store, rank=spec.rank, world_size=spec.size, timeout=timeout)
+        self.run_id = self._store.get("nanocp/run_id").decode()
         self._bell = dist.TCPStore(spec.master_addr, spec.master_port, spec.size, is_master=False, timeout=timeout)
         log.info("rank %d of %d joined %s", spec.rank, spec.size, spec.name)
 

@@ -2,17 +2,21 @@
 
 Step time is this instance's; the straggler ratio and the slowest-step counts describe the whole group, so only
 rank 0 of a group observes them (every member holds the same verdicts). Served on the worker's --metrics-port.
+When the step was traced, its observations carry the step trace's id as an exemplar (shown in the OpenMetrics
+exposition, which Prometheus asks for when exemplar storage is on), so a slow bucket leads to the trace that explains
+it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nanocp.worker.request import EngineLoad
+from nanocp.worker.scheduler import Chunk
 from nanocp.worker.timing import StepRecord, Straggler
 
 STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -22,9 +26,11 @@ RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0)
 class StepMetrics:
     """What the engine reports after each step and each group verdict."""
 
-    def __init__(self, instance: str, rank: int) -> None:
+    def __init__(self, instance: str, rank: int, trace_id: Callable[[int], str | None] | None = None) -> None:
+        """`trace_id`: a step's trace id if it was traced (StepTracer.trace_id), for exemplars."""
         self.registry = CollectorRegistry()
         self._rank = rank
+        self._trace_id = trace_id
         self._step = Histogram(
             "nanocp_step",
             "this instance's decode step time",
@@ -45,13 +51,18 @@ class StepMetrics:
             registry=self.registry,
         )
 
-    def step(self, record: StepRecord) -> None:
-        self._step.observe(record.seconds)
+    def step(self, record: StepRecord, chunks: Sequence[Chunk]) -> None:
+        self._step.observe(record.seconds, self._exemplar(record.step))
 
-    def verdict(self, straggler: Straggler) -> None:
+    def verdict(self, record: StepRecord, straggler: Straggler) -> None:
         if self._rank == 0:
-            self._ratio.observe(straggler.ratio)
-            self._slowest.labels(str(straggler.rank), straggler.cause).inc()
+            exemplar = self._exemplar(record.step)
+            self._ratio.observe(straggler.ratio, exemplar)
+            self._slowest.labels(str(straggler.rank), straggler.cause).inc(1, exemplar)
+
+    def _exemplar(self, step: int) -> dict[str, str] | None:
+        trace_id = self._trace_id(step) if self._trace_id is not None else None
+        return {"trace_id": trace_id} if trace_id is not None else None
 
 
 class LoadCollector(Collector):

@@ -1,20 +1,30 @@
 """Runs a decode group offline: N engine processes on this machine, each given its own requests, until all finish.
 
-What tests (exactness across group sizes) and benchmarks (the step breakdown) use; the service path is the same
-engine driven by the worker server instead.
+What tests (exactness across group sizes, stragglers) and benchmarks (the step breakdown, tracing's overhead) use;
+the service path is the same engine driven by the worker server instead, watched by the same metrics and spans.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.openmetrics.exposition import generate_latest
+
+from nanocp.telemetry import AgreedIds
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
+from nanocp.worker.observe import watch_steps
 from nanocp.worker.request import RequestOutput, SamplingParams
 from nanocp.worker.shards import ShardSpec
 from nanocp.worker.timing import StepRecord
@@ -35,6 +45,8 @@ class RankResult:
     steps: list[StepRecord] = field(default_factory=list)  # sections are timed when asked for
     pages_in_use: int = 0  # at the end: anything left is a leak
     pages_committed: int = 0
+    spans: list[dict[str, Any]] = field(default_factory=list)  # its step spans (ReadableSpan.to_json()), if traced
+    metrics: str = ""  # its step metrics in the OpenMetrics exposition (exemplars included), if asked for
     error: str | None = None
 
 
@@ -51,10 +63,14 @@ def run_group(
     timing: bool = False,
     timeout_s: float = 120.0,
     delays: list[dict[str, float]] | None = None,
+    metrics: bool = False,
+    step_spans_every: int = 0,
 ) -> list[RankResult]:
     """One process per rank (len(requests_by_rank) of them); returns each rank's tokens and step times.
 
     `delays` (a test hook, with timing): per rank, seconds to sleep in named step sections, to make a straggler.
+    `metrics`: each rank keeps the worker's step metrics; `step_spans_every` (with timing): each rank traces every
+    so many steps into an in-memory exporter, as a worker with tracing on does.
 
     Raises RuntimeError naming the rank when one fails or the group does not finish within timeout_s.
     """
@@ -72,6 +88,7 @@ def run_group(
                 requests,
                 timing,
                 (delays or [{}] * size)[rank],
+                (metrics, step_spans_every),
                 results,
             ),
             daemon=True,
@@ -112,6 +129,7 @@ def _rank_main(
     requests: list[OfflineRequest],
     timing: bool,
     delays: dict[str, float],
+    watched: tuple[bool, int],
     results: mp.Queue[RankResult],
 ) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -123,6 +141,19 @@ def _rank_main(
         engine = Engine.from_spec(model, config, Group(spec, config.device, timeout_s=60))
         engine.timer.enabled = timing
         engine.timer.delays = delays
+        metrics, spans_every = watched
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(id_generator=AgreedIds())  # as nanocp.telemetry.configure_tracing builds it
+        if spans_every:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        step_metrics = watch_steps(
+            engine,
+            f"w{spec.rank}",
+            metrics=metrics,
+            tracer_provider=provider if spans_every else trace.NoOpTracerProvider(),
+            spans_every=spans_every,
+            request_spans={},
+        )
 
         def collect(out: RequestOutput) -> None:
             result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
@@ -132,6 +163,10 @@ def _rank_main(
         while engine.step():
             pass
         result.steps = engine.steps.after(0)
+        provider.force_flush()
+        result.spans = [json.loads(span.to_json()) for span in exporter.get_finished_spans()]
+        if step_metrics is not None:
+            result.metrics = generate_latest(step_metrics.registry).decode()
         load = engine.load()
         result.pages_in_use, result.pages_committed = load.pages_in_use, load.pages_committed
         engine.group.close()

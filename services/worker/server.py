@@ -18,13 +18,14 @@ from opentelemetry import trace
 
 from nanocp.grpc_server import GrpcServer
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
-from nanocp.telemetry import extract_context
+from nanocp.telemetry import STEP_SPANS_EVERY, extract_context
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.loop import EngineLoop
-from nanocp.worker.metrics import LoadCollector, StepMetrics
+from nanocp.worker.metrics import LoadCollector
+from nanocp.worker.observe import watch_steps
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from nanocp.worker.shards import ShardSpec
 
@@ -68,14 +69,25 @@ async def _abort(context: Any, span: trace.Span, code: grpc.StatusCode, message:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine_loop: EngineLoop, instance_id: str, tracer: trace.Tracer, domain: str = "") -> None:
+    def __init__(
+        self,
+        engine_loop: EngineLoop,
+        instance_id: str,
+        tracer: trace.Tracer,
+        domain: str = "",
+        request_spans: dict[str, trace.SpanContext] | None = None,
+    ) -> None:
+        """`request_spans`: where the recorded Submit spans of live requests are kept by request id, for the step
+        spans to link to."""
         self._domain = domain
         self._engine_loop = engine_loop
         self._engine = engine_loop.engine
         self._instance_id = instance_id
         self._tracer = tracer
+        self._request_spans = request_spans if request_spans is not None else {}
 
     async def Submit(self, request: worker_pb2.SubmitRequest, context: Any) -> AsyncIterator[worker_pb2.SubmitResponse]:
+        shards = [s.instance for s in request.placement.shards] or [self._instance_id]
         # The span is ended by hand, never made current: grpc may close this generator from another context.
         span = self._tracer.start_span(
             f"{SERVICE_NAME}/Submit",
@@ -85,14 +97,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "rpc.system": "grpc",
                 "gen_ai.request.model": self._engine.model_config.name,
                 "gen_ai.response.id": request.request_id,
+                "gen_ai.usage.input_tokens": len(request.prompt_token_ids),
                 "nanocp.instance": self._instance_id,
+                "nanocp.home": self._instance_id,
+                "nanocp.cp_degree": len(shards),
+                "nanocp.shards": shards,
             },
         )
+        if span.is_recording():
+            self._request_spans[request.request_id] = span.get_span_context()
         try:
             async with contextlib.aclosing(self._submit(request, context, span)) as responses:
                 async for response in responses:
                     yield response  # if grpc closes us here, aclosing aborts the request at once
         finally:
+            self._request_spans.pop(request.request_id, None)
             span.end()
 
     async def _submit(
@@ -122,6 +141,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             while not finished:
                 output = await outputs.get()
                 finished = output.finish_reason is not None
+                if output.completion_tokens == len(output.new_token_ids) > 0:
+                    span.add_event("first_token")
                 if output.error is not None:
                     code = _STATUS.get(output.error_code, grpc.StatusCode.INTERNAL)
                     await _abort(context, span, code, f"instance {self._instance_id}: {output.error}")
@@ -166,7 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     straggler_ratio=r.straggler.ratio if r.straggler else 0.0,
                     straggler_cause=r.straggler.cause if r.straggler else "",
                 )
-                for r in self._engine.steps.after(request.after_step)
+                for r in self._engine.steps.after(request.after_step, request.limit)
             ]
         )
 
@@ -224,6 +245,11 @@ class WorkerServer:
         return self._server.metrics_port
 
     @property
+    def engine(self) -> Engine:
+        """For in-process callers (tests, benchmarks) to read; only the engine thread may change it."""
+        return self._engine_loop.engine
+
+    @property
     def port(self) -> int:
         return self._server.port
 
@@ -253,13 +279,15 @@ async def serve_worker(
     domain: str = "",
     metrics_port: int | None = None,
     tracer_provider: trace.TracerProvider | None = None,
+    step_spans_every: int = STEP_SPANS_EVERY,
 ) -> WorkerServer:
     """Joins the decode group (alone by default), builds the engine for `model` (a preset or a model directory)
     with this rank's experts, and serves it; port 0 picks a port.
 
     A peer that dies or stalls past `collective_timeout_s` fails the group: live requests end UNAVAILABLE, the
     worker stops serving and `WorkerServer.failure` says why. Spans go to `tracer_provider`, or to the global one
-    that nanocp.telemetry.configure_tracing installs.
+    that nanocp.telemetry.configure_tracing installs; with tracing on, every `step_spans_every`-th step (0: none)
+    is traced too (nanocp.worker.step_trace).
     """
     spec = group or GroupSpec()
 
@@ -267,8 +295,17 @@ async def serve_worker(
         return Engine.from_spec(model, engine_config, Group(spec, engine_config.device, collective_timeout_s))
 
     engine = await asyncio.to_thread(build)
-    engine.timer.enabled = True  # host clocks around sections: microseconds a step, for GetSteps
-    metrics = engine.observer = StepMetrics(instance_id, spec.rank) if metrics_port is not None else None
+    engine.timer.enabled = True  # host clocks (CUDA events on GPU) around sections, for GetSteps and verdicts
+    provider = tracer_provider or trace.get_tracer_provider()
+    request_spans: dict[str, trace.SpanContext] = {}
+    metrics = watch_steps(
+        engine,
+        instance_id,
+        metrics=metrics_port is not None,
+        tracer_provider=provider,
+        spans_every=step_spans_every,
+        request_spans=request_spans,
+    )
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 
@@ -277,8 +314,7 @@ async def serve_worker(
         loop.call_soon_threadsafe(lambda: stopping.append(loop.create_task(worker.stop(grace=1.0))))
 
     engine_loop = EngineLoop(engine, on_fatal)
-    tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
-    servicer = WorkerServicer(engine_loop, instance_id, tracer, domain)
+    servicer = WorkerServicer(engine_loop, instance_id, provider.get_tracer(__name__), domain, request_spans)
     served = None
     if metrics is not None and metrics_port is not None:
         metrics.registry.register(LoadCollector(engine_loop.load))
