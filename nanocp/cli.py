@@ -1,9 +1,10 @@
-"""The `nanocp` command: run (an embedded local cluster), router, worker and generate."""
+"""The `nanocp` command: run (an embedded local cluster), router, worker, generate and top."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
 from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.worker.group_spec import GroupSpec
 
 
@@ -53,7 +55,7 @@ def _worker(args: argparse.Namespace) -> None:
     from nanocp.worker.group import GroupSpec
     from nanocp.worker.server import serve_worker
 
-    configure_tracing("nanocp-worker")
+    provider = configure_tracing("nanocp-worker")
     if args.threads:
         import torch
 
@@ -79,8 +81,11 @@ def _worker(args: argparse.Namespace) -> None:
             collective_timeout_s=args.collective_timeout,
             domain=args.topology_domain,
             metrics_port=args.metrics_port,
+            step_spans_every=args.step_spans_every,
         )
     )
+    if provider is not None:
+        provider.shutdown()  # sends the queued spans: os._exit below skips the SDK's own exit hook
     logging.shutdown()
     # A failed group must restart whole: exit non-zero, and at once (tearing down a broken group can hang).
     os._exit(1 if server.failure is not None else 0)
@@ -156,6 +161,15 @@ def _generate(args: argparse.Namespace) -> None:
         sys.exit(f"error: {exc}")
 
 
+def _top(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from nanocp.top import run_top
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanocp", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level of the servers (default INFO)")
@@ -190,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
+    )
+    worker.add_argument(
+        "--step-spans-every",
+        type=int,
+        default=STEP_SPANS_EVERY,
+        help=f"with tracing on, trace every Nth step of the group; 0: no step spans (default {STEP_SPANS_EVERY})",
     )
     worker.add_argument(
         "--topology-domain",
@@ -274,6 +294,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.add_argument("--ids", action="store_true", help="print token ids when there is no text")
     generate.set_defaults(func=_generate)
+
+    top = commands.add_parser("top", help="a live view of a cluster: KV occupancy, batch, step time, stragglers")
+    top.add_argument("--router", default="127.0.0.1:50051")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_top)
     return parser
 
 
