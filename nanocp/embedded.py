@@ -1,7 +1,9 @@
 """`nanocp run`: a router and workers as local processes on a small model, and a mixed workload through the SDK.
 
 Shows what a user of the service sees: tokens as they stream, where each request was placed, per-instance load,
-and latency (TTFT, TPOT, tokens/s). Every process it starts is stopped before it returns, whatever happens.
+and latency (TTFT, TPOT, tokens/s); then the stragglers, from the step logs and from the traces the processes sent
+to an OTLP receiver it runs (unless OTEL_* variables send them elsewhere). Every process it starts is stopped before
+it returns, whatever happens.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from rich.table import Table
 
 from nanocp.client import AsyncClient, Client, NanocpError
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.step_traces import request_trees, step_traces
+from nanocp.telemetry import tracing_unset
+from nanocp.trace_receiver import ReceivedSpan, TraceReceiver
 from nanocp.v1 import router_pb2
+from nanocp.worker.timing import WORK
+
+# `nanocp run` traces every so many steps: denser than a server's default, so a short demo traces a few dozen.
+TRACED_STEPS_EVERY = 4
 
 
 @dataclass
@@ -37,6 +46,7 @@ class Stream:
     name: str
     prompt: str
     max_tokens: int
+    request_id: str = ""
     start: float = 0.0
     first_token: float | None = None
     end: float | None = None
@@ -92,9 +102,15 @@ class LocalCluster:
 
 @contextlib.contextmanager
 def local_cluster(
-    model: str, num_workers: int, router_args: list[str], console: Console, worker_args: tuple[str, ...] = ()
+    model: str,
+    num_workers: int,
+    router_args: list[str],
+    console: Console,
+    worker_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[LocalCluster]:
-    """Starts a decode group of workers and a router as child processes; stops them all on exit."""
+    """Starts a decode group of workers and a router as child processes (with `env` added to this process's
+    environment); stops them all on exit."""
     *worker_ports, router_port, rendezvous_port = free_ports(num_workers + 2)
     threads = max(1, (os.cpu_count() or 1) // num_workers)
     logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
@@ -104,7 +120,9 @@ def local_cluster(
         # Each process logs to its own file, so the live view stays readable.
         with open(logs / f"{name}.log", "wb") as log:
             command = [sys.executable, "-m", "nanocp", *args]
-            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            )
 
     try:
         for i, port in enumerate(worker_ports):
@@ -170,7 +188,9 @@ async def _run_stream(client: AsyncClient, stream: Stream, delay: float, seed: i
     await asyncio.sleep(delay)
     stream.start = time.perf_counter()
     stream.finish = "running"
-    async for chunk in client.generate(stream.prompt, max_tokens=stream.max_tokens, temperature=0.8, seed=seed):
+    call = client.generate(stream.prompt, max_tokens=stream.max_tokens, temperature=0.8, seed=seed)
+    stream.request_id = call.request_id
+    async for chunk in call:
         now = time.perf_counter()
         if chunk.placement is not None:
             stream.home = chunk.placement.home
@@ -286,6 +306,40 @@ def summary(streams: list[Stream], peaks: dict[str, tuple[int, float]], wall: fl
     return [latency, balance]
 
 
+def trace_table(spans: list[ReceivedSpan], streams: list[Stream], shown: int = 6) -> Table:
+    """The traced group steps with the largest straggler ratios: who paced each, why, and whom it slowed."""
+    traces = step_traces(spans)
+    names = {s.request_id: s.name for s in streams}
+    table = Table(
+        "step",
+        "slowest",
+        "cause",
+        "ratio",
+        " / ".join(WORK) + " ms",
+        "requests it slowed",
+        "trace id",
+        title="straggler traces",
+    )
+    for t in sorted(sorted(traces, key=lambda t: t.ratio)[-shown:], key=lambda t: t.step):
+        slowed = [names.get(r, r[:8]) for r in t.slowed]
+        table.add_row(
+            str(t.step),
+            t.slowest,
+            t.cause,
+            f"{t.ratio:.2f}",
+            " / ".join(f"{t.work_ms[name]:.1f}" for name in WORK) if t.work_ms else "-",
+            f"{len(slowed)}: {', '.join(slowed[:3])}{', ...' if len(slowed) > 3 else ''}",
+            t.trace_id,
+        )
+    trees, traced = request_trees(spans)
+    table.caption = (
+        f"{len(traces)} group steps traced (every {TRACED_STEPS_EVERY}th), the {min(shown, len(traces))} with the "
+        f"largest ratios shown (the slowest instance's own breakdown); {trees} of {traced} requests traced from the "
+        "router to their home worker"
+    )
+    return table
+
+
 def run(
     model: str,
     num_workers: int,
@@ -296,15 +350,29 @@ def run(
     router_args: list[str],
 ) -> None:
     """`router_args` pass through to `nanocp router` (policy and its settings)."""
-    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole tables
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables
     streams = workload(num_requests, long_every, long_tokens)
-    with local_cluster(model, num_workers, router_args, console) as cluster:
-        start = time.perf_counter()
-        peaks = asyncio.run(drive(cluster.router, streams, console, interval))
-        wall = time.perf_counter() - start
-        logs = asyncio.run(step_logs(cluster.workers))
-    for table in summary(streams, peaks, wall):
-        console.print(table)
-    if num_workers > 1:
-        console.print(straggler_table(logs, [f"w{i}" for i in range(num_workers)]))
+    # Traces go to a receiver of our own, unless the OTEL_* variables send them elsewhere (or turn them off).
+    receiver = TraceReceiver.start() if tracing_unset() else None
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"} if receiver else {}
+    worker_args = ("--step-spans-every", str(TRACED_STEPS_EVERY))
+    try:
+        with local_cluster(model, num_workers, router_args, console, worker_args, env) as cluster:
+            start = time.perf_counter()
+            peaks = asyncio.run(drive(cluster.router, streams, console, interval))
+            wall = time.perf_counter() - start
+            logs = asyncio.run(step_logs(cluster.workers))
+        for table in summary(streams, peaks, wall):
+            console.print(table)
+        if num_workers > 1:
+            console.print(straggler_table(logs, [f"w{i}" for i in range(num_workers)]))
+        if receiver is not None:  # every process sent its last spans as it stopped
+            console.print(trace_table(receiver.spans(), streams))
+            console.print(
+                f"spans went over OTLP/gRPC to {receiver.endpoint}; docs/observability.md shows how to send them to "
+                "Jaeger, Tempo or Phoenix instead"
+            )
+    finally:
+        if receiver is not None:
+            receiver.stop()
     console.print("all processes stopped; every instance's KV pool is back to empty")

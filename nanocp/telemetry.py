@@ -34,6 +34,10 @@ Metadata = tuple[tuple[str, str], ...]
 STEP_SPANS_EVERY = 64
 
 
+_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+_SWITCHES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", *_ENDPOINTS)
+
+
 def _exporter_name() -> str | None:
     """The trace exporter the environment selects, or None when tracing stays off."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -41,8 +45,12 @@ def _exporter_name() -> str | None:
     name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if name:
         return None if name == "none" else name
-    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    return "otlp" if any(os.environ.get(e) for e in endpoints) else None
+    return "otlp" if any(os.environ.get(e) for e in _ENDPOINTS) else None
+
+
+def tracing_unset() -> bool:
+    """True when no OTEL_* variable says whether or where traces go."""
+    return not any(os.environ.get(name) for name in _SWITCHES)
 
 
 def _make_exporter(name: str) -> SpanExporter:

@@ -14,13 +14,16 @@ from conftest import Cluster
 def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> None:
     command = [sys.executable, "-m", "nanocp", "run", "--requests", "4", "--long-every", "2", "--long-tokens", "600"]
     # Its own process group, so anything it leaves behind can be found afterwards.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # traces go to the run's own receiver
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
     ) as run:
         out, err = run.communicate(timeout=240)
     assert run.returncode == 0, err[-2000:]
     for expected in ("short-0", "long-1", "TTFT ms", "TPOT ms", "peak home batch", "stragglers", "back to empty"):
         assert expected in out
+    # The traces the processes sent to the run's own OTLP receiver: group steps naming their slowest instance.
+    assert "straggler traces" in out and "requests it slowed" in out
     try:
         os.killpg(run.pid, 0)
     except ProcessLookupError:

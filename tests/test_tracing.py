@@ -16,6 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from nanocp import telemetry
 from nanocp.client import DeadlineExceeded
 
+ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
 
 @pytest.fixture
 def exporter() -> InMemorySpanExporter:
@@ -166,6 +168,15 @@ def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.Monke
     assert provider.sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.25}")
     assert isinstance(provider.id_generator, telemetry.AgreedIds), "step spans need agreed ids"
     provider.shutdown()
+
+
+def test_tracing_is_unset_until_an_otel_variable_says_whether_or_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", *ENDPOINTS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "x")  # says nothing about whether spans are sent
+    assert telemetry.tracing_unset()
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not telemetry.tracing_unset()
 
 
 def test_otel_service_name_overrides_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
