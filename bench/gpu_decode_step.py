@@ -1,15 +1,15 @@
-"""Decode step time of the engine on one GPU with the Qwen3-30B-A3B shapes (random bf16 weights), eager, over batch
-size and context length, and the bytes a step must read over that time as a fraction of the GPU's copy bandwidth.
+"""Decode step time of the engine on one GPU with the Qwen3-30B-A3B shapes (random bf16 weights), with its CUDA
+graphs and eagerly, over batch size and context length, and the bytes a step must read over that time as a fraction
+of the GPU's copy bandwidth.
 
 The engine's own steps are timed (Engine.step: planning on the host, the model, sampling; the step's wall time as
 StepRecord records it, which ends after the sampled tokens reach the host). For each context length one batch of
 the largest size is prefilled once, then decode steps are timed at each batch size, largest first, aborting requests
-to shrink the batch. Bytes a step must read: the weights of every expert the step's tokens touch in each layer
-(counted in one extra step), attention, router and norm weights, the LM head, and the KV the step's rows attend
-(StepRecord.kv_tokens_read). Beside each point, the model forward of one planned step alone, eager and replayed as a
-CUDA graph of that step: how much of the step is host overhead that graphs remove. The model's max_context is raised
-to hold 64K contexts (decode time does not depend on the rotary scaling). Writes bench/results/gpu_decode_step.json
-(or --out) and, where matplotlib is, a plot.
+to shrink the batch: first replaying the engine's graphs, then with the graphs set aside (every step eager). Bytes a
+step must read: the weights of every expert the step's tokens touch in each layer (counted in one extra eager step),
+attention, router and norm weights, the LM head, and the KV the step's rows attend (StepRecord.kv_tokens_read). The
+model's max_context is raised to hold 64K contexts (decode time does not depend on the rotary scaling). Writes
+bench/results/gpu_decode_step.json (or --out) and, where matplotlib is, a plot.
 
     python3 bench/gpu_decode_step.py --kind nvidia-h200 [--out DIR] [--steps 10]
     python3 bench/gpu_decode_step.py --plot bench/results/gpu_decode_step.json   # the plot alone
@@ -18,15 +18,17 @@ to hold 64K contexts (decode time does not depend on the rotary scaling). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
+from gpu_timing import copy_bandwidth
 
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.worker.engine import Engine, EngineConfig
@@ -57,7 +59,8 @@ def weight_bytes(config: ModelConfig, experts_touched: list[int]) -> dict[str, i
 
 
 def count_touched_experts(engine: Engine) -> list[int]:
-    """Runs one step with hooks that count each layer's distinct experts (they sync: this step is not timed)."""
+    """Runs one eager step with hooks that count each layer's distinct experts (they sync: this step is not
+    timed)."""
     touched: list[int] = []
 
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], _: Any) -> None:
@@ -84,25 +87,18 @@ def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
     return statistics.median(r.seconds for r in records), int(statistics.median(r.kv_tokens_read for r in records))
 
 
-def forward_ms(engine: Engine) -> tuple[float, float | None, str | None]:
-    """The model forward of one planned decode step alone (no planning, no sampling), eager and replayed as a CUDA
-    graph, in ms, with the capture's error if it failed. Replays rerun that one step (its K, V go to the same slots):
-    what graphs in the engine would cost, less the per-step plan refresh and input copies."""
-    planned = engine.plan_step(engine.scheduler.schedule())
-    assert planned is not None
-    inputs, _ = planned
+def eager(engine: Engine) -> contextlib.AbstractContextManager[None]:
+    """Sets the engine's graphs aside: every step runs eagerly, as a GPU engine without graphs does."""
 
-    def forward() -> torch.Tensor:
-        return engine.model(inputs.token_ids, inputs.context)
-
-    with torch.inference_mode():
-        forward()  # plans the step's attention, as the first layer of a step does
-        eager = bench_ms(forward)
+    @contextlib.contextmanager
+    def graphs_aside() -> Iterator[None]:
+        graphs, engine.graphs = engine.graphs, None
         try:
-            replay, _ = graphed(forward)
-        except RuntimeError as exc:
-            return eager, None, str(exc).splitlines()[0]
-        return eager, bench_ms(replay), None
+            yield
+        finally:
+            engine.graphs = graphs
+
+    return graphs_aside()
 
 
 def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
@@ -125,7 +121,10 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         device="cuda",
         dtype="bfloat16",
     )
+    captured = time.perf_counter()
     engine = Engine(config, model, engine_config)
+    assert engine.graphs is not None
+    print(f"captured {len(engine.graphs.sizes)} graphs in {time.perf_counter() - captured:.1f} s", flush=True)
     print(f"KV pool: {engine_config.num_pages} pages ({engine_config.num_pages * PAGE} tokens)", flush=True)
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -147,29 +146,31 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
             for request_id in ids[batch:]:
                 engine.abort(request_id)
             ids = ids[:batch]
-            seconds, kv_tokens = time_decode(engine, steps)
-            eager_ms, graph_ms, graph_error = forward_ms(engine)
-            touched = count_touched_experts(engine)
+            replays = engine.graphs.replays
+            graph_s, kv_tokens = time_decode(engine, steps)
+            assert engine.graphs.replays - replays == WARMUP_STEPS + steps, "every timed step replays a graph"
+            with eager(engine):
+                eager_s, _ = time_decode(engine, steps)
+                touched = count_touched_experts(engine)
             weights = weight_bytes(config, touched)
             total = sum(weights.values()) + kv_tokens * kv_token_bytes
             point = {
                 "batch": batch,
                 "context": ctx,
-                "step_ms": seconds * 1e3,
+                "graph_step_ms": graph_s * 1e3,
+                "eager_step_ms": eager_s * 1e3,
+                "eager_over_graph": eager_s / graph_s,
                 "kv_tokens_read": kv_tokens,
                 "experts_touched_per_layer": statistics.mean(touched),
                 "bytes": {**weights, "kv": kv_tokens * kv_token_bytes, "total": total},
-                "bandwidth_fraction": total / seconds / bandwidth,
-                "forward_eager_ms": eager_ms,
-                "forward_graph_ms": graph_ms,
-                "forward_graph_bandwidth_fraction": None if graph_ms is None else total / (graph_ms / 1e3) / bandwidth,
-                "graph_error": graph_error,
+                "graph_bandwidth_fraction": total / graph_s / bandwidth,
+                "eager_bandwidth_fraction": total / eager_s / bandwidth,
             }
             points.append(point)
             print(
-                f"batch {batch:4d} ctx {ctx:6d}: {point['step_ms']:.2f} ms, {total / 1e9:.1f} GB, "
-                f"{100 * point['bandwidth_fraction']:.1f}% of copy bandwidth; forward eager {eager_ms:.2f} ms, "
-                f"graph {graph_ms if graph_ms is None else round(graph_ms, 2)} ms {graph_error or ''}",
+                f"batch {batch:4d} ctx {ctx:6d}: {total / 1e9:.1f} GB; graphs {1e3 * graph_s:.2f} ms "
+                f"({100 * point['graph_bandwidth_fraction']:.1f}% of copy bandwidth), eager {1e3 * eager_s:.2f} ms "
+                f"({100 * point['eager_bandwidth_fraction']:.1f}%)",
                 flush=True,
             )
         for request_id in ids:
@@ -179,9 +180,9 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         "kind": kind,
         "torch": torch.__version__,
         "model": "qwen3-30b-a3b shapes, random bf16 weights, max_context raised to hold 64K",
-        "mode": "eager engine steps; the model forward of one step also eager and as a CUDA graph replay",
-        "timing": f"step: median Engine.step wall time (StepRecord.seconds) over {steps} decode steps after "
-        f"{WARMUP_STEPS} warm-up steps; forward: {TIMING}",
+        "mode": "engine steps replaying the engine's CUDA graphs, then with the graphs set aside (eager)",
+        "timing": f"median Engine.step wall time (StepRecord.seconds) over {steps} decode steps after "
+        f"{WARMUP_STEPS} warm-up steps, each mode",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "page_size": PAGE,
         "num_pages": engine_config.num_pages,
@@ -203,15 +204,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         chosen = sorted((p for p in result["points"] if p["context"] == ctx), key=lambda p: p["batch"])
         batches = [p["batch"] for p in chosen]
         label = f"context {ctx // 1024}K"
-        (line,) = time_ax.plot(batches, [p["step_ms"] for p in chosen], marker="o", label=f"{label}, engine step")
-        bw_ax.plot(batches, [100 * p["bandwidth_fraction"] for p in chosen], marker="o", label=label)
-        graphed = [p for p in chosen if p.get("forward_graph_ms") is not None]
-        if graphed:
-            batches, style = [p["batch"] for p in graphed], {"marker": "x", "ls": "--", "color": line.get_color()}
-            graph_label = f"{label}, forward graph"
-            time_ax.plot(batches, [p["forward_graph_ms"] for p in graphed], **style, label=graph_label)
-            fractions = [100 * p["forward_graph_bandwidth_fraction"] for p in graphed]
-            bw_ax.plot(batches, fractions, **style, label=graph_label)
+        (line,) = time_ax.plot(batches, [p["graph_step_ms"] for p in chosen], marker="o", label=f"{label}, graphs")
+        bw_ax.plot(batches, [100 * p["graph_bandwidth_fraction"] for p in chosen], marker="o", label=f"{label}, graphs")
+        style = {"marker": "x", "ls": "--", "color": line.get_color()}
+        time_ax.plot(batches, [p["eager_step_ms"] for p in chosen], **style, label=f"{label}, eager")
+        bw_ax.plot(batches, [100 * p["eager_bandwidth_fraction"] for p in chosen], **style, label=f"{label}, eager")
     for ax in (time_ax, bw_ax):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (decoding requests)")
@@ -219,7 +216,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize="small")
     time_ax.set_ylabel("ms")
     bw_ax.set_ylabel("bytes read / step time (% of copy bandwidth)")
-    fig.suptitle(f"Qwen3-30B-A3B shapes: eager engine step and graphed model forward, {result['device']}")
+    fig.suptitle(f"Qwen3-30B-A3B shapes: engine decode step with CUDA graphs and eager, {result['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -7,7 +7,8 @@ writes log-sum-exp in base 2; it is converted to the interface's natural log her
 A step's metadata is planned once (plan() runs on the host) and every layer reuses the plan. Wrappers are costly to
 make (workspaces, pinned buffers), so they live in a pool per device: a metadata borrows one wrapper per kind and
 hands it back when it is garbage-collected, so several metadata objects of one step (local and routed queries) keep
-their own plans. CUDA graphs will want one wrapper per batch bucket made with use_cuda_graph=True: another pool.
+their own plans. CUDA graphs use GraphDecode instead: a wrapper of a fixed batch, planned on the host before each
+replay into buffers the captured kernels read.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _rows(meta: AttentionMetadata, segments: list[int], device: torch.device) ->
     return torch.tensor([r for start, end in ranges for r in range(start, end)], device=device)
 
 
-def _pages(
+def page_table(
     meta: AttentionMetadata, segments: list[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's page table for the segments: (indptr, indices, last_page_len), with exactly the pages that hold
@@ -112,7 +113,7 @@ def _plan(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, scale
     launches = []
     if singles:
         wrapper = _take_wrapper(q.device, "decode")
-        indptr, indices, last = _pages(meta, singles, q.device)
+        indptr, indices, last = page_table(meta, singles, q.device)
         wrapper.plan(indptr, indices, last, num_heads, num_kv_heads, dim, meta.page_size, **dtypes)
         launches.append(_Launch(wrapper, _rows(meta, singles, q.device)))
         weakref.finalize(meta, _give_back, q.device, "decode", wrapper)
@@ -121,7 +122,7 @@ def _plan(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, scale
         qo_indptr = torch.tensor(
             list(accumulate((meta.qo_indptr[b + 1] - meta.qo_indptr[b] for b in multis), initial=0)), dtype=torch.int32
         )
-        indptr, indices, last = _pages(meta, multis, q.device)
+        indptr, indices, last = page_table(meta, multis, q.device)
         # FlashInfer's causal mask aligns a segment's queries with its last keys, as the interface says.
         wrapper.plan(
             qo_indptr, indptr, indices, last, num_heads, num_kv_heads, dim, meta.page_size, causal=meta.causal, **dtypes
@@ -160,3 +161,53 @@ def paged_attention(
             out[launch.rows] = o
             lse[launch.rows] = s
     return out, lse.mul_(LN2)
+
+
+class GraphDecode:
+    """Batch decode of a fixed number of rows for a CUDA graph: the plan's tables live in buffers the captured
+    kernels read, so each replay runs on the step planned just before it.
+
+    A step with fewer rows than the graph pads the rest: each padding row attends one token of `PAD_PAGE`, and its
+    output is dropped by the caller.
+    """
+
+    PAD_PAGE = 0
+
+    def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
+        """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them."""
+        import flashinfer
+
+        if device not in _workspaces:
+            _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.rows = rows
+        self.plan_args = plan_args
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            _workspaces[device],
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=torch.zeros(max_pages + rows, dtype=torch.int32, device=device),
+            paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
+            backend=BACKEND,
+        )
+
+    def plan(self, meta: AttentionMetadata | None) -> None:
+        """Plans the segments of `meta` (one row each, in row order; None: none) and pads to the graph's rows."""
+        device = self.wrapper.device
+        if meta is None:
+            indptr = torch.zeros(1, dtype=torch.int32)
+            indices = torch.zeros(0, dtype=torch.int32, device=device)
+            last = torch.zeros(0, dtype=torch.int32)
+        else:
+            indptr, indices, last = page_table(meta, list(range(meta.num_segments)), device)
+        padding = self.rows - (len(indptr) - 1)
+        indptr = torch.cat((indptr, indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)))
+        indices = torch.cat((indices, indices.new_full((padding,), self.PAD_PAGE)))
+        last = torch.cat((last, torch.ones(padding, dtype=torch.int32)))
+        with torch.inference_mode(False):  # the wrapper's buffers are normal tensors, updated in place
+            self.wrapper.plan(indptr, indices, last, **self.plan_args)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q: (rows, heads, dim); the output of every row, padding rows included."""
+        return self.wrapper.run(q, (k_cache, v_cache))

@@ -69,6 +69,8 @@ def _worker(args: argparse.Namespace) -> None:
         device=args.device,
         seed=args.seed,
         dtype=args.dtype,
+        cuda_graphs=not args.no_cuda_graphs,
+        graph_max_batch=args.graph_max_batch,
     )
     server = _serve_until_signalled(
         lambda: serve_worker(
@@ -202,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--seed", type=int, default=0, help="seed of preset weights and unseeded samplers")
     worker.add_argument("--dtype", default=None, help="override the model's dtype (float32, bfloat16)")
     worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    worker.add_argument(
+        "--no-cuda-graphs", action="store_true", help="run every step eagerly (default: decode steps replay graphs)"
+    )
+    worker.add_argument(
+        "--graph-max-batch", type=int, default=256, help="the largest decode batch captured as a graph (default 256)"
+    )
     worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
     )

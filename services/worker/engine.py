@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -18,6 +19,7 @@ import torch
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.worker.comm import Route
+from nanocp.worker.cuda_graphs import DecodeGraphs, unsupported
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache
@@ -61,9 +63,11 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0  # random weights of presets, and samplers of requests that give no seed
     dtype: str | None = None  # overrides the model's dtype
+    cuda_graphs: bool = True  # decode steps of a lone instance replay graphs captured at start-up, where supported
+    graph_max_batch: int = 256  # the largest batch graphed (capped by max_running); larger batches run eagerly
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "num_pages", "max_step_tokens", "max_running"):
+        for name in ("page_size", "num_pages", "max_step_tokens", "max_running", "graph_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_running > self.max_step_tokens:
@@ -89,6 +93,8 @@ class Engine:
         self._frees: dict[int, list[int]] = {}  # holder rank -> keys of ended requests whose shards it must free
         self._keys = itertools.count(self.group.rank << 40)  # unique in the group: the rank is in the high bits
         self._seeds = random.Random(config.seed)
+        self.graphs = self._capture_graphs()
+        self.eager_steps: Counter[str] = Counter()  # steps a graph could not take, by why
 
     @classmethod
     def from_spec(cls, model: str, config: EngineConfig, group: Group | None = None) -> Engine:
@@ -106,6 +112,24 @@ class Engine:
             model_config.num_experts,
         )
         return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if not self.config.cuda_graphs:
+            return None
+        why = unsupported(self.model_config, self.cache.k.dtype, self.config.device)
+        if why is None and self.group.size > 1:
+            why = "a group's routes vary in size from step to step"
+        if why is not None:
+            if self.config.device != "cpu":
+                log.info("decode steps run eagerly: %s", why)
+            return None
+        graphs = DecodeGraphs(self.model, self.cache, min(self.config.max_running, self.config.graph_max_batch))
+
+        def progress(done: int, total: int) -> None:
+            log.info("captured decode graph %d of %d", done, total)
+
+        graphs.capture(progress)
+        return graphs
 
     def add_request(
         self,
@@ -277,7 +301,7 @@ class Engine:
         inputs, any_tokens = planned
         if not any_tokens:
             return True
-        hidden = self.model(inputs.token_ids, inputs.context)
+        hidden = self._forward(inputs)
         tokens: list[int] = []
         if inputs.sampling_chunks:
             logits = self.model.logits(hidden[inputs.sample_rows])
@@ -307,6 +331,16 @@ class Engine:
         if self.observer is not None:
             self.observer.step(record, chunks)
         return True
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The model over the step's rows: by a graph's replay when one fits, else eagerly."""
+        if self.graphs is None:
+            return self.model(inputs.token_ids, inputs.context)
+        meta = inputs.plan.decode_metadata()
+        if meta is None or len(inputs.token_ids) > self.graphs.max_batch:
+            self.eager_steps["prefill or routes" if meta is None else "batch beyond the largest graph"] += 1
+            return self.model(inputs.token_ids, inputs.context)
+        return self.graphs.forward(inputs, meta)
 
     def _finish(
         self,

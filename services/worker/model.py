@@ -7,6 +7,7 @@ and the attention metadata, as in nano-vllm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,6 @@ from torch import nn
 
 from nanocp import kernels
 from nanocp.model_config import ModelConfig
-from nanocp.worker.attention_plan import AttentionPlan
 from nanocp.worker.comm import Route
 from nanocp.worker.timing import StepTimer
 
@@ -31,10 +31,26 @@ class ExpertShard:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+class StepAttention(Protocol):
+    """A step's attention, run by every layer: stores the rows' K, V and returns their attention output. An
+    AttentionPlan (eager, any placement) or a CUDA graph's decode attention."""
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        timer: StepTimer,
+    ) -> torch.Tensor: ...
+
+
 @dataclass
 class StepContext:
     positions: torch.Tensor  # (tokens,) position of each token in its request
-    attention: AttentionPlan
+    attention: StepAttention
     k_cache: torch.Tensor  # (layers, pages, page_size, kv_heads, head_dim)
     v_cache: torch.Tensor
     timer: StepTimer = field(default_factory=lambda: StepTimer(enabled=False))
@@ -137,8 +153,11 @@ class SparseMoE(nn.Module):
                 y = self._local_experts(x[token_of], flat[order])
         else:
             y = self._routed_experts(x[token_of], flat, timer)
-        y = y * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, y)
+        # Each token's k outputs summed in a fixed order (no atomics): steps are deterministic, so a CUDA graph's
+        # replay, an eager step and every member of a group compute alike.
+        by_token = torch.empty_like(y)
+        by_token[order] = y
+        return (by_token.view(*weights.shape, x.shape[-1]) * weights[..., None]).sum(dim=1)
 
     def _local_experts(self, rows: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor:
         """A lone instance holds every expert: rows sorted by expert are the experts' input as they are, and the

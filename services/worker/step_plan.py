@@ -93,6 +93,7 @@ def outgoing(chunks: list[Chunk], rank: int, size: int, page_size: int, frees: d
 class StepInputs:
     token_ids: torch.Tensor
     context: StepContext
+    plan: AttentionPlan  # the context's attention
     sample_rows: torch.Tensor  # rows whose hidden state gives a next-token distribution
     sampling_chunks: list[Chunk]
     kv_tokens_read: int  # by this instance's attention, per layer
@@ -222,6 +223,7 @@ def build(
     return StepInputs(
         tensor(token_ids),
         context,
+        plan,
         tensor(sample_rows),
         [c for c in chunks if c.samples],
         kv_tokens_read=sum(s.kv_len for s in segments),

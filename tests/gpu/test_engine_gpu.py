@@ -10,6 +10,7 @@ Skips without CUDA. On the GPU machine: python3 -m pytest --noconftest -q tests/
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,12 @@ def to_gpu(model: Qwen3Moe) -> Qwen3Moe:
     return model
 
 
-def engines(spec: str) -> tuple[Engine, Engine]:
+def engines(spec: str, gpu: EngineConfig = GPU) -> tuple[Engine, Engine]:
     cpu = Engine.from_spec(spec, CONFIG)
     if Path(spec).is_dir():
-        return cpu, Engine.from_spec(spec, GPU)
+        return cpu, Engine.from_spec(spec, gpu)
     model_config = load_model_config(spec, dtype="bfloat16")
-    return cpu, Engine(model_config, to_gpu(build_model(cpu.model_config, "cpu", CONFIG.seed)), GPU)
+    return cpu, Engine(model_config, to_gpu(build_model(cpu.model_config, "cpu", CONFIG.seed)), gpu)
 
 
 def prompt_logits(engine: Engine, batch: list[list[int]]) -> torch.Tensor:
@@ -89,9 +90,12 @@ def generate(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
     return [outputs[f"g{i}"] for i in range(len(batch))]
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 @pytest.mark.parametrize("spec", ["tiny", "checkpoint"])
-def test_gpu_bf16_engine_matches_cpu_float32(spec: str, checkpoint: Path) -> None:
-    cpu, gpu = engines(str(checkpoint) if spec == "checkpoint" else spec)
+def test_gpu_bf16_engine_matches_cpu_float32(spec: str, graphs: bool, checkpoint: Path) -> None:
+    """Decode steps replay CUDA graphs where the model takes FlashInfer (the checkpoint's heads of 64)."""
+    cpu, gpu = engines(str(checkpoint) if spec == "checkpoint" else spec, replace(GPU, cuda_graphs=graphs))
+    assert (gpu.graphs is not None) == (graphs and spec == "checkpoint")
     assert gpu.model.embed.weight.dtype == torch.bfloat16 and gpu.cache.k.is_cuda
     batch = prompts(cpu.model_config.vocab_size)
     expected, got = prompt_logits(cpu, batch), prompt_logits(gpu, batch).float()
