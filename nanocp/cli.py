@@ -1,4 +1,4 @@
-"""The `nanocp` command: run (an embedded local cluster), router, worker, generate and top."""
+"""The `nanocp` command: run (an embedded local cluster), router, worker, generate, top and sim (the simulator)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
 from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.sim.cli import add_sim_parser
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.worker.group_spec import GroupSpec
 
@@ -309,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.set_defaults(func=_top)
+
+    add_sim_parser(commands)
     return parser
 
 

@@ -2,11 +2,14 @@
 
 A Mooncake trace is JSON lines of {"timestamp": ms from start, "input_length", "output_length", "hash_ids"}.
 Scaling keeps a trace's shape (its long tail, its bursts) while fitting a smaller model or a chosen request rate.
+`long_tailed` generates a mix of the same kind when no trace fits.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,3 +66,30 @@ def describe(requests: list[TraceRequest]) -> dict[str, float]:
         "output_mean": statistics.mean(r.output_tokens for r in requests),
         "duration_s": max(r.arrival_s for r in requests),
     }
+
+
+def long_tailed(
+    count: int, seed: int = 0, long_share: float = 0.15, max_input: int = 131072, max_output: int = 1024
+) -> list[TraceRequest]:
+    """A generated mix at one request a second (Poisson arrivals; rescale with at_rate): chat-sized prompts
+    (log-normal, median 2K tokens) and a `long_share` of documents (log-normal, median 32K, capped at max_input),
+    outputs log-normal with median 128 tokens capped at max_output."""
+    rng = random.Random(seed)
+    requests, clock = [], 0.0
+    for _ in range(count):
+        median, sigma = (32768, 0.8) if rng.random() < long_share else (2048, 1.0)
+        prompt = min(max_input, max(16, round(rng.lognormvariate(math.log(median), sigma))))
+        output = min(max_output, max(1, round(rng.lognormvariate(math.log(128), 1.0))))
+        requests.append(TraceRequest(clock, prompt, output))
+        clock += rng.expovariate(1.0)
+    return requests
+
+
+def repeat(requests: list[TraceRequest], count: int) -> list[TraceRequest]:
+    """The first `count` requests of the trace played over and over, each copy starting where the last one ended."""
+    start = requests[0].arrival_s
+    span = (requests[-1].arrival_s - start) * len(requests) / max(1, len(requests) - 1)
+    return [
+        replace(r, arrival_s=r.arrival_s + (i // len(requests)) * span)
+        for i, r in ((i, requests[i % len(requests)]) for i in range(count))
+    ]

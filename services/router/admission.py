@@ -57,7 +57,12 @@ class AdmissionQueue:
 
     def never_fits(self, footprint: Footprint, instances: list[InstanceLoad]) -> str | None:
         """Why the request could not be placed even with `instances` idle, or None when it could."""
-        idle = [dataclasses.replace(i, pages_committed=0, home_batch=0, routed_rows=0) for i in instances]
+        idle = [
+            dataclasses.replace(i, pages_committed=0, home_batch=0, routed_rows=0)
+            if i.pages_committed or i.home_batch or i.routed_rows
+            else i
+            for i in instances
+        ]
         if not idle or self.policy.place(footprint, idle) is not None:
             return None
         return _never_fits(footprint, idle, self.policy.name)

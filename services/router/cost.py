@@ -17,7 +17,9 @@ measured step times (`fit`) or from the simulator's hardware model (nanocp.sim),
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -46,19 +48,35 @@ class CostModel:
 
     def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
         """The predicted step time of the group's slowest instance once `placement` is added."""
-        # Arithmetic of with_placement without building loads: policies call this for every candidate.
-        pages: Counter[str] = Counter()
-        for shard in placement.shards:
-            pages[shard.instance] += shard.page_quota
-        rows = placement.routed_rows
-        return max(
-            self._ms(
-                (i.pages_committed + pages[i.id]) * i.page_size,
-                i.home_batch + (i.id == placement.home),
-                i.routed_rows + rows.get(i.id, 0),
+        return self.scorer(group)(placement)
+
+    def scorer(self, group: list[InstanceLoad]) -> Callable[[Placement], float]:
+        """slowest_ms over `group` for many candidate placements: the instances' own times are computed once, so a
+        candidate costs the instances it touches, not the whole group."""
+        ranked = sorted(((self.step_ms(i), i.id) for i in group), reverse=True)
+        loads = {i.id: i for i in group}
+
+        def slowest_ms(placement: Placement) -> float:
+            pages: Counter[str] = Counter()
+            for shard in placement.shards:
+                pages[shard.instance] += shard.page_quota
+            rows = placement.routed_rows
+            touched = {*pages, placement.home, *rows} & loads.keys()
+            worst = max(
+                (
+                    self._ms(
+                        (loads[id].pages_committed + pages[id]) * loads[id].page_size,
+                        loads[id].home_batch + (id == placement.home),
+                        loads[id].routed_rows + rows.get(id, 0),
+                    )
+                    for id in touched
+                ),
+                default=-math.inf,
             )
-            for i in group
-        )
+            untouched = next((ms for ms, id in ranked if id not in touched), -math.inf)
+            return max(worst, untouched)
+
+        return slowest_ms
 
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:

@@ -19,13 +19,16 @@ class BalancedPolicy:
         self.cost = cost or CostModel()
 
     def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
+        groups: dict[str, list[InstanceLoad]] = {}
+        for i in instances:
+            groups.setdefault(i.group, []).append(i)
+        scorers = {name: self.cost.scorer(members) for name, members in groups.items()}
         candidates = []
         for home in instances:
             pages = footprint.pages(home.page_size)
             if pages <= home.pages_free:
                 placement = Placement(home.id, contiguous_shards(footprint, [home], [pages]))
-                group = [i for i in instances if i.group == home.group]
-                candidates.append((self.cost.slowest_ms(placement, group), home.home_batch, home.id, placement))
+                candidates.append((scorers[home.group](placement), home.home_batch, home.id, placement))
         return min(candidates, key=lambda c: c[:3])[3] if candidates else None
 
     def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:

@@ -42,9 +42,8 @@ class DCPPolicy:
         if home is None:
             return None
         group = [i for i in instances if i.group == home.group]
-        candidates = (
-            (self.cost.slowest_ms(p, group), p.cp_degree, p) for p in self._candidates(footprint, home, group)
-        )
+        slowest_ms = self.cost.scorer(group)
+        candidates = ((slowest_ms(p), p.cp_degree, p) for p in self._candidates(footprint, home, group))
         best = min(candidates, key=lambda c: c[:2], default=None)
         return best[2] if best is not None else None
 
@@ -80,6 +79,6 @@ class DCPPolicy:
         larger_tail = grow_tail(placement, pages, group) if tail_tokens <= self.shard_tokens or not new_shard else None
         candidates = [new_shard, larger_tail]
         # Score each candidate whole, against the loads without the placement it replaces.
-        before = [with_placement(placement, i, -1) for i in group]
-        scored = [(self.cost.slowest_ms(c, before), c.cp_degree, c) for c in candidates if c is not None]
+        slowest_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
+        scored = [(slowest_ms(c), c.cp_degree, c) for c in candidates if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
