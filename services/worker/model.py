@@ -88,32 +88,38 @@ class Rotary(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (tokens, heads, head_dim)."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """The step's cos and sin rows, looked up once and shared by every layer (fewer kernels per step)."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (tokens, 1, head_dim) each
+
+
+def rotate(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """x: (tokens, heads, head_dim) rotated by its tokens' positions."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.config = config
         self.layer = layer
-        self.rotary = rotary
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.scale = config.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
         c = self.config
         q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = self.rotary(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), ctx.positions)
-        k = self.rotary(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), ctx.positions)
+        q = rotate(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), rope)
+        k = rotate(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), rope)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         out = ctx.attention.run(q, k, v, ctx.k_cache[self.layer], ctx.v_cache[self.layer], self.scale, ctx.timer)
         return self.o_proj(out.reshape(-1, c.q_size))
@@ -187,15 +193,15 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary, shard: ExpertShard) -> None:
+    def __init__(self, config: ModelConfig, layer: int, shard: ExpertShard) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer, rotary)
+        self.attn = Attention(config, layer)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = SparseMoE(config, shard)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), ctx, rope)
         return x + self.moe(self.post_attn_norm(x), ctx.timer)
 
 
@@ -205,8 +211,8 @@ class Qwen3Moe(nn.Module):
         self.config = config
         self.shard = shard or ExpertShard()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary = Rotary(config.head_dim, config.rope_theta, config.max_context)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, self.shard) for i in range(config.num_layers))
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_context)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.shard) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -215,8 +221,9 @@ class Qwen3Moe(nn.Module):
     def forward(self, token_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Hidden states after the final norm, one row per token."""
         x = self.embed(token_ids)
+        rope = self.rotary(ctx.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, rope)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
