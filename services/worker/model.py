@@ -63,8 +63,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalised in float32, then scaled in x's dtype, as transformers does; F.rms_norm is one fused kernel on
+        # CUDA (four fewer per norm) and the same arithmetic as the spelled-out form on CPU.
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
