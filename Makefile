@@ -11,7 +11,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := nanocp/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: run test lint proto bench clean
+.PHONY: run test lint proto bench evaluation clean
 
 run: $(INSTALLED) $(GENERATED)
 	$(BIN)/nanocp run
@@ -30,6 +30,10 @@ proto: $(GENERATED)
 bench: $(INSTALLED) $(GENERATED)
 	$(PY) bench/engine_vs_transformers.py
 	$(PY) bench/group_step_breakdown.py
+
+# docs/evaluation.md from the simulator (needs ../shared/traces; minutes on 2 cores)
+evaluation: $(INSTALLED) $(GENERATED)
+	$(PY) bench/evaluation.py
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "nanocp needs Python 3.11 or newer")'

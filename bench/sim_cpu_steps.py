@@ -18,17 +18,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nanocp.sim.cpu_group import mooncake_head, run_cpu_group
+from nanocp.sim.cluster import PolicySpec
+from nanocp.sim.cpu_group import DCP, PAGES, mooncake_head, router_args, run_cpu_group
 from nanocp.workload import describe
 
 RESULTS = Path(__file__).parent / "results"
-PAGES = 256
-ROUTES = ("cp_route", "moe_route", "exchange")
-POLICIES = {
-    "static": ["--policy", "static"],
-    "dcp": ["--policy", "dcp", "--shard-tokens", "1024", "--max-degree", "4"],
-    "uniform": ["--policy", "uniform", "--cp-degree", "4"],
-}
+POLICIES = [PolicySpec("static"), DCP, PolicySpec("uniform", 4)]
 
 
 def main() -> None:
@@ -42,19 +37,18 @@ def main() -> None:
     requests = mooncake_head(args.requests, args.rate)
     runs = []
     for _ in range(args.repeats):
-        for policy, router_args in POLICIES.items():
-            console.rule(policy)
-            run = run_cpu_group(requests, router_args, PAGES, console)
+        for policy in POLICIES:
+            console.rule(policy.label)
+            run = run_cpu_group(requests, router_args(policy), PAGES, console)
             runs.append(
                 {
-                    "policy": policy,
-                    "router_args": router_args,
+                    "policy": policy.label,
+                    "router_args": router_args(policy),
                     "tpot_ms": [round(x.tpot_ms, 3) for x in run.latency],
-                    # Per group step, per instance: [home tokens, KV tokens read, routed rows, step ms, routing ms].
-                    "steps": [[_sample(r) for r in group] for group in run.group_steps()],
+                    "steps": run.samples(),
                 }
             )
-            console.print(f"{policy}: {len(runs[-1]['steps'])} group steps")
+            console.print(f"{policy.label}: {len(runs[-1]['steps'])} group steps")
     result = {
         "benchmark": "step samples of a 4-instance CPU group (tiny model, gloo) for the simulator's calibration",
         "workload": describe(requests),
@@ -65,17 +59,6 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(result) + "\n")
     console.print(f"wrote {args.out}")
-
-
-def _sample(record: dict) -> list[float]:
-    routing = sum(record["section_ms"].get(name, 0.0) for name in ROUTES)
-    return [
-        record["home_tokens"],
-        record["kv_tokens_read"],
-        record["rows_routed"],
-        round(record["step_ms"], 3),
-        round(routing, 3),
-    ]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """How close the CPU-calibrated simulator comes to the real 4-instance CPU group, run after run.
 
-The comparison of tests/test_sim_calibration.py (the next 24 requests of the committed Mooncake head after the 40 the
-calibration was fitted on; the router deciding with the simulator's cost model), for static, dcp and uniform D = 4,
-repeated: mean group step and median TPOT, measured and simulated. Writes bench/results/sim_vs_cpu_group.json.
+What tests/test_sim_calibration.py checks, repeated: calibrate on fresh runs of the group (24 requests of the
+committed Mooncake head, under static and under dcp), then replay the next 24 requests on the group and in the
+simulator under static, dcp and uniform D = 4 (the router deciding with the simulator's cost model): mean group step
+and median TPOT, measured and simulated. Writes bench/results/sim_vs_cpu_group.json.
 
     .venv/bin/python bench/sim_vs_cpu_group.py [--repeats 3]
 """
@@ -18,12 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nanocp.sim.calibration import Calibration, default_path
 from nanocp.sim.cluster import PolicySpec
-from nanocp.sim.cpu_group import compare, mooncake_head
+from nanocp.sim.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 
 RESULTS = Path(__file__).parent / "results"
-POLICIES = [PolicySpec("static"), PolicySpec("dcp", shard_tokens=1024, max_degree=4), PolicySpec("uniform", 4)]
+POLICIES = [PolicySpec("static"), DCP, PolicySpec("uniform", 4)]
 
 
 def main() -> None:
@@ -32,24 +32,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_vs_cpu_group.json")
     args = parser.parse_args()
     console = Console(width=140)
-    calibration = Calibration.load(default_path("cpu"))
-    requests = mooncake_head(24, rate=4.0, skip=40)
     rows = []
-    table = Table(
-        "policy", "step ms measured", "simulated", "TPOT p50 ms measured", "simulated", title=__doc__.split("\n")[0]
-    )
+    table = Table("run", "policy", "step ms measured", "simulated", "TPOT p50 ms measured", "simulated")
     for repeat in range(args.repeats):
-        for policy in POLICIES:
-            with tempfile.TemporaryDirectory() as work:
-                comparison = compare(requests, policy, calibration, 256, console, Path(work))
-            rows.append({"repeat": repeat, **asdict(comparison), "errors": comparison.errors()})
-            table.add_row(
-                comparison.policy,
-                f"{comparison.measured_step_ms:.1f}",
-                f"{comparison.simulated_step_ms:.1f} ({100 * comparison.errors()['step']:+.0f}%)",
-                f"{comparison.measured_tpot_p50_ms:.1f}",
-                f"{comparison.simulated_tpot_p50_ms:.1f} ({100 * comparison.errors()['tpot_p50']:+.0f}%)",
-            )
+        with tempfile.TemporaryDirectory() as work:
+            calibration = fresh_calibration(console, Path(work))
+            for policy in POLICIES:
+                comparison = compare(check_workload(), policy, calibration, PAGES, console, Path(work))
+                errors = comparison.errors()
+                rows.append({"repeat": repeat, **asdict(comparison), "errors": errors})
+                table.add_row(
+                    str(repeat),
+                    comparison.policy,
+                    f"{comparison.measured_step_ms:.1f}",
+                    f"{comparison.simulated_step_ms:.1f} ({100 * errors['step']:+.0f}%)",
+                    f"{comparison.measured_tpot_p50_ms:.1f}",
+                    f"{comparison.simulated_tpot_p50_ms:.1f} ({100 * errors['tpot_p50']:+.0f}%)",
+                )
     args.out.write_text(json.dumps({"benchmark": __doc__.split("\n")[0], "rows": rows}, indent=2) + "\n")
     console.print(table)
     console.print(f"wrote {args.out}")

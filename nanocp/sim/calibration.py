@@ -12,13 +12,13 @@ GPU (`fit_gpu`), one benchmark per part of the step:
   steps are kept in the fit.
 
 CPU (`fit_cpu`) from sim_cpu_steps.json (the 4-instance CPU group on the tiny model), by least squares in two stages
-that share the cost of a token: on decode steps, each instance's own work (its step less its routing) on whether it is
-active, its KV tokens read, its routed rows (one row a segment there) and whether it routes CP rows; on steps with
-prefill chunks, what that leaves of their own work on their tokens. The group's routing (what the least-waiting
-member paid): a fixed part and one when any CP route runs from decode steps, a cost per row from prefill steps.
-group_step_breakdown.json splits the MoE route's latency into a fixed and a per-peer part. The CPU link is therefore
-fitted too. Prefill attention's quadratic cost is not separable in the step logs (they count KV tokens, not query
-rows x KV tokens); the per-token cost carries it on average.
+that share the cost of a token: on decode steps, each instance's own work (its step less its routing) on whether it
+is active, its KV tokens read, its routed rows (one row a segment there) and whether it routes CP rows; on steps with
+prefill chunks, what that leaves of their own work on their tokens and attention pairs. The group's routing (what
+the least-waiting member paid): a fixed part and one when any CP route runs from decode steps, a cost per row from
+prefill steps. group_step_breakdown.json splits the MoE route's latency into a fixed and a per-peer part, so the CPU
+link is fitted too. Prefill attention grows with query rows x KV tokens, which the step logs do not count; rows x KV
+read stands in for it (flops_efficiency carries its cost).
 
 `nanocp sim calibrate` refits both and writes bench/results/sim_calibration_{gpu,cpu}.json.
 """
@@ -176,18 +176,24 @@ def fit_gpu(results: Path = RESULTS) -> Calibration:
 def fit_cpu(results: Path = RESULTS) -> Calibration:
     steps = json.loads((results / "sim_cpu_steps.json").read_text())
     breakdown = json.loads((results / "group_step_breakdown.json").read_text())
-    shape, device, n = SHAPES["tiny"], DEVICES["cpu"], steps["instances"]
+    return fit_cpu_steps([group for run in steps["runs"] for group in run["steps"]], steps["instances"], breakdown)
+
+
+def fit_cpu_steps(groups: list[list[list[float]]], n: int, breakdown: dict[str, Any]) -> Calibration:
+    """The CPU fit from group steps: per instance [home tokens, KV tokens read, routed rows, step ms, routing ms]."""
+    shape, device = SHAPES["tiny"], DEVICES["cpu"]
     layers = shape.layers
-    groups = [group for run in steps["runs"] for group in run["steps"]]
     # Decode steps (no instance feeds more tokens than it could decode) route one row per segment; steps with
     # prefill chunks route many rows per segment, and their tokens cost what decode tokens do not.
     decode = [g for g in groups if max(s[0] for s in g) <= DECODE_TOKENS]
     prefill = [g for g in groups if max(s[0] for s in g) > DECODE_TOKENS]
 
     def own(group: list[list[float]]) -> list[tuple[list[float], float]]:
-        # [1, active, home, kv, rows, routes CP rows] and own work (step less routing) in seconds
+        # [1, active, home, kv, rows, routes CP rows, attention pairs] and own work (step less routing) in seconds.
+        # Pairs (query rows x KV tokens) are not logged: a prefill chunk's rows, or the rows an instance answers,
+        # times the KV it reads comes close when one chunk dominates the step, as it does.
         return [
-            ([1.0, float(h > 0 or r > 0), h, kv, r, float(r > 0)], (ms - routing) / 1e3)
+            ([1.0, float(h > 0 or r > 0), h, kv, r, float(r > 0), max(h, r) * kv], (ms - routing) / 1e3)
             for h, kv, r, ms, routing in group
         ]
 
@@ -198,7 +204,7 @@ def fit_cpu(results: Path = RESULTS) -> Calibration:
         x, y = [[f[0], f[1], f[3], f[4], f[5]] for f, _ in decode_own], [t - per_token * f[2] for f, t in decode_own]
         fixed, active, per_kv, per_row, cp = lstsq(x, y)
         rest = [t - fixed - active * f[1] - per_kv * f[3] - cp * f[5] for f, t in prefill_own]
-        (per_token,) = lstsq([[f[2]] for f, _ in prefill_own], rest)
+        per_token, per_pair = lstsq([[f[2], f[6]] for f, _ in prefill_own], rest)
 
     def routing(g: list[list[float]]) -> tuple[float, float, float]:
         # what the least-waiting member paid, whether any CP route ran, the most rows
@@ -212,7 +218,7 @@ def fit_cpu(results: Path = RESULTS) -> Calibration:
     coefficients = Coefficients(
         kv_efficiency=layers * shape.kv_bytes_per_token_layer / (device.copy_bytes_per_s * per_kv) if per_kv else 1.0,
         weight_efficiency=1.0,
-        flops_efficiency=1.0,
+        flops_efficiency=layers * 4 * shape.q_heads * shape.head_dim / (device.flops * per_pair) if per_pair else 1.0,
         attention_latency_s=active / layers,
         expert_latency_s=0.0,
         layer_fixed_s=0.0,
@@ -235,10 +241,11 @@ def fit_cpu(results: Path = RESULTS) -> Calibration:
     )
     # How well decode steps fit (their features are exact; prefill steps' segments are not in the logs).
     model = StepModel(shape, device, link, coefficients, n)
-    predicted = [model.step([s[0] for s in g], [s[1] for s in g], [s[2] for s in g]).step_s for g in decode]
+    features = [[[int(x) for x in s[:3]] for s in g] for g in decode]
+    predicted = [model.step(*(list(column) for column in zip(*g, strict=True))).step_s for g in features]
     measured = [max(s[3] for s in g) / 1e3 for g in decode]
     fit = {
-        "sources": ["sim_cpu_steps.json", "group_step_breakdown.json"],
+        "sources": ["sim_cpu_steps.json (or a fresh run)", "group_step_breakdown.json"],
         "group_steps": {"decode": len(decode), "prefill": len(prefill)},
         "decode_step": _relative_errors(predicted, measured),
         "mean_decode_step_ms": {

@@ -31,6 +31,7 @@ def add_sim_parser(commands: Any) -> None:
     sweep.add_argument("--attainment", type=float, default=0.9, help="share of requests within the SLO (0.9)")
     sweep.add_argument("--max-wait-s", type=float, default=2.0, help="admission wait a good request may have (2)")
     sweep.add_argument("--guess", type=float, default=10.0, help="request rate the bisection starts from")
+    sweep.add_argument("--duration-s", type=float, default=30.0, help="seconds of arrivals at each rate (default 30)")
     sweep.set_defaults(func=_sweep)
     calibrate = subcommands.add_parser("calibrate", help="refit the coefficients from bench/results/*.json")
     calibrate.add_argument("--results", type=Path, default=None, help="benchmark results (default bench/results)")
@@ -49,7 +50,9 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", default="disaggregated", choices=("disaggregated", "chunked"))
     parser.add_argument("--trace", type=Path, default=TRACE, help="a Mooncake-format trace (default ../shared)")
     parser.add_argument("--mix", action="store_true", help="a generated long-tailed mix instead of the trace")
-    parser.add_argument("--requests", type=int, default=None, help="how many (default: the whole trace, or 10000)")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="how many (run; default: the whole trace, or 10000 generated)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the generated mix")
     parser.add_argument("--max-tokens", type=int, default=1024, help="max_tokens every request asks (default 1024)")
     parser.add_argument("--reserve-output-tokens", type=int, default=None, help="as the router's flag")
@@ -153,6 +156,8 @@ def _sweep(args: argparse.Namespace) -> None:
                 cluster,
                 policy,
                 requests,
+                args.duration_s,
+                slos[0],
                 max_tokens=args.max_tokens,
                 reserve_output_tokens=args.reserve_output_tokens,
                 queue_size=args.queue_size,

@@ -10,6 +10,7 @@ to make random weights stop where the trace says.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from rich.console import Console
 
 from nanocp.client import AsyncClient
 from nanocp.embedded import local_cluster, step_logs
-from nanocp.sim.calibration import Calibration
+from nanocp.sim.calibration import RESULTS, Calibration, default_path, fit_cpu_steps
 from nanocp.sim.cluster import Cluster, PolicySpec
 from nanocp.sim.hardware import DEVICES
 from nanocp.sim.loop import simulate
@@ -32,6 +33,9 @@ MOONCAKE_HEAD = Path(__file__).parent / "data" / "mooncake-head.jsonl"
 PAGE_SIZE = 16  # the worker's default
 MAX_STEP_TOKENS = 512  # the worker's default
 MAX_RUNNING = 64  # the worker's default
+ROUTES = ("cp_route", "moe_route", "exchange")  # sections of a step spent routing (and waiting for peers)
+PAGES = 256  # KV pages a worker: a long request fills most of one
+DCP = PolicySpec("dcp", shard_tokens=1024, max_degree=4)  # shards of 1024 tokens on the tiny model's 4096 context
 
 
 def mooncake_head(
@@ -40,6 +44,16 @@ def mooncake_head(
     """`count` requests of the committed trace head from `skip` on, fitted to the tiny model, at `rate` a second."""
     trace = load_mooncake(MOONCAKE_HEAD, skip + count)[skip:]
     return at_rate(fit_lengths(trace, max_input, max_output, min_input=8), rate)
+
+
+def calibration_workload() -> list[TraceRequest]:
+    """What a fresh calibration replays: the first 24 requests of the head, 6 a second."""
+    return mooncake_head(24, rate=6.0)
+
+
+def check_workload() -> list[TraceRequest]:
+    """What a check of the fit replays: the 24 requests after the calibration's."""
+    return mooncake_head(24, rate=6.0, skip=24)
 
 
 def cpu_cluster(calibration: Calibration, pages: int, instances: int = 4) -> Cluster:
@@ -77,6 +91,23 @@ class CpuGroupRun:
         common = sorted(set.intersection(*(set(s) for s in by_step)))
         return [[s[step] for s in by_step] for step in common]
 
+    def samples(self) -> list[list[list[float]]]:
+        """What the CPU calibration fits: per group step, per instance [home tokens, KV tokens read, routed rows,
+        step ms, routing ms] (routing: the CP and MoE routes and the step exchange, waits included)."""
+        return [
+            [
+                [
+                    r["home_tokens"],
+                    r["kv_tokens_read"],
+                    r["rows_routed"],
+                    round(r["step_ms"], 3),
+                    round(sum(r["section_ms"].get(name, 0.0) for name in ROUTES), 3),
+                ]
+                for r in group
+            ]
+            for group in self.group_steps()
+        ]
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -113,12 +144,28 @@ async def replay(address: str, requests: list[TraceRequest]) -> list[Latency]:
         return list(await asyncio.gather(*(one(i, r, start) for i, r in enumerate(requests))))
 
 
-def router_args(policy: PolicySpec, cost_model: Path) -> list[str]:
-    """`nanocp router` flags for the policy, deciding with `cost_model` as the simulated router does."""
+def router_args(policy: PolicySpec, cost_model: Path | None = None) -> list[str]:
+    """`nanocp router` flags for the policy, deciding with `cost_model` (as the simulated router does) if given."""
     args = ["--policy", policy.name, "--shard-tokens", str(policy.shard_tokens), "--max-degree", str(policy.max_degree)]
     if policy.cp_degree is not None:
         args += ["--cp-degree", str(policy.cp_degree)]
-    return [*args, "--cost-model", str(cost_model)]
+    return args if cost_model is None else [*args, "--cost-model", str(cost_model)]
+
+
+def fresh_calibration(console: Console, work: Path) -> Calibration:
+    """The CPU fit on fresh runs of the group (the machine as busy as it is now): the calibration workload under
+    static and under dcp (so steps with and without CP routes), dcp deciding with the committed calibration's cost
+    model."""
+    committed = cpu_cluster(Calibration.load(default_path("cpu")), PAGES)
+    committed.step_model().router_cost().save(work / "committed_cost_model.json")
+    samples = []
+    for policy in (PolicySpec("static"), DCP):
+        run = run_cpu_group(
+            calibration_workload(), router_args(policy, work / "committed_cost_model.json"), PAGES, console
+        )
+        samples += run.samples()
+    breakdown = json.loads((RESULTS / "group_step_breakdown.json").read_text())
+    return fit_cpu_steps(samples, 4, breakdown)
 
 
 def compare(

@@ -32,10 +32,22 @@ from nanocp.workload import TraceRequest
 _FINISH, _CROSS, _ASK = 0, 1, 2
 
 
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop once more than `misses` requests with arrival indices in `window` missed whatever the SLO: refused, ended
+    for lack of memory, or waiting longer than `max_wait_s` for a placement. Such a rate is overload for every TPOT
+    SLO; simulating on would only cost time."""
+
+    max_wait_s: float
+    misses: int
+    window: tuple[int, int]
+
+
 @dataclass(eq=False)
 class _Live:
     outcome: RequestOutcome
     footprint: Footprint
+    index: int  # in arrival order
     placement: Placement | None = None
     home: int = 0
     holders: list[int] = field(default_factory=list)  # instance of each shard, in position order
@@ -100,14 +112,22 @@ class Simulation:
         self.never_fits: dict[Footprint, bool] = {}
         self.stats = StepStats()
         self.finished = 0
+        self.give_up: GiveUp | None = None
+        self.misses = 0  # requests in the give-up window that missed whatever the SLO
 
-    def run(self, requests: list[TraceRequest], progress: Callable[[int, int], None] | None = None) -> SimResult:
+    def run(
+        self,
+        requests: list[TraceRequest],
+        progress: Callable[[int, int], None] | None = None,
+        give_up: GiveUp | None = None,
+    ) -> SimResult:
+        self.give_up = give_up
         arrivals = sorted(requests, key=lambda r: r.arrival_s)
         outcomes: list[RequestOutcome] = []
         pending = deque(arrivals)
         while True:
             while pending and pending[0].arrival_s <= self.now:
-                outcomes.append(self._arrive(pending.popleft()))
+                outcomes.append(self._arrive(pending.popleft(), len(outcomes)))
             if not self.decoding and not any(self.prefilling) and not any(self.waiting):
                 if not pending:
                     break
@@ -116,38 +136,55 @@ class Simulation:
             self._step()
             if progress is not None:
                 progress(self.finished, len(arrivals))
+            if give_up is not None and self.misses + self._overdue() > give_up.misses:
+                return SimResult(outcomes, self.stats, self.now, stopped=True)
         assert not self.queued, "requests left waiting with the group idle"
         return SimResult(outcomes, self.stats, self.now)
 
+    def _counted(self, live: _Live) -> bool:
+        return self.give_up is not None and self.give_up.window[0] <= live.index < self.give_up.window[1]
+
+    def _overdue(self) -> int:
+        """Queued requests of the give-up window already waiting longer than its bound."""
+        assert self.give_up is not None
+        overdue = 0
+        for live in self.queued.values():  # in arrival order
+            if self.now - live.outcome.arrival_s <= self.give_up.max_wait_s:
+                break
+            overdue += self._counted(live)
+        return overdue
+
     # Admission and release, through the router's AdmissionQueue.
 
-    def _arrive(self, request: TraceRequest) -> RequestOutcome:
+    def _arrive(self, request: TraceRequest, index: int) -> RequestOutcome:
         max_tokens = self.max_tokens or request.output_tokens
         output = max(1, min(request.output_tokens, max_tokens))
         outcome = RequestOutcome(request.arrival_s, request.input_tokens, output)
         footprint = Footprint(request.input_tokens, max_tokens)
-        live = _Live(outcome, footprint)
+        live = _Live(outcome, footprint, index)
         first = (
             footprint
             if self.reserve is None
             else Footprint(footprint.prompt_tokens, min(footprint.max_tokens, self.reserve))
         )
         if self._never_fits(first):
-            outcome.status = "refused"
-            self.finished += 1
-            return outcome
+            return self._refuse(live)
         key = str(id(live))
         self.queued[key] = live  # until placed: the queue answers placements by key
         try:
             placement = self.queue.admit(key, first)
         except QueueFull:
             del self.queued[key]
-            outcome.status = "refused"
-            self.finished += 1
-            return outcome
+            return self._refuse(live)
         if placement is not None:
             self._placed([(key, placement)])
         return outcome
+
+    def _refuse(self, live: _Live) -> RequestOutcome:
+        live.outcome.status = "refused"
+        self.finished += 1
+        self.misses += self._counted(live)
+        return live.outcome
 
     def _never_fits(self, footprint: Footprint) -> bool:
         known = self.never_fits.get(footprint)
@@ -165,6 +202,8 @@ class Simulation:
             key, placement = work.popleft()
             live = self.queued.pop(key)
             live.outcome.placed_s = self.now
+            if self.give_up is not None and live.outcome.wait_s > self.give_up.max_wait_s:
+                self.misses += self._counted(live)
             self._set_placement(live, placement)
             if self.cluster.prefill == "chunked":
                 self.waiting[live.home].append(live)
@@ -266,6 +305,8 @@ class Simulation:
             self._schedule(live)
 
     def _finish(self, live: _Live, status: str) -> None:
+        if status == "exhausted" and self.give_up is not None and live.outcome.wait_s <= self.give_up.max_wait_s:
+            self.misses += self._counted(live)
         live.outcome.status = status
         live.outcome.finished_s = self.now
         live.version += 1  # its pending events are void
@@ -288,7 +329,10 @@ class Simulation:
         self.now += times.step_s
         self.kv = [k + t for k, t in zip(self.kv, self.tails, strict=True)]
         self.next_step = step + 1
-        self.stats.add(times.step_s, straggler_ratio(times.own_s), (max(self.kv) - min(self.kv)) / self.capacity_tokens)
+        kv, capacity = self.kv, self.capacity_tokens
+        self.stats.add(
+            times.step_s, straggler_ratio(times.own_s), (max(kv) - min(kv)) / capacity, sum(kv) / n / capacity
+        )
         for live, tokens in chunks:
             live.computed += tokens
             if live.computed == live.prompt:
@@ -376,6 +420,7 @@ def simulate(
     reserve_output_tokens: int | None = None,
     queue_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    give_up: GiveUp | None = None,
 ) -> SimResult:
     """Replays `requests` (arrival, prompt and true output lengths) on the cluster under the policy; every request
     asks for `max_tokens`, the router's only view of its output (None: each asks for exactly its output, as a client
@@ -383,4 +428,4 @@ def simulate(
     simulation = Simulation(
         cluster, policy, max_tokens=max_tokens, reserve_output_tokens=reserve_output_tokens, queue_size=queue_size
     )
-    return simulation.run(requests, progress)
+    return simulation.run(requests, progress, give_up)

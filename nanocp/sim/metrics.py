@@ -45,12 +45,14 @@ class StepStats:
     busy_s: float = 0.0
     straggler_sum: float = 0.0  # of each step's slowest instance over its median (own work)
     kv_spread_sum: float = 0.0  # of each step's KV occupancy, max - min over instances, as a fraction of a pool
+    kv_occupancy_sum: float = 0.0  # of each step's mean KV occupancy
 
-    def add(self, step_s: float, straggler: float, kv_spread: float) -> None:
+    def add(self, step_s: float, straggler: float, kv_spread: float, kv_occupancy: float) -> None:
         self.steps += 1
         self.busy_s += step_s
         self.straggler_sum += straggler
         self.kv_spread_sum += kv_spread
+        self.kv_occupancy_sum += kv_occupancy
 
 
 @dataclass
@@ -58,11 +60,12 @@ class SimResult:
     outcomes: list[RequestOutcome]  # in arrival order
     steps: StepStats = field(default_factory=StepStats)
     duration_s: float = 0.0  # simulated
+    stopped: bool = False  # given up as overload before every request arrived (nanocp.sim.loop.GiveUp)
 
     def steady(self, edge: float) -> SimResult:
         """The result without the first and last `edge` of the requests by arrival (filling up, draining)."""
         cut = int(edge * len(self.outcomes))
-        return SimResult(self.outcomes[cut : len(self.outcomes) - cut], self.steps, self.duration_s)
+        return SimResult(self.outcomes[cut : len(self.outcomes) - cut], self.steps, self.duration_s, self.stopped)
 
     def attainment(self, tpot_slo_s: float, max_wait_s: float) -> float:
         """The fraction of all requests (refused ones included) served within the SLO and the wait bound."""
@@ -86,6 +89,7 @@ class SimResult:
             "step_ms_mean": 1e3 * self.steps.busy_s / steps,
             "straggler_ratio_mean": self.steps.straggler_sum / steps,
             "kv_spread_mean": self.steps.kv_spread_sum / steps,
+            "kv_occupancy_mean": self.steps.kv_occupancy_sum / steps,
             "cp_degree_mean": statistics.mean(o.cp_degree for o in served) if served else math.nan,
             "output_tokens_per_s": sum(o.output_tokens for o in served) / self.duration_s if self.duration_s else 0.0,
         }

@@ -2,8 +2,11 @@
 
 A rate is sustainable under an SLO when at least `attainment` of the requests (refused ones count against it) have
 a TPOT within the SLO after an admission wait within `max_wait_s`. The first and last `edge` of the requests by
-arrival are left out of the count: they meet a group that is still filling up or already draining. Runs are cached
-by rate, so the bisections of several SLOs share them.
+arrival are left out of the count: they meet a group that is still filling up or already draining. Each rate gets
+`duration_s` of arrivals, however many requests that is: a fixed count would arrive in a burst at high rates, and
+KV memory and the admission queue would absorb a burst that no group sustains. A run stops as soon as too many
+requests miss whatever the SLO (nanocp.sim.loop.GiveUp), so overload costs little. Runs are cached by rate, so the
+bisections of several SLOs (sharing attainment and max_wait_s) share them.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanocp.sim.cluster import Cluster, PolicySpec
-from nanocp.sim.loop import simulate
+from nanocp.sim.loop import GiveUp, simulate
 from nanocp.sim.metrics import SimResult
-from nanocp.workload import TraceRequest, at_rate
+from nanocp.workload import TraceRequest, at_rate, repeat
+
+EDGE = 0.1  # of the requests at either end, left out of the count
+MIN_REQUESTS = 200
 
 
 @dataclass(frozen=True)
@@ -24,17 +30,22 @@ class Slo:
     attainment: float = 0.9
     max_wait_s: float = 2.0
 
-    def met(self, result: SimResult, edge: float = 0.1) -> bool:
-        return result.steady(edge).attainment(self.tpot_s, self.max_wait_s) >= self.attainment
+    def met(self, result: SimResult) -> bool:
+        return not result.stopped and result.steady(EDGE).attainment(self.tpot_s, self.max_wait_s) >= self.attainment
 
 
 def at_rates(
-    cluster: Cluster, policy: PolicySpec, requests: list[TraceRequest], **options: Any
+    cluster: Cluster, policy: PolicySpec, trace: list[TraceRequest], duration_s: float, slo: Slo, **options: Any
 ) -> Callable[[float], SimResult]:
-    """run(rate): the workload time-scaled to `rate` requests a second, simulated (options as `simulate` takes)."""
+    """run(rate): `duration_s` of the trace (repeated as needed) time-scaled to `rate` requests a second, simulated
+    (options as `simulate` takes), given up once it cannot meet `slo`'s attainment and wait bound."""
 
     def run(rate: float) -> SimResult:
-        return simulate(cluster, policy, at_rate(requests, rate), **options)
+        count = max(MIN_REQUESTS, round(rate * duration_s))
+        cut = int(EDGE * count)
+        misses = int((1 - slo.attainment) * (count - 2 * cut))
+        give_up = GiveUp(slo.max_wait_s, misses, (cut, count - cut))
+        return simulate(cluster, policy, at_rate(repeat(trace, count), rate), give_up=give_up, **options)
 
     return run
 
