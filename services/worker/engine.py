@@ -326,6 +326,7 @@ class Engine:
             self.cache.pool.num_in_use,
             time.perf_counter() - start,
             *self.timer.take(),
+            started=start,
         )
         self.steps.add(record)
         if self.observer is not None:

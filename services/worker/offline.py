@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,12 +66,14 @@ def run_group(
     delays: list[dict[str, float]] | None = None,
     metrics: bool = False,
     step_spans_every: int = 0,
+    setup: Callable[[Engine], None] | None = None,
 ) -> list[RankResult]:
     """One process per rank (len(requests_by_rank) of them); returns each rank's tokens and step times.
 
     `delays` (a test hook, with timing): per rank, seconds to sleep in named step sections, to make a straggler.
     `metrics`: each rank keeps the worker's step metrics; `step_spans_every` (with timing): each rank traces every
-    so many steps into an in-memory exporter, as a worker with tracing on does.
+    so many steps into an in-memory exporter, as a worker with tracing on does. `setup` (a benchmark hook, a
+    module-level function so that it pickles): called in each rank with its watched engine before it runs.
 
     Raises RuntimeError naming the rank when one fails or the group does not finish within timeout_s.
     """
@@ -89,6 +92,7 @@ def run_group(
                 timing,
                 (delays or [{}] * size)[rank],
                 (metrics, step_spans_every),
+                setup,
                 results,
             ),
             daemon=True,
@@ -130,6 +134,7 @@ def _rank_main(
     timing: bool,
     delays: dict[str, float],
     watched: tuple[bool, int],
+    setup: Callable[[Engine], None] | None,
     results: mp.Queue[RankResult],
 ) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -154,6 +159,8 @@ def _rank_main(
             spans_every=spans_every,
             request_spans={},
         )
+        if setup is not None:
+            setup(engine)
 
         def collect(out: RequestOutput) -> None:
             result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)

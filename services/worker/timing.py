@@ -104,6 +104,7 @@ class StepRecord:
     sections: dict[str, float] = field(default_factory=dict)
     pending: DeviceSections | None = None  # device-timed sections not read yet (CUDA), added to `sections` later
     straggler: Straggler | None = None  # known one step later, from the group's exchange
+    started: float = 0.0  # time.perf_counter() at its start: what it cost with all between it and the next one
 
     def work_us(self) -> list[int]:
         """Its step in whole microseconds, as WORK names the columns: attention (with merge), MoE compute, routing
