@@ -158,6 +158,11 @@ def test_lws_kueue_rdma_tracing_and_network_policy_options() -> None:
         otel = env_of(pod["spec"]["containers"][0])
         assert otel["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
         assert "OTEL_SDK_DISABLED" not in otel
+    (config,) = of_kind(traced, "ConfigMap")
+    assert config["data"]["NANOCP_STEP_SPANS_EVERY"] == "16"
+    worker = worker_pods(traced)[0]["spec"]["containers"][0]
+    assert {"--step-spans-every=$(NANOCP_STEP_SPANS_EVERY)", "--metrics-port=9090"} <= set(worker["args"])
+    assert {"name": "metrics", "containerPort": 9090} in worker["ports"]
 
     policies = of_kind(render_file("networkpolicy-values.yaml"), "NetworkPolicy")
     assert {p["metadata"]["name"] for p in policies} == {"r-nanocp-router", "r-nanocp-worker"}

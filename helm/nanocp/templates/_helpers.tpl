@@ -163,6 +163,8 @@ spec:
         - --max-step-tokens=$(NANOCP_MAX_STEP_TOKENS)
         - --max-running=$(NANOCP_MAX_RUNNING)
         - --collective-timeout=$(NANOCP_COLLECTIVE_TIMEOUT)
+        - --metrics-port={{ $v.workers.metricsPort }}
+        - --step-spans-every=$(NANOCP_STEP_SPANS_EVERY)
         {{- if $v.engine.dtype }}
         - --dtype=$(NANOCP_DTYPE)
         {{- end }}
@@ -203,6 +205,8 @@ spec:
           containerPort: {{ $v.workers.port }}
         - name: rendezvous
           containerPort: {{ $v.workers.masterPort }}
+        - name: metrics
+          containerPort: {{ $v.workers.metricsPort }}
       startupProbe:
         grpc: {port: {{ $v.workers.port }}}
         {{- toYaml $v.workers.probes.startup | nindent 8 }}
