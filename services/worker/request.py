@@ -86,9 +86,14 @@ class Request:
     num_computed: int = 0  # tokens whose K, V are in the cache
     generator: torch.Generator | None = None
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens start:end of prompt + output, without joining the two (a long prompt would be copied each step)."""
+        split = len(self.prompt)
+        if end <= split:
+            return self.prompt[start:end]
+        if start >= split:
+            return self.output[start - split : end - split]
+        return self.prompt[start:] + self.output[: end - split]
 
     @property
     def num_tokens(self) -> int:

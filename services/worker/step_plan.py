@@ -133,7 +133,7 @@ def build(
     sample_rows: list[int] = []
     for chunk in chunks:
         r = chunk.request
-        token_ids.extend(r.tokens[r.num_computed : r.num_computed + chunk.num_tokens])
+        token_ids.extend(r.token_slice(r.num_computed, r.num_computed + chunk.num_tokens))
         positions.extend(range(r.num_computed, r.num_computed + chunk.num_tokens))
         if chunk.samples:
             sample_rows.append(len(token_ids) - 1)
