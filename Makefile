@@ -30,6 +30,7 @@ proto: $(GENERATED)
 bench: $(INSTALLED) $(GENERATED)
 	$(PY) bench/engine_vs_transformers.py
 	$(PY) bench/group_step_breakdown.py
+	$(PY) bench/tracing_overhead.py
 
 # docs/evaluation.md from the simulator (needs ../shared/traces; minutes on 2 cores)
 evaluation: $(INSTALLED) $(GENERATED)
