@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from nanocp.client import AsyncClient
 from nanocp.embedded import local_cluster, step_logs
 from nanocp.internal.v1 import worker_pb2
 from nanocp.router.cost import CostModel
+from nanocp.sim.cpu_group import Latency, replay
 from nanocp.workload import TraceRequest, at_rate, describe, fit_lengths, load_mooncake
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,33 +44,10 @@ ATTENTION = ("attention", "cp_route", "merge")
 
 
 @dataclass
-class Outcome:
-    ttft_ms: float
-    tpot_ms: float
-
-
-@dataclass
 class PolicyRun:
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Latency] = field(default_factory=list)
     steps: list[list[worker_pb2.StepRecord]] = field(default_factory=list)  # per instance
     waited: int = 0
-
-
-async def replay(address: str, requests: list[TraceRequest]) -> list[Outcome]:
-    async with AsyncClient(address) as client:
-
-        async def one(i: int, r: TraceRequest, start: float) -> Outcome:
-            await asyncio.sleep(max(0.0, start + r.arrival_s - time.perf_counter()))
-            sent = time.perf_counter()
-            prompt = [(i * 7919 + j) % 256 for j in range(r.input_tokens)]
-            times = []
-            async for chunk in client.generate(prompt, max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True):
-                times.extend([time.perf_counter()] * len(chunk.token_ids))
-            tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-            return Outcome(1000 * (times[0] - sent), 1000 * tpot)
-
-        start = time.perf_counter()
-        return await asyncio.gather(*(one(i, r, start) for i, r in enumerate(requests)))
 
 
 def run_policy(policy: str, requests: list[TraceRequest], console: Console) -> PolicyRun:

@@ -1,0 +1,171 @@
+"""Cluster-scale evaluation of the placement policies with the simulator: writes docs/evaluation.md, its plots in
+docs/evaluation/ and the numbers in bench/results/evaluation.json.
+
+For decode groups of N = 8, 16 and 32 H100s serving Qwen3-30B-A3B, NVLink-class and InfiniBand-class links, and two
+KV pools (the 80 GB an H100 leaves, about 680K tokens, where TPOT binds before memory at 20 and 30 ms; and 12 GB,
+about 120K tokens, where memory binds at every SLO), every policy the router has (static, balanced, uniform D = 4 and
+D = N, dcp) gets the highest request rate it sustains under TPOT SLOs of 20, 30 and 50 ms (bisection; 90% of requests
+within the SLO after at most 2 s of admission wait), then one load for all (the rate balanced sustains at 30 ms):
+P50 / P99 TPOT and admission wait, straggler ratio, KV occupancy spread and mean CP degree. A last sweep varies the
+CP route's latency to find where DCP stops paying. The workload is the Mooncake trace (../shared/traces),
+time-scaled; every request asks for max_tokens = 1024. Simulations run in parallel processes (--jobs).
+
+    .venv/bin/python bench/evaluation.py [--jobs 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from nanocp.sim.calibration import Calibration, default_path
+from nanocp.sim.cluster import Cluster, PolicySpec
+from nanocp.sim.hardware import DEVICES, LINKS
+from nanocp.sim.loop import simulate
+from nanocp.sim.shapes import SHAPES
+from nanocp.sim.sweep import EDGE, Slo, at_rates, max_rates
+from nanocp.workload import at_rate, describe, load_mooncake, repeat
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT.parent / "shared" / "traces" / "mooncake-synthetic.jsonl"
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
+SIZES = (8, 16, 32)
+LINK_NAMES = ("nvlink", "infiniband")
+REGIMES = {"80 GB pool": None, "12 GB pool": 12e9}  # what an H100 leaves for KV; a pool where KV binds throughout
+SLOS_MS = (20.0, 30.0, 50.0)
+MAX_TOKENS = 1024
+DURATION_S = 30.0  # of arrivals at each rate
+SHARD_TOKENS, MAX_DEGREE = 16384, 8
+FIXED_LOAD_SLO_MS = 30.0
+SENSITIVITY_SLO_MS = 20.0  # where dcp's edge is largest
+P2P_LATENCIES_US = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+
+
+def policies(n: int) -> list[PolicySpec]:
+    return [
+        PolicySpec("static"),
+        PolicySpec("balanced"),
+        PolicySpec("uniform", 4),
+        PolicySpec("uniform", n),
+        PolicySpec("dcp", shard_tokens=SHARD_TOKENS, max_degree=MAX_DEGREE),
+    ]
+
+
+def cluster(n: int, link: str, kv_bytes: float | None, p2p_latency_us: float | None = None) -> Cluster:
+    calibration = Calibration.load(default_path("gpu"))
+    chosen = LINKS[link] if p2p_latency_us is None else replace(LINKS[link], p2p_latency_s=p2p_latency_us * 1e-6)
+    return Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], chosen, n, calibration.coefficients, kv_bytes=kv_bytes)
+
+
+def trace() -> list[Any]:
+    return load_mooncake(TRACE)
+
+
+def bisect(job: dict[str, Any]) -> dict[str, Any]:
+    """The highest sustainable rate of one policy on one cluster, for each SLO."""
+    start = time.perf_counter()
+    group = cluster(job["n"], job["link"], job["kv_bytes"], job.get("p2p_latency_us"))
+    policy = PolicySpec(**job["policy"])
+    slos = [Slo(ms / 1e3) for ms in job["slos_ms"]]
+    run = at_rates(group, policy, trace(), job.get("duration_s", DURATION_S), slos[0], max_tokens=MAX_TOKENS)
+    runs: dict[float, Any] = {}
+    rates = max_rates(run, slos, guess=3.0 * job["n"], rel_tol=job.get("rel_tol", 0.05), runs=runs)
+    return {
+        **job,
+        "rates": {str(s.tpot_s * 1e3): rates[s] for s in slos},
+        "simulations": len(runs),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def at_load(job: dict[str, Any]) -> dict[str, Any]:
+    """One policy at one rate: the latency and balance figures."""
+    group = cluster(job["n"], job["link"], job["kv_bytes"])
+    requests = at_rate(repeat(trace(), round(job["rate"] * DURATION_S)), job["rate"])
+    result = simulate(group, PolicySpec(**job["policy"]), requests, max_tokens=MAX_TOKENS)
+    return {**job, "summary": result.steady(EDGE).summary()}
+
+
+def _each(pool: ProcessPoolExecutor, work: Any, jobs: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+    """The jobs' results in order, a line printed as each one finishes."""
+    futures = [pool.submit(work, job) for job in jobs]
+    for done, future in enumerate(as_completed(futures), 1):
+        r = future.result()
+        print(f"{stage} {done}/{len(jobs)}: N={r['n']} {r['link']} {r['regime']} {r['label']}", flush=True)
+    return [f.result() for f in futures]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2, help="simulations in parallel (default 2)")
+    parser.add_argument("--quick", action="store_true", help="N = 8 only, 10 s at each rate: to try the pipeline")
+    args = parser.parse_args()
+    if not TRACE.is_file():
+        raise SystemExit(f"the evaluation replays the Mooncake trace; it is not at {TRACE}")
+    sizes = (8,) if args.quick else SIZES
+    start = time.perf_counter()
+    configs = [
+        {"n": n, "link": link, "regime": regime, "kv_bytes": kv}
+        for n in sizes
+        for link in LINK_NAMES
+        for regime, kv in REGIMES.items()
+    ]
+    jobs = [{**c, "policy": vars(p), "label": p.label, "slos_ms": SLOS_MS} for c in configs for p in policies(c["n"])]
+    if args.quick:
+        jobs = [{**j, "duration_s": 10.0} for j in jobs]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rates = _each(pool, bisect, sorted(jobs, key=lambda j: -j["n"]), "rates")
+        loads = []
+        for c in configs:
+            mine = [r for r in rates if all(r[k] == c[k] for k in ("n", "link", "regime"))]
+            baseline = next(r for r in mine if r["label"] == "balanced")["rates"][str(FIXED_LOAD_SLO_MS)]
+            load = baseline or max(r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine)
+            loads += [{**c, "policy": r["policy"], "label": r["label"], "rate": load} for r in mine]
+        fixed = _each(pool, at_load, loads, "fixed load")
+        n = max(sizes)
+        sensitivity = [
+            {
+                "n": n,
+                "link": "nvlink",
+                "regime": regime,
+                "kv_bytes": kv,
+                "p2p_latency_us": us,
+                "policy": vars(p),
+                "label": p.label,
+                "slos_ms": (SENSITIVITY_SLO_MS,),
+                "rel_tol": 0.02,
+            }
+            for regime, kv in list(REGIMES.items())[:1]
+            for us in P2P_LATENCIES_US
+            for p in (PolicySpec("balanced"), PolicySpec("dcp", shard_tokens=SHARD_TOKENS, max_degree=MAX_DEGREE))
+        ]
+        if args.quick:
+            sensitivity = [{**j, "duration_s": 10.0} for j in sensitivity]
+        latency = _each(pool, bisect, sensitivity, "CP latency")
+    result = {
+        "workload": {"trace": TRACE.name, **describe(load_mooncake(TRACE)), "max_tokens": MAX_TOKENS},
+        "pages_per_instance": {
+            f"{c['n']} {c['regime']}": cluster(c["n"], c["link"], c["kv_bytes"]).pages_per_instance() for c in configs
+        },
+        "rates": rates,
+        "fixed_load": fixed,
+        "cp_latency": latency,
+        "wall_s": time.perf_counter() - start,
+    }
+    out = RESULTS / ("evaluation_quick.json" if args.quick else "evaluation.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} in {result['wall_s']:.0f} s")
+    if not args.quick:
+        from evaluation_report import write_report
+
+        write_report(result, DOCS)
+
+
+if __name__ == "__main__":
+    main()
