@@ -82,7 +82,7 @@ def test_straggler_verdict_from_work_breakdowns() -> None:
 
 def test_a_step_record_splits_its_time_into_the_shared_work_columns() -> None:
     sections = {"attention": 0.003, "merge": 0.001, "moe_compute": 0.002, "cp_route": 0.001, "moe_route": 0.0005}
-    record = StepRecord(7, 4, 100, 2, 3, 0.0125, {**sections, "arrival_lag": 0.004})
+    record = StepRecord(7, 4, 100, 2, 3, 0.0125, {**sections, "exchange": 0.004})
     assert dict(zip(WORK, record.work_us(), strict=True)) == {
         "attention": 4000,
         "moe": 2000,

@@ -259,7 +259,7 @@ class Engine:
         last = self.steps.last()
         previous = exchange_row(last)
         local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows, *previous]
-        with self.timer.section("arrival_lag", host=True):  # a member that arrives early waits here
+        with self.timer.section("exchange", host=True):  # a member that arrives early waits here: arrival lag
             counts = self.group.exchange_counts(local)
         tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
         if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):

@@ -108,12 +108,12 @@ class StepRecord:
 
     def work_us(self) -> list[int]:
         """Its step in whole microseconds, as WORK names the columns: attention (with merge), MoE compute, routing
-        (CP and MoE routes, waits at them included), arrival lag (the wait at the step exchange, the step's first
-        collective, for members still busy with the previous step) and host (the rest: host work, and on CUDA the
-        untimed kernels)."""
+        (CP and MoE routes, waits at them included), arrival lag (the "exchange" section: the wait at the step's first
+        collective, the step exchange, for members still busy with the previous step) and host (the rest: host work,
+        and on CUDA the untimed kernels)."""
         s = self.sections
         parts = [s.get("attention", 0.0) + s.get("merge", 0.0), s.get("moe_compute", 0.0)]
-        parts += [s.get("cp_route", 0.0) + s.get("moe_route", 0.0), s.get("arrival_lag", 0.0)]
+        parts += [s.get("cp_route", 0.0) + s.get("moe_route", 0.0), s.get("exchange", 0.0)]
         parts.append(max(0.0, self.seconds - sum(parts)))
         return [round(1e6 * p) for p in parts]
 

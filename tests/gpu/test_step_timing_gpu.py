@@ -41,20 +41,20 @@ def test_a_section_is_timed_by_the_device_and_read_only_once_the_device_has_pass
     begin = time.perf_counter()
     with timer.section("attention"):
         torch.cuda._sleep(CYCLES)
-    with timer.section("arrival_lag", host=True):  # work that blocks the host anyway keeps host clocks
+    with timer.section("exchange", host=True):  # work that blocks the host anyway keeps host clocks
         time.sleep(0.001)
     sections, pending = timer.take()
     log = StepLog()
     log.add(StepRecord(1, 1, 0, 0, 0, time.perf_counter() - begin, sections, pending))
     assert log.last() is None, "the device is still busy: no timed step yet, and nobody waited for it"
     assert time.perf_counter() - begin < busy / 2, "the host never waited for the device"
-    assert pending is not None and set(sections) == {"arrival_lag"}
+    assert pending is not None and set(sections) == {"exchange"}
 
     torch.cuda.synchronize()
     record = log.last()
     assert record is not None and record.pending is None
     assert record.sections["attention"] == pytest.approx(busy, rel=0.25)
-    assert record.sections["arrival_lag"] >= 0.001
+    assert record.sections["exchange"] >= 0.001
 
 
 def test_the_straggler_hook_delays_a_section_on_the_device_clock() -> None:
