@@ -271,8 +271,8 @@ class Engine:
             return None
         incoming, incoming_counts = out.meta[:0], [0] * self.group.size
         if meta > 0:
-            route = Route.plan(out.meta_counts)
-            incoming, incoming_counts = route.forward(out.meta), route.recv_rows
+            route = Route.plan(out.meta_counts.to(self.group.comm_device))  # built on the host, read there
+            incoming, incoming_counts = route.forward(out.meta.to(self.group.comm_device)).cpu(), route.recv_rows
         inputs = build(
             chunks,
             out,

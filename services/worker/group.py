@@ -46,9 +46,13 @@ class Group:
         self._local_bell = threading.Event()
         # Names this run of the group alike on every member (step traces derive their ids from it).
         self.run_id = secrets.token_hex(8)
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        # Where tensors that collectives move must live: NCCL moves device memory, gloo (here) host memory.
+        self.comm_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
         if spec.size == 1:
             return
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        if backend == "nccl" and self.comm_device.index is not None:
+            torch.cuda.set_device(self.comm_device)  # NCCL binds each process to its current device
         timeout = datetime.timedelta(seconds=timeout_s)
         log.info("rank %d of %d joining %s over %s", spec.rank, spec.size, spec.name, backend)
         self._store = dist.TCPStore(
@@ -73,8 +77,8 @@ class Group:
         """Every instance's counts for this step (tokens, metadata rows, ...), the same lists on all of them."""
         if self.size == 1:
             return [local]
-        counts = torch.zeros(self.size, len(local), dtype=torch.int64)
-        mine = torch.tensor([local], dtype=torch.int64)
+        counts = torch.zeros(self.size, len(local), dtype=torch.int64, device=self.comm_device)
+        mine = torch.tensor([local], dtype=torch.int64, device=self.comm_device)
         try:
             _all_gather(counts, mine)
         except RuntimeError as exc:
