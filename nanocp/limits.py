@@ -10,6 +10,10 @@ from typing import Protocol
 
 from nanocp.model_config import ModelConfig
 
+# A request's home asks the router to grow its placement while this many pages of its tail are still free, so the
+# answer arrives before a decode step must wait for it (the worker asks, nanocp.router.growth decides alike).
+GROW_AHEAD_PAGES = 2
+
 
 class LimitError(ValueError):
     """A request outside the model's or the sampler's limits."""

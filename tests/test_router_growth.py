@@ -5,19 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanocp.limits import GROW_AHEAD_PAGES
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.growth import GROW_AHEAD_PAGES, asks_to_grow, covered_tokens, grow, growth_pages
+from nanocp.router.growth import asks_to_grow, covered_tokens, grow, growth_pages
 from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
 from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
-from nanocp.worker.engine import GROW_AHEAD_PAGES as WORKER_GROW_AHEAD_PAGES
 from nanocp.worker.request import Request, SamplingParams
 
 PAGE = 16
-
-
-def test_the_router_and_the_worker_use_the_same_low_water_mark() -> None:
-    assert GROW_AHEAD_PAGES == WORKER_GROW_AHEAD_PAGES
 
 
 @settings(max_examples=200, deadline=None)

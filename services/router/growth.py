@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import math
 
+from nanocp.limits import GROW_AHEAD_PAGES
 from nanocp.router.placement import Footprint, InstanceLoad, Placement, PlacementPolicy
-
-# The worker's low-water mark, in pages of the tail (nanocp.worker.engine asks with the same number).
-GROW_AHEAD_PAGES = 2
 
 
 def covered_tokens(placement: Placement, page_size: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -28,6 +27,7 @@ from nanocp.model_config import ModelConfig
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
 from nanocp.router.errors import RequestError
+from nanocp.router.growth import grow, growth_pages
 from nanocp.router.metrics import LatencyMetrics
 from nanocp.router.placement import Footprint, Placement
 from nanocp.router.registry import Instance, WorkerRegistry
@@ -225,14 +225,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if live.placement is None or home.info is None:
             return
         page_size = home.info.page_size
-        tail = live.placement.shards[-1]
-        missing = live.footprint.tokens - (tail.start + tail.page_quota * page_size)
-        pages = math.ceil(min(missing, self._reserve or missing) / page_size)
         loads = [self._ledger.load(i) for i in self._registry.placeable()]
-        grown = self._admission.policy.grow(live.placement, pages, loads) if pages > 0 else None
+        pages = growth_pages(live.placement, live.footprint, page_size, self._reserve)
+        grown = grow(self._admission.policy, live.placement, live.footprint, self._reserve, loads, page_size)
         if grown is not None:
-            self._ledger.release(live.placement)
-            self._ledger.commit(grown)
+            self._ledger.swap(live.placement, grown)
             live.placement, live.placement_grew = grown, True
             span.add_event("placement_grown", {"nanocp.cp_degree": grown.cp_degree, "nanocp.pages": pages})
             span.set_attributes(_placement_attributes(grown))

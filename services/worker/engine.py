@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from nanocp.limits import LimitError, check_request
+from nanocp.limits import GROW_AHEAD_PAGES, LimitError, check_request
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.worker.comm import Route
 from nanocp.worker.cuda_graphs import DecodeGraphs, unsupported
@@ -42,10 +42,6 @@ from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exch
 from nanocp.worker.weights import build_model
 
 log = logging.getLogger(__name__)
-
-# A request asks for its placement to grow while this many pages of its tail are still free, so the router's answer
-# arrives before a decode step must wait for it.
-GROW_AHEAD_PAGES = 2
 
 
 class StepObserver(Protocol):
