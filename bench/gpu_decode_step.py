@@ -87,18 +87,14 @@ def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
     return statistics.median(r.seconds for r in records), int(statistics.median(r.kv_tokens_read for r in records))
 
 
-def eager(engine: Engine) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def eager(engine: Engine) -> Iterator[None]:
     """Sets the engine's graphs aside: every step runs eagerly, as a GPU engine without graphs does."""
-
-    @contextlib.contextmanager
-    def graphs_aside() -> Iterator[None]:
-        graphs, engine.graphs = engine.graphs, None
-        try:
-            yield
-        finally:
-            engine.graphs = graphs
-
-    return graphs_aside()
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        yield
+    finally:
+        engine.graphs = graphs
 
 
 def run(kind: str, steps: int, out: Path) -> dict[str, Any]:

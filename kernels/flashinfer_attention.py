@@ -47,15 +47,19 @@ _workspaces: dict[torch.device, torch.Tensor] = {}
 _pools: dict[tuple[torch.device, str], list[Any]] = {}
 
 
+def _workspace(device: torch.device) -> torch.Tensor:
+    if device not in _workspaces:
+        _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)  # zeroed at first use
+    return _workspaces[device]
+
+
 def _take_wrapper(device: torch.device, kind: str) -> Any:
     pool = _pools.setdefault((device, kind), [])
     if pool:
         return pool.pop()
     import flashinfer
 
-    if device not in _workspaces:
-        _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)  # zeroed at first use
-    workspace = _workspaces[device]
+    workspace = _workspace(device)
     if kind == "decode":
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True, backend=BACKEND)
     return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=BACKEND)
@@ -177,12 +181,10 @@ class GraphDecode:
         """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them."""
         import flashinfer
 
-        if device not in _workspaces:
-            _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.rows = rows
         self.plan_args = plan_args
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            _workspaces[device],
+            _workspace(device),
             "NHD",
             use_cuda_graph=True,
             use_tensor_cores=True,
