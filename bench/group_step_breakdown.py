@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from nanocp.harness.offline_group import OfflineRequest, RankResult, run_group
 from nanocp.worker.engine import EngineConfig
-from nanocp.worker.offline import OfflineRequest, RankResult, run_group
 from nanocp.worker.request import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"

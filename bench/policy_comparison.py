@@ -31,9 +31,9 @@ from rich.table import Table
 
 from nanocp.client import AsyncClient
 from nanocp.embedded import local_cluster, step_logs
+from nanocp.harness.cpu_group import Latency, replay
 from nanocp.internal.v1 import worker_pb2
 from nanocp.router.cost import CostModel
-from nanocp.sim.cpu_group import Latency, replay
 from nanocp.workload import TraceRequest, at_rate, describe, fit_lengths, load_mooncake
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,6 +1,6 @@
 """Step samples of the real 4-instance CPU group, for the simulator's CPU calibration (nanocp sim calibrate).
 
-Replays the head of the Mooncake trace (nanocp.sim.cpu_group: 40 requests fitted to the tiny model, 4 a second)
+Replays the head of the Mooncake trace (nanocp.harness.cpu_group: 40 requests fitted to the tiny model, 4 a second)
 under static, dcp and uniform (so steps with and without CP routes), 256 KV pages a worker, each --repeats times (the
 fit then averages over how busy the machine was), and keeps every group
 step: per instance its home tokens, KV tokens read, routed rows, step time and routing time (CP and MoE routes and
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from nanocp.harness.cpu_group import DCP, PAGES, mooncake_head, router_args, run_cpu_group
 from nanocp.sim.cluster import PolicySpec
-from nanocp.sim.cpu_group import DCP, PAGES, mooncake_head, router_args, run_cpu_group
 from nanocp.workload import describe
 
 RESULTS = Path(__file__).parent / "results"

@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nanocp.harness.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 from nanocp.sim.cluster import PolicySpec
-from nanocp.sim.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 
 RESULTS = Path(__file__).parent / "results"
 POLICIES = [PolicySpec("static"), DCP, PolicySpec("uniform", 4)]

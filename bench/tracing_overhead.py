@@ -41,9 +41,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from nanocp.harness.offline_group import OfflineRequest, RankResult, run_group
 from nanocp.telemetry import STEP_SPANS_EVERY, AgreedIds
 from nanocp.worker.engine import Engine, EngineConfig, StepObserver
-from nanocp.worker.offline import OfflineRequest, RankResult, run_group
 from nanocp.worker.request import Request, SamplingParams
 from nanocp.worker.scheduler import Chunk
 from nanocp.worker.step_trace import GroupMember, StepTracer

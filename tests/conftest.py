@@ -16,11 +16,11 @@ import pytest
 from opentelemetry.trace import TracerProvider
 
 from nanocp.client import AsyncClient
+from nanocp.harness.offline_group import free_port
 from nanocp.router.server import RouterServer, serve_router
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.v1 import router_pb2
 from nanocp.worker.engine import EngineConfig
-from nanocp.worker.offline import free_port
 from nanocp.worker.server import WorkerServer, serve_worker
 
 HOST = "127.0.0.1"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanocp.harness.offline_group import OfflineRequest, run_group
 from nanocp.worker.engine import Engine, EngineConfig
-from nanocp.worker.offline import OfflineRequest, run_group
 from nanocp.worker.request import RequestOutput, SamplingParams, footprint_pages
 from nanocp.worker.shards import ShardSpec
 

@@ -13,9 +13,9 @@ import pytest
 from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient
+from nanocp.harness.offline_group import free_port
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
-from nanocp.worker.offline import free_port
 
 LONG_PROMPT = list(range(1, 256)) * 5  # 1275 tokens
 SHORT_PROMPTS = [[7, 8, 9], list(range(40, 90))]

@@ -13,10 +13,10 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 from nanocp.checkpoint import write_random_checkpoint
+from nanocp.harness.offline_group import OfflineRequest, run_group
 from nanocp.model_config import ModelConfigError, load_model_config
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.model import ExpertShard
-from nanocp.worker.offline import OfflineRequest, run_group
 from nanocp.worker.request import RequestOutput, SamplingParams
 from nanocp.worker.weights import build_model
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import COLLECTIVE_TIMEOUT_S, HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient, Unavailable
+from nanocp.harness.offline_group import free_port
 from nanocp.router.server import RouterServer, serve_router
-from nanocp.worker.offline import free_port
 
 LONG = 4000  # new tokens: far more than a test waits for
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from nanocp.harness.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 from nanocp.sim.cluster import PolicySpec
-from nanocp.sim.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
 
 TOLERANCE = 0.35
 SITTINGS = 2

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from nanocp.harness.offline_group import OfflineRequest, run_group
 from nanocp.worker.engine import EngineConfig
-from nanocp.worker.offline import OfflineRequest, run_group
 from nanocp.worker.request import SamplingParams
 from nanocp.worker.timing import WORK, StepRecord, Straggler, exchange_row
 
