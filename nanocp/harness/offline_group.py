@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.openmetrics.exposition import generate_latest
 
+from nanocp.harness.delays import DelayedTimer
 from nanocp.telemetry import AgreedIds
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
@@ -143,9 +144,8 @@ def _rank_main(
     torch.set_num_threads(1)  # ranks share the machine's cores
     result = RankResult(spec.rank)
     try:
-        engine = Engine.from_spec(model, config, Group(spec, config.device, timeout_s=60))
-        engine.timer.enabled = timing
-        engine.timer.delays = delays
+        timer = DelayedTimer(delays, enabled=timing, device=config.device)
+        engine = Engine.from_spec(model, config, Group(spec, config.device, timeout_s=60), timer)
         metrics, spans_every = watched
         exporter = InMemorySpanExporter()
         provider = TracerProvider(id_generator=AgreedIds())  # as nanocp.telemetry.configure_tracing builds it

@@ -72,13 +72,19 @@ class EngineConfig:
 
 class Engine:
     def __init__(
-        self, model_config: ModelConfig, model: Qwen3Moe, config: EngineConfig, group: Group | None = None
+        self,
+        model_config: ModelConfig,
+        model: Qwen3Moe,
+        config: EngineConfig,
+        group: Group | None = None,
+        timer: StepTimer | None = None,
     ) -> None:
         self.model_config = model_config
         self.model = model
         self.config = config
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
-        self.timer = StepTimer(enabled=False, device=config.device)  # enable to break steps down (benchmarks, tracing)
+        # Enable it to break steps down (benchmarks, tracing).
+        self.timer = timer or StepTimer(enabled=False, device=config.device)
         self.steps = StepLog()
         self.observer: StepObserver | None = None  # told of each step and each group verdict (metrics)
         self._step = 0  # numbered alike on every member: all run every step the group runs
@@ -93,7 +99,9 @@ class Engine:
         self.eager_steps: Counter[str] = Counter()  # steps a graph could not take, by why
 
     @classmethod
-    def from_spec(cls, model: str, config: EngineConfig, group: Group | None = None) -> Engine:
+    def from_spec(
+        cls, model: str, config: EngineConfig, group: Group | None = None, timer: StepTimer | None = None
+    ) -> Engine:
         """Builds the model for `model` (a preset or a directory); in a group, only this instance's experts."""
         model_config = load_model_config(model, dtype=config.dtype)
         shard = ExpertShard(group.rank, group.size) if group else ExpertShard()
@@ -107,7 +115,7 @@ class Engine:
             experts.stop - 1,
             model_config.num_experts,
         )
-        return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group)
+        return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group, timer)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if not self.config.cuda_graphs:

@@ -31,8 +31,6 @@ class StepTimer:
         self.seconds: dict[str, float] = defaultdict(float)  # host-clock sections of the current step
         self._cuda = torch.device(device).type == "cuda"
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-        # A test hook: seconds to sleep inside a section, to make this instance a straggler on purpose.
-        self.delays: dict[str, float] = {}
 
     def start_step(self) -> None:
         self.seconds.clear()
@@ -51,7 +49,6 @@ class StepTimer:
                 return
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-            self._sleep(name)
             try:
                 yield
             finally:
@@ -60,15 +57,10 @@ class StepTimer:
                 self._events.append((name, start, end))
             return
         begin = time.perf_counter()
-        self._sleep(name)
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - begin
-
-    def _sleep(self, name: str) -> None:
-        if name in self.delays:
-            time.sleep(self.delays[name])  # on CUDA the stream idles meanwhile, so the events see it too
 
     def take(self) -> tuple[dict[str, float], DeviceSections | None]:
         """The step's host-clock sections, and its device-timed ones still to be read (None on CPU)."""

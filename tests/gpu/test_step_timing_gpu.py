@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from nanocp.harness.delays import DelayedTimer
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.request import RequestOutput, SamplingParams
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer
@@ -58,8 +59,7 @@ def test_a_section_is_timed_by_the_device_and_read_only_once_the_device_has_pass
 
 
 def test_the_straggler_hook_delays_a_section_on_the_device_clock() -> None:
-    timer = StepTimer(enabled=True, device="cuda")
-    timer.delays = {"moe_compute": 0.05}
+    timer = DelayedTimer({"moe_compute": 0.05}, enabled=True, device="cuda")
     timer.start_step()
     with timer.section("moe_compute"):
         torch.ones(16, device="cuda").sum()
