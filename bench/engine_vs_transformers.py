@@ -162,7 +162,7 @@ def main() -> None:
         "model": "random Qwen3-MoE from nanocp.checkpoint.SMALL (float32), both load it"
         if args.model == "small"
         else f"{args.model} shapes, random bf16 weights drawn by each side",
-        "cuda_graphs": engine.graphs is not None,
+        "cuda_graphs": engine.runner.graphs is not None,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "rows": rows,

@@ -68,7 +68,7 @@ def count_touched_experts(engine: Engine) -> list[int]:
         _, experts = module.route(args[0])
         touched.append(int(experts.unique().numel()))
 
-    handles = [m.register_forward_hook(hook) for m in engine.model.modules() if isinstance(m, SparseMoE)]
+    handles = [m.register_forward_hook(hook) for m in engine.runner.model.modules() if isinstance(m, SparseMoE)]
     try:
         engine.step()
     finally:
@@ -90,11 +90,11 @@ def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
 @contextlib.contextmanager
 def eager(engine: Engine) -> Iterator[None]:
     """Sets the engine's graphs aside: every step runs eagerly, as a GPU engine without graphs does."""
-    graphs, engine.graphs = engine.graphs, None
+    graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
         yield
     finally:
-        engine.graphs = graphs
+        engine.runner.graphs = graphs
 
 
 def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
@@ -119,8 +119,8 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
     )
     captured = time.perf_counter()
     engine = Engine(config, model, engine_config)
-    assert engine.graphs is not None
-    print(f"captured {len(engine.graphs.sizes)} graphs in {time.perf_counter() - captured:.1f} s", flush=True)
+    assert engine.runner.graphs is not None
+    print(f"captured {len(engine.runner.graphs.sizes)} graphs in {time.perf_counter() - captured:.1f} s", flush=True)
     print(f"KV pool: {engine_config.num_pages} pages ({engine_config.num_pages * PAGE} tokens)", flush=True)
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -142,9 +142,9 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
             for request_id in ids[batch:]:
                 engine.abort(request_id)
             ids = ids[:batch]
-            replays = engine.graphs.replays
+            replays = engine.runner.graphs.replays
             graph_s, kv_tokens = time_decode(engine, steps)
-            assert engine.graphs.replays - replays == WARMUP_STEPS + steps, "every timed step replays a graph"
+            assert engine.runner.graphs.replays - replays == WARMUP_STEPS + steps, "every timed step replays a graph"
             with eager(engine):
                 eager_s, _ = time_decode(engine, steps)
                 touched = count_touched_experts(engine)

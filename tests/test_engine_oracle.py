@@ -46,7 +46,7 @@ def test_prompt_logits_match_transformers_for_a_batch_of_prompts(
     assert planned is not None
     inputs, _ = planned
     with torch.inference_mode():
-        logits = engine.model.logits(engine.model(inputs.token_ids, inputs.context))
+        logits = engine.runner.model.logits(engine.runner.eager(inputs))
         offset = 0
         for prompt in batch:
             expected = hf_model(torch.tensor([prompt])).logits[0]
@@ -76,4 +76,4 @@ def test_greedy_tokens_equal_transformers_generate(
             torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
         )[0, len(prompt) :].tolist()
         assert outputs[f"r{i}"] == expected, f"prompt {i} ({len(prompt)} tokens)"
-    assert engine.cache.pool.num_free == engine.cache.pool.num_pages
+    assert engine.store.pool.num_free == engine.store.pool.num_pages

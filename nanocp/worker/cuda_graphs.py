@@ -23,10 +23,9 @@ from nanocp import kernels
 from nanocp.kernels.attention import FLASHINFER_HEAD_DIMS
 from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.model_config import ModelConfig
-from nanocp.worker.kv_cache import KVCache
+from nanocp.worker.attention import GraphDecodePlan, PagedAttention
 from nanocp.worker.model import Qwen3Moe, StepContext
-from nanocp.worker.step_plan import StepInputs
-from nanocp.worker.timing import StepTimer
+from nanocp.worker.planner import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +47,19 @@ def unsupported(config: ModelConfig, dtype: torch.dtype, device: str) -> str | N
     return None
 
 
-class _GraphAttention:
-    """What a graphed step's layers attend with: store the rows' K, V at the static slots, decode over the plan."""
-
-    def __init__(self, decode: GraphDecode, slots: torch.Tensor) -> None:
-        self.decode = decode
-        self.slots = slots
-
-    def run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        scale: float,
-        timer: StepTimer,
-    ) -> torch.Tensor:
-        kernels.store_kv(k_cache, v_cache, k, v, self.slots)
-        return self.decode.run(q, k_cache, v_cache)
-
-
 class _Bucket:
-    def __init__(self, rows: int, attention: _GraphAttention, context: StepContext) -> None:
+    def __init__(self, rows: int, plan: GraphDecodePlan) -> None:
         self.rows = rows
-        self.attention = attention
-        self.context = context
+        self.plan = plan
         self.graph = torch.cuda.CUDAGraph()
         self.hidden: torch.Tensor | None = None  # the captured output, rewritten by each replay
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen3Moe, cache: KVCache, max_batch: int) -> None:
+    def __init__(self, model: Qwen3Moe, attention: PagedAttention, max_batch: int) -> None:
         self.model = model
+        self.attention = attention
+        cache = attention.cache
         device = cache.k.device
         config = model.config
         self.token_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -97,9 +76,8 @@ class DecodeGraphs:
         }
         self.buckets: list[_Bucket] = []
         for rows in bucket_sizes(max_batch):
-            attention = _GraphAttention(GraphDecode(rows, cache.pool.num_pages, plan_args, device), self.slots[:rows])
-            context = StepContext(self.positions[:rows], attention, cache.k, cache.v)
-            self.buckets.append(_Bucket(rows, attention, context))
+            decode = GraphDecode(rows, cache.pool.num_pages, plan_args, device)
+            self.buckets.append(_Bucket(rows, GraphDecodePlan(decode, self.slots[:rows])))
         self.sizes = [b.rows for b in self.buckets]
         self.replays = 0
         self.replay = True  # False runs each bucket's padded step eagerly: what a replay must equal, for tests
@@ -114,13 +92,12 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         for done, bucket in enumerate(reversed(self.buckets), 1):
-            bucket.attention.decode.plan(None)  # all padding: no KV written
+            bucket.plan.decode.plan(None)  # all padding: no KV written
             self.slots.fill_(-1)
-            token_ids = self.token_ids[: bucket.rows]
-            self.model(token_ids, bucket.context)  # warm-up: lazy initialisation must not happen under capture
+            self.model(*self._inputs(bucket))  # warm-up: lazy initialisation must not happen under capture
             torch.cuda.synchronize()
             with torch.cuda.graph(bucket.graph, pool=pool):
-                bucket.hidden = self.model(token_ids, bucket.context)
+                bucket.hidden = self.model(*self._inputs(bucket))
             if progress is not None:
                 progress(done, len(self.buckets))
         torch.cuda.synchronize()
@@ -138,14 +115,19 @@ class DecodeGraphs:
         bucket = self.buckets[bisect.bisect_left(self.sizes, rows)]
         self.token_ids[:rows].copy_(inputs.token_ids)
         self.token_ids[rows : bucket.rows].zero_()
-        self.positions[:rows].copy_(inputs.context.positions)
+        self.positions[:rows].copy_(inputs.positions)
         self.positions[rows : bucket.rows].zero_()
         self.slots[:rows].copy_(inputs.plan.local_slots)
         self.slots[rows : bucket.rows].fill_(-1)
-        bucket.attention.decode.plan(meta)
+        bucket.plan.decode.plan(meta)
         if not self.replay:
-            return self.model(self.token_ids[: bucket.rows], bucket.context)[:rows]
+            return self.model(*self._inputs(bucket))[:rows]
         assert bucket.hidden is not None, "capture() first"
         bucket.graph.replay()
         self.replays += 1
         return bucket.hidden[:rows]
+
+    def _inputs(self, bucket: _Bucket) -> tuple[torch.Tensor, StepContext]:
+        """The bucket's static inputs, its plan set on the attention backend (what a capture records)."""
+        self.attention.plan = bucket.plan
+        return self.token_ids[: bucket.rows], StepContext(self.positions[: bucket.rows], self.attention)

@@ -1,4 +1,8 @@
-"""One decode instance: admits requests, runs steps (chunked prefill mixed with decode), samples, emits tokens.
+"""One decode instance: the step loop over the scheduler, the group's exchange, the planner and the model runner.
+
+Per step: the scheduler picks the chunks (decodes first, then prefill chunks); the exchange agrees on the step with
+the group (and tells remote holders what to open and free); the planner lays out the inputs, attention and routes;
+the model runner runs the forward and samples; the engine appends the tokens, finishes requests and emits outputs.
 
 Single-threaded by design; nanocp.worker.loop drives it from a thread and serialises callers.
 """
@@ -9,37 +13,37 @@ import itertools
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
 
-from nanocp.limits import GROW_AHEAD_PAGES, LimitError, check_request
+from nanocp.limits import GROW_AHEAD_PAGES
 from nanocp.model_config import ModelConfig, load_model_config
-from nanocp.worker.comm import Route
-from nanocp.worker.cuda_graphs import DecodeGraphs, unsupported
+from nanocp.worker.admission import Admission
+from nanocp.worker.config import EngineConfig
+from nanocp.worker.exchange import StepExchange
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import ExpertShard, Qwen3Moe
+from nanocp.worker.model_runner import ModelRunner
+from nanocp.worker.planner import StepInputs, StepPlanner
 from nanocp.worker.request import (
-    EngineError,
     EngineLoad,
     FinishReason,
     OutputCallback,
     Request,
     RequestOutput,
     SamplingParams,
-    footprint_pages,
 )
-from nanocp.worker.sampler import sample
 from nanocp.worker.scheduler import Chunk, Scheduler
 from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
-from nanocp.worker.step_plan import StepInputs, build, outgoing
-from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exchange_row
+from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
+
+__all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +52,6 @@ class StepObserver(Protocol):
     def step(self, record: StepRecord, chunks: Sequence[Chunk]) -> None: ...
 
     def verdict(self, record: StepRecord, straggler: Straggler) -> None: ...
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int = 1024
-    max_step_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
-    max_running: int = 64
-    device: str = "cpu"
-    seed: int = 0  # random weights of presets, and samplers of requests that give no seed
-    dtype: str | None = None  # overrides the model's dtype
-    cuda_graphs: bool = True  # decode steps of a lone instance replay graphs captured at start-up, where supported
-    graph_max_batch: int = 256  # the largest batch graphed (capped by max_running); larger batches run eagerly
-
-    def __post_init__(self) -> None:
-        for name in ("page_size", "num_pages", "max_step_tokens", "max_running", "graph_max_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_running > self.max_step_tokens:
-            raise ValueError(f"max_running ({self.max_running}) exceeds max_step_tokens ({self.max_step_tokens})")
 
 
 class Engine:
@@ -80,23 +64,26 @@ class Engine:
         timer: StepTimer | None = None,
     ) -> None:
         self.model_config = model_config
-        self.model = model
         self.config = config
         self.group = group or Group(GroupSpec(), config.device, timeout_s=0)
+        rank, size = self.group.rank, self.group.size
         # Enable it to break steps down (benchmarks, tracing).
         self.timer = timer or StepTimer(enabled=False, device=config.device)
         self.steps = StepLog()
         self.observer: StepObserver | None = None  # told of each step and each group verdict (metrics)
-        self._step = 0  # numbered alike on every member: all run every step the group runs
-        self.cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
-        self.store = ShardStore(self.cache.pool, config.page_size)
-        self.scheduler = Scheduler(self.store, self.group.rank, config.max_step_tokens, config.max_running)
+        self.admission = Admission(model_config, config, rank, size)
+        cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
+        self.runner = ModelRunner(model_config, model, cache, self.timer, self._graph_batch())
+        self.store = ShardStore(cache.pool, config.page_size)
+        self.scheduler = Scheduler(self.store, rank, config.max_step_tokens, config.max_running)
+        self.exchange = StepExchange(self.group, self.steps, self.timer, self._verdict)
+        self.planner = StepPlanner(self.store, rank, size, config.device)
         self.requests: dict[str, Request] = {}
-        self._frees: dict[int, list[int]] = {}  # holder rank -> keys of ended requests whose shards it must free
-        self._keys = itertools.count(self.group.rank << 40)  # unique in the group: the rank is in the high bits
+        self._outbox: list[tuple[Request, RequestOutput]] = []  # emitted once the step's state is all settled
+        self.load_snapshot = self.load()  # what other threads read: published before any output is emitted
+        self._step = 0  # numbered alike on every member: all run every step the group runs
+        self._keys = itertools.count(rank << 40)  # unique in the group: the rank is in the high bits
         self._seeds = random.Random(config.seed)
-        self.graphs = self._capture_graphs()
-        self.eager_steps: Counter[str] = Counter()  # steps a graph could not take, by why
 
     @classmethod
     def from_spec(
@@ -117,23 +104,15 @@ class Engine:
         )
         return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group, timer)
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
+    def _graph_batch(self) -> int | None:
+        """The largest batch to capture decode graphs for, or None for none."""
         if not self.config.cuda_graphs:
             return None
-        why = unsupported(self.model_config, self.cache.k.dtype, self.config.device)
-        if why is None and self.group.size > 1:
-            why = "a group's routes vary in size from step to step"
-        if why is not None:
+        if self.group.size > 1:
             if self.config.device != "cpu":
-                log.info("decode steps run eagerly: %s", why)
+                log.info("decode steps run eagerly: a group's routes vary in size from step to step")
             return None
-        graphs = DecodeGraphs(self.model, self.cache, min(self.config.max_running, self.config.graph_max_batch))
-
-        def progress(done: int, total: int) -> None:
-            log.info("captured decode graph %d of %d", done, total)
-
-        graphs.capture(progress)
-        return graphs
+        return min(self.config.max_running, self.config.graph_max_batch)
 
     def add_request(
         self,
@@ -144,17 +123,12 @@ class Engine:
         shards: list[ShardSpec] | None = None,
     ) -> None:
         """`shards` places the request's KV over the group (the router's placement); by default all of it here."""
-        self.check_new_id(request_id, self.requests)
-        shards = shards or self.local_placement(prompt, params)
-        self.check_request(prompt, params, shards)
+        self.admission.check_new_id(request_id, self.requests)
+        shards = shards or self.admission.local_placement(prompt, params)
+        self.admission.check(prompt, params, shards)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
         )
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        coverage = shard_ends(shards, self.config.page_size)[-1]
         request = Request(
             request_id,
             list(prompt),
@@ -162,81 +136,54 @@ class Engine:
             on_output,
             stop_ids,
             shards,
-            coverage,
+            coverage=shard_ends(shards, self.config.page_size)[-1],
             key=next(self._keys),
-            generator=generator,
+            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
-
-    @staticmethod
-    def check_new_id(request_id: str, live: Collection[str]) -> None:
-        if request_id in live:
-            raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")
-
-    def local_placement(self, prompt: list[int], params: SamplingParams) -> list[ShardSpec]:
-        """One shard, here, for the request's whole footprint."""
-        pages = footprint_pages(len(prompt), params.max_tokens, self.config.page_size)
-        return [ShardSpec(self.group.rank, 0, pages)]
-
-    def check_request(self, prompt: list[int], params: SamplingParams, shards: list[ShardSpec]) -> None:
-        """Refuses what the group can never serve; reads only immutable settings, so any thread may call it."""
-        c = self.config
-        try:
-            check_request(prompt, params, self.model_config)
-        except LimitError as exc:
-            raise EngineError("INVALID_ARGUMENT", str(exc)) from None
-        problem = check_shards(shards, self.group.size, c.page_size)
-        covered = shard_ends(shards, c.page_size)[-1] if problem is None else 0
-        # It must hold the prompt and the first sampled token; beyond that the placement may grow as it decodes.
-        needed = min(len(prompt) + params.max_tokens - 1, len(prompt) + 1)
-        if problem is None and covered < needed:
-            problem = f"its shards cover {covered} positions, the request needs at least {needed}"
-        if problem is not None:
-            raise EngineError("INVALID_ARGUMENT", f"placement: {problem}")
-        pages = max(s.page_quota for s in shards)
-        if pages > c.num_pages:
-            raise EngineError(
-                "RESOURCE_EXHAUSTED",
-                f"the request needs {pages} KV pages ({len(prompt)} prompt + {params.max_tokens} new tokens); "
-                f"this instance has {c.num_pages} pages of {c.page_size} tokens",
-            )
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.get(request_id)
         if request is None:
             return False
         self._finish(request, FinishReason.ABORT, [])
+        self._emit()
         return True
 
     def fail_all(self, error: str | None, code: str = "INTERNAL") -> None:
         for request in list(self.requests.values()):
             self._finish(request, FinishReason.ABORT, [], error, code)
+        self._emit()
 
     def extend(self, request_id: str, shards: list[ShardSpec] | None) -> None:
         """Grows a request's placement, or (None: no room anywhere) ends it with RESOURCE_EXHAUSTED."""
         request = self.requests.get(request_id)
         if request is None:
             return  # it ended meanwhile
+        problem = None
+        if shards is not None:
+            problem = check_growth(request.shards, shards) or check_shards(
+                shards, self.group.size, self.config.page_size
+            )
         if shards is None:
             error = f"no KV memory left to grow its placement after {len(request.output)} tokens"
             self._finish(request, FinishReason.ABORT, [], error, "RESOURCE_EXHAUSTED")
-            return
-        problem = check_growth(request.shards, shards) or check_shards(shards, self.group.size, self.config.page_size)
-        if problem is not None:
+        elif problem is not None:
             self._finish(request, FinishReason.ABORT, [], f"placement: {problem}", "INVALID_ARGUMENT")
-            return
-        request.shards = shards
-        request.coverage = shard_ends(shards, self.config.page_size)[-1]
-        for index, shard in enumerate(shards):
-            if shard.holder == self.group.rank and request in self.scheduler.running:
-                self.store.open(request.key, index, shard.page_quota)
+        else:
+            request.shards = shards
+            request.coverage = shard_ends(shards, self.config.page_size)[-1]
+            for index, shard in enumerate(shards):
+                if shard.holder == self.group.rank and request in self.scheduler.running:
+                    self.store.open(request.key, index, shard.page_quota)
+        self._emit()
 
     def has_work(self) -> bool:
-        return bool(self.requests or self._frees)
+        return bool(self.requests or self.exchange.has_frees)
 
     def load(self) -> EngineLoad:
-        pool = self.cache.pool
+        pool = self.store.pool
         return EngineLoad(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -256,41 +203,11 @@ class Engine:
     def plan_step(self, chunks: list[Chunk]) -> tuple[StepInputs, bool] | None:
         """Agrees on the step with the group and plans it: None when the whole group is idle; otherwise the inputs
         and whether any instance has tokens (a step may carry only shard frees)."""
-        out = outgoing(chunks, self.group.rank, self.group.size, self.config.page_size, self._frees)
-        self._frees = {}
-        # The exchange also carries each instance's work in its last recorded step: every member learns who was
-        # slowest and why, at no extra collective.
-        last = self.steps.last()
-        previous = exchange_row(last)
-        local = [sum(c.num_tokens for c in chunks), len(out.meta), out.remote_rows, *previous]
-        with self.timer.section("exchange", host=True):  # a member that arrives early waits here: arrival lag
-            counts = self.group.exchange_counts(local)
-        tokens, meta, remote = (sum(column) for column in list(zip(*counts, strict=True))[:3])
-        if self.group.size > 1 and last is not None and all(c[3] == last.step for c in counts):
-            straggler = Straggler.of([c[4:] for c in counts])
-            self.steps.mark(last.step, straggler)
-            if self.observer is not None:
-                self.observer.verdict(last, straggler)
-        if tokens == 0 and meta == 0:
+        out = self.planner.outgoing(chunks, self.exchange.take_frees())
+        agreed = self.exchange.agree(sum(c.num_tokens for c in chunks), out)
+        if agreed is None:
             return None
-        incoming, incoming_counts = out.meta[:0], [0] * self.group.size
-        if meta > 0:
-            route = Route.plan(out.meta_counts.to(self.group.comm_device))  # built on the host, read there
-            incoming, incoming_counts = route.forward(out.meta.to(self.group.comm_device)).cpu(), route.recv_rows
-        inputs = build(
-            chunks,
-            out,
-            incoming,
-            incoming_counts,
-            self.store,
-            self.group.rank,
-            remote > 0,
-            self.cache.k,
-            self.cache.v,
-            self.config.device,
-            self.timer,
-        )
-        return inputs, tokens > 0
+        return self.planner.build(chunks, out, agreed.incoming, agreed.cp_routes), agreed.tokens > 0
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[Chunk]) -> bool:
@@ -303,31 +220,20 @@ class Engine:
             return False
         self._step += 1
         inputs, any_tokens = planned
-        if not any_tokens:
+        if not any_tokens:  # only frees travelled: the load changed all the same
+            self._emit()
             return True
-        hidden = self._forward(inputs)
-        tokens: list[int] = []
-        if inputs.sampling_chunks:
-            logits = self.model.logits(hidden[inputs.sample_rows])
-            requests = [c.request for c in inputs.sampling_chunks]
-            tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        tokens = self.runner.run(inputs)
         for chunk in chunks:
             chunk.request.num_computed += chunk.num_tokens
         for chunk, token in zip(inputs.sampling_chunks, tokens, strict=True):
-            request = chunk.request
-            request.output.append(token)
-            reason = request.finish_reason_after(token)
-            if reason is None:
-                asks = request.should_ask_for_pages(GROW_AHEAD_PAGES * self.config.page_size)
-                request.on_output(replace(self._output(request, [token], None), needs_pages=asks))
-            else:
-                self._finish(request, reason, [token])
+            self._append(chunk.request, token)
         record = StepRecord(
             self._step,
             len(inputs.token_ids),
             inputs.kv_tokens_read,
             inputs.rows_routed,
-            self.cache.pool.num_in_use,
+            self.store.pool.num_in_use,
             time.perf_counter() - start,
             *self.timer.take(),
             started=start,
@@ -335,17 +241,17 @@ class Engine:
         self.steps.add(record)
         if self.observer is not None:
             self.observer.step(record, chunks)
+        self._emit()
         return True
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        """The model over the step's rows: by a graph's replay when one fits, else eagerly."""
-        if self.graphs is None:
-            return self.model(inputs.token_ids, inputs.context)
-        meta = inputs.plan.decode_metadata()
-        if meta is None or len(inputs.token_ids) > self.graphs.max_batch:
-            self.eager_steps["prefill or routes" if meta is None else "batch beyond the largest graph"] += 1
-            return self.model(inputs.token_ids, inputs.context)
-        return self.graphs.forward(inputs, meta)
+    def _append(self, request: Request, token: int) -> None:
+        request.output.append(token)
+        reason = request.finish_reason_after(token)
+        if reason is not None:
+            self._finish(request, reason, [token])
+            return
+        asks = request.should_ask_for_pages(GROW_AHEAD_PAGES * self.config.page_size)
+        self._outbox.append((request, replace(_output(request, [token], None), needs_pages=asks)))
 
     def _finish(
         self,
@@ -358,12 +264,23 @@ class Engine:
         self.scheduler.remove(request)
         for shard in request.shards:
             if shard.holder != self.group.rank:
-                self._frees.setdefault(shard.holder, []).append(request.key)
+                self.exchange.free_later(shard.holder, request.key)
         del self.requests[request.request_id]
-        request.on_output(replace(self._output(request, new_tokens, reason, error), error_code=code))
+        self._outbox.append((request, replace(_output(request, new_tokens, reason, error), error_code=code)))
 
-    @staticmethod
-    def _output(
-        request: Request, new_tokens: list[int], reason: FinishReason | None, error: str | None = None
-    ) -> RequestOutput:
-        return RequestOutput(request.request_id, new_tokens, reason, len(request.prompt), len(request.output), error)
+    def _emit(self) -> None:
+        """Publishes the load, then hands out the outputs: a caller that sees a token sees the pages behind it."""
+        self.load_snapshot = self.load()
+        outbox, self._outbox = self._outbox, []
+        for request, output in outbox:
+            request.on_output(output)
+
+    def _verdict(self, record: StepRecord, straggler: Straggler) -> None:
+        if self.observer is not None:
+            self.observer.verdict(record, straggler)
+
+
+def _output(
+    request: Request, new_tokens: list[int], reason: FinishReason | None, error: str | None = None
+) -> RequestOutput:
+    return RequestOutput(request.request_id, new_tokens, reason, len(request.prompt), len(request.output), error)

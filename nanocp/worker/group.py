@@ -1,7 +1,10 @@
 """A decode group: N worker processes that step in lockstep over torch.distributed.
 
 Rendezvous reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (what torchrun, a StatefulSet or a LeaderWorkerSet
-provide). The backend follows the device: gloo on CPU, NCCL on GPU.
+provide). Data and control travel apart: the routes of a step's forward move device tensors over the data group
+(gloo on CPU, NCCL on GPU), while the step's agreement (counts, metadata rows, frees, timings) goes over a control
+group of gloo on host memory, on GPU machines too, so the host learns every size it plans for without reading a
+device tensor.
 
 An idle group sleeps on a doorbell instead of spinning: a key in the rendezvous store that the instance which
 receives new work sets. Sleeping instances also wake every `idle_check_s` for an empty step, so a peer that died
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import secrets
 import threading
@@ -47,12 +51,11 @@ class Group:
         # Names this run of the group alike on every member (step traces derive their ids from it).
         self.run_id = secrets.token_hex(8)
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        # Where tensors that collectives move must live: NCCL moves device memory, gloo (here) host memory.
-        self.comm_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
+        self._control: dist.ProcessGroup | None = None  # None: the default group, gloo itself on CPU
         if spec.size == 1:
             return
-        if backend == "nccl" and self.comm_device.index is not None:
-            torch.cuda.set_device(self.comm_device)  # NCCL binds each process to its current device
+        if backend == "nccl" and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))  # NCCL binds each process to its current device
         timeout = datetime.timedelta(seconds=timeout_s)
         log.info("rank %d of %d joining %s over %s", spec.rank, spec.size, spec.name, backend)
         self._store = dist.TCPStore(
@@ -62,6 +65,8 @@ class Group:
             self._store.set("nanocp/run_id", self.run_id)
         dist.init_process_group(backend, store=self._store, rank=spec.rank, world_size=spec.size, timeout=timeout)
         self.run_id = self._store.get("nanocp/run_id").decode()
+        if backend == "nccl":
+            self._control = dist.new_group(backend="gloo", timeout=timeout)
         self._bell = dist.TCPStore(spec.master_addr, spec.master_port, spec.size, is_master=False, timeout=timeout)
         log.info("rank %d of %d joined %s", spec.rank, spec.size, spec.name)
 
@@ -77,13 +82,29 @@ class Group:
         """Every instance's counts for this step (tokens, metadata rows, ...), the same lists on all of them."""
         if self.size == 1:
             return [local]
-        counts = torch.zeros(self.size, len(local), dtype=torch.int64, device=self.comm_device)
-        mine = torch.tensor([local], dtype=torch.int64, device=self.comm_device)
+        counts = torch.zeros(self.size, len(local), dtype=torch.int64)
         try:
-            _all_gather(counts, mine)
+            _all_gather(counts, torch.tensor([local], dtype=torch.int64), group=self._control)
         except RuntimeError as exc:
             raise GroupFailure(f"rank {self.rank}: the group's step exchange failed: {exc}") from exc
         return counts.tolist()
+
+    def route_rows(self, rows_to: list[list[list[int]]], counts_from: list[int], width: int) -> list[list[list[int]]]:
+        """Sends each peer its rows of `width` integers (rows_to[peer]) over the control group and returns the rows
+        from each peer, `counts_from[peer]` of them (known from the step's counts)."""
+        if self.size == 1:
+            return rows_to
+        send = torch.tensor([row for rows in rows_to for row in rows], dtype=torch.int64).view(-1, width)
+        received = torch.empty(sum(counts_from), width, dtype=torch.int64)
+        sent = [len(rows) for rows in rows_to]
+        try:
+            dist.all_to_all_single(received, send, counts_from, sent, group=self._control)
+        except RuntimeError as exc:
+            raise GroupFailure(f"rank {self.rank}: the group's metadata route failed: {exc}") from exc
+        flat, offsets = received.tolist(), [0]
+        for count in counts_from:
+            offsets.append(offsets[-1] + count)
+        return [flat[a:b] for a, b in itertools.pairwise(offsets)]
 
     def ring(self) -> None:
         """Wakes the whole group (any thread may call it): this instance has work."""

@@ -1,7 +1,8 @@
 """Drives an engine from its own thread, the only thread that touches engine state.
 
-Other threads (the gRPC server's) hand it commands through a queue and read a load snapshot it publishes after each
-step, so they never wait for a step, which in a group can last as long as the slowest peer. When there is no work
+Other threads (the gRPC server's) hand it commands through a queue and read the load snapshot the engine publishes
+before it emits any output (so a caller that has seen a token sees the pages behind it), so they never wait for a
+step, which in a group can last as long as the slowest peer. When there is no work
 the thread sleeps (on the group's doorbell, which any member's new work rings), never spins.
 
 A step that fails inside a group is fatal: the group's collectives are out of step, so the live requests fail with
@@ -29,7 +30,6 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._live: set[str] = set()  # ids submitted and not yet finished, for refusing duplicates at once
         self._live_lock = threading.Lock()
-        self._load = engine.load()
         self._stopping = False
         self.failed: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -57,10 +57,11 @@ class EngineLoop:
         """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
         if self.failed is not None:
             raise EngineError("UNAVAILABLE", f"the decode group failed ({self.failed}); the worker must restart")
-        shards = shards or self.engine.local_placement(prompt, params)
-        self.engine.check_request(prompt, params, shards)
+        admission = self.engine.admission
+        shards = shards or admission.local_placement(prompt, params)
+        admission.check(prompt, params, shards)
         with self._live_lock:
-            self.engine.check_new_id(request_id, self._live)
+            admission.check_new_id(request_id, self._live)
             self._live.add(request_id)
 
         def relay(output: RequestOutput) -> None:
@@ -88,7 +89,7 @@ class EngineLoop:
         return True
 
     def load(self) -> EngineLoad:
-        return self._load
+        return self.engine.load_snapshot
 
     def _post(self, command: Callable[[], object]) -> None:
         self._commands.put(command)
@@ -99,7 +100,6 @@ class EngineLoop:
             while not self._commands.empty():
                 self._commands.get()()
             worked = self._step()
-            self._load = self.engine.load()
             if self.failed is not None:
                 return
             if not worked:

@@ -1,13 +1,12 @@
 """The Qwen3-MoE architecture in plain torch, as Hugging Face's Qwen3MoeForCausalLM computes it.
 
-Layers keep a plain forward(x) signature; a per-step context (set by the model runner) carries positions, KV slots
-and the attention metadata, as in nano-vllm.
+Layers keep a plain forward(x) signature; a per-step context (made by the model runner) carries the positions and
+the attention backend holding the step's plan, as in nano-vllm.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,8 @@ from torch import nn
 
 from nanocp import kernels
 from nanocp.model_config import ModelConfig
-from nanocp.worker.comm import Route
+from nanocp.worker.attention import PagedAttention
+from nanocp.worker.comm import exchange_counts
 from nanocp.worker.timing import StepTimer
 
 
@@ -31,28 +31,10 @@ class ExpertShard:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
-class StepAttention(Protocol):
-    """A step's attention, run by every layer: stores the rows' K, V and returns their attention output. An
-    AttentionPlan (eager, any placement) or a CUDA graph's decode attention."""
-
-    def run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        scale: float,
-        timer: StepTimer,
-    ) -> torch.Tensor: ...
-
-
 @dataclass
 class StepContext:
     positions: torch.Tensor  # (tokens,) position of each token in its request
-    attention: StepAttention
-    k_cache: torch.Tensor  # (layers, pages, page_size, kv_heads, head_dim)
-    v_cache: torch.Tensor
+    attention: PagedAttention  # with the step's plan set
     timer: StepTimer = field(default_factory=lambda: StepTimer(enabled=False))
 
 
@@ -114,7 +96,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.scale = config.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
         c = self.config
@@ -122,7 +103,7 @@ class Attention(nn.Module):
         q = rotate(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), rope)
         k = rotate(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), rope)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        out = ctx.attention.run(q, k, v, ctx.k_cache[self.layer], ctx.v_cache[self.layer], self.scale, ctx.timer)
+        out = ctx.attention.run(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
@@ -177,16 +158,15 @@ class SparseMoE(nn.Module):
         """rows: by expert, hence by holder. Out to the experts' holders, computed there, and back."""
         per_expert = torch.bincount(flat, minlength=self.config.num_experts)
         with timer.section("moe_route"):
-            route = Route.plan(per_expert.view(self.shard.size, -1))
+            route, recv_counts = exchange_counts(per_expert.view(self.shard.size, -1))
             received = route.forward(rows)
         # Peers' rows arrive peer by peer, each peer's by expert: regroup them expert by expert.
-        peers, local = route.recv_counts.shape
-        block = torch.repeat_interleave(torch.arange(peers * local, device=rows.device), route.recv_counts.flatten())
+        peers, local = recv_counts.shape
+        block = torch.repeat_interleave(torch.arange(peers * local, device=rows.device), recv_counts.flatten())
         by_expert = torch.argsort((block % local) * peers + block // local, stable=True)
         with timer.section("moe_compute"):
-            y_sorted = kernels.grouped_swiglu(
-                received[by_expert], route.recv_counts.sum(dim=0).tolist(), self.w_gate_up, self.w_down
-            )
+            ends = recv_counts.sum(dim=0).cumsum(dim=0).to(torch.int32)
+            y_sorted = kernels.grouped_swiglu_by_ends(received[by_expert], ends, self.w_gate_up, self.w_down)
         y = torch.empty_like(y_sorted)
         y[by_expert] = y_sorted
         with timer.section("moe_route"):

@@ -6,8 +6,6 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from nanocp.worker.shards import ShardSpec
 
 
@@ -84,7 +82,7 @@ class Request:
     asked_pages_at: int = 0  # the coverage when it last asked for its placement to grow
     output: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K, V are in the cache
-    generator: torch.Generator | None = None
+    seed: int = 0  # of its random stream when it samples (its own, or one the engine drew)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens start:end of prompt + output, without joining the two (a long prompt would be copied each step)."""

@@ -45,7 +45,7 @@ def generate(engine: Engine) -> dict[str, list[int]]:
         engine.add_request(f"r{i}", prompt, params, collect)
     while engine.step():
         pass
-    assert engine.cache.pool.num_in_use == 0, "every page comes back"
+    assert engine.store.pool.num_in_use == 0, "every page comes back"
     return outputs
 
 
@@ -58,22 +58,22 @@ def test_bucket_ladder() -> None:
 
 def test_replay_equals_padded_eager_and_overflow_runs_eagerly(checkpoint: Path) -> None:
     graphed = Engine.from_spec(str(checkpoint), CONFIG)
-    assert graphed.graphs is not None and graphed.graphs.sizes == [1, 2, 4]
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.sizes == [1, 2, 4]
     replayed = generate(graphed)
     padded_eager = Engine.from_spec(str(checkpoint), CONFIG)
-    assert padded_eager.graphs is not None
-    padded_eager.graphs.replay = False
+    assert padded_eager.runner.graphs is not None
+    padded_eager.runner.graphs.replay = False
     eager = generate(padded_eager)
     assert replayed == eager
     assert [len(replayed[f"r{i}"]) for i in range(len(MAX_TOKENS))] == list(MAX_TOKENS)
     # Decode steps of 4 rows or fewer replay (bucket 4: 4 rows from the step after the 2nd request ends).
-    assert graphed.graphs.replays == max(MAX_TOKENS) - sorted(MAX_TOKENS)[0]
-    assert graphed.eager_steps["batch beyond the largest graph"] == sorted(MAX_TOKENS)[0] - 1
-    assert graphed.eager_steps["prefill or routes"] == 1
+    assert graphed.runner.graphs.replays == max(MAX_TOKENS) - sorted(MAX_TOKENS)[0]
+    assert graphed.runner.eager_steps["batch beyond the largest graph"] == sorted(MAX_TOKENS)[0] - 1
+    assert graphed.runner.eager_steps["prefill or routes"] == 1
 
 
 def test_graphs_are_off_where_unsupported(checkpoint: Path) -> None:
-    assert Engine.from_spec(str(checkpoint), EngineConfig(device="cuda", dtype="float32")).graphs is None
-    assert Engine.from_spec("tiny", EngineConfig(device="cuda", dtype="bfloat16")).graphs is None  # heads of 16
+    assert Engine.from_spec(str(checkpoint), EngineConfig(device="cuda", dtype="float32")).runner.graphs is None
+    assert Engine.from_spec("tiny", EngineConfig(device="cuda", dtype="bfloat16")).runner.graphs is None  # heads of 16
     off = EngineConfig(device="cuda", dtype="bfloat16", cuda_graphs=False)
-    assert Engine.from_spec(str(checkpoint), off).graphs is None
+    assert Engine.from_spec(str(checkpoint), off).runner.graphs is None

@@ -70,7 +70,7 @@ def prompt_logits(engine: Engine, batch: list[list[int]]) -> torch.Tensor:
     assert planned is not None
     inputs, _ = planned
     with torch.inference_mode():
-        logits = engine.model.logits(engine.model(inputs.token_ids, inputs.context)).cpu()
+        logits = engine.runner.model.logits(engine.runner.eager(inputs)).cpu()
     for i in range(len(batch)):
         engine.abort(f"p{i}")  # planned, never run: the engine takes them back
     return logits
@@ -95,7 +95,7 @@ def generate(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
 def test_gpu_bf16_engine_matches_cpu_float32(spec: str, graphs: bool, checkpoint: Path) -> None:
     """Decode steps replay CUDA graphs where the model takes FlashInfer (the checkpoint's heads of 64)."""
     cpu, gpu = engines(str(checkpoint) if spec == "checkpoint" else spec, replace(GPU, cuda_graphs=graphs))
-    assert (gpu.graphs is not None) == (graphs and spec == "checkpoint")
+    assert (gpu.runner.graphs is not None) == (graphs and spec == "checkpoint")
     assert gpu.model.embed.weight.dtype == torch.bfloat16 and gpu.cache.k.is_cuda
     batch = prompts(cpu.model_config.vocab_size)
     expected, got = prompt_logits(cpu, batch), prompt_logits(gpu, batch).float()
@@ -128,10 +128,10 @@ def test_model_forward_needs_no_host_sync_once_planned(checkpoint: Path) -> None
     assert planned is not None
     inputs, _ = planned
     with torch.inference_mode():
-        engine.model(inputs.token_ids, inputs.context)  # stores the same K, V again on the second call
+        engine.runner.eager(inputs)  # stores the same K, V again on the second call
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            engine.model(inputs.token_ids, inputs.context)
+            engine.runner.eager(inputs)
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -102,7 +102,7 @@ async def _scenario() -> Scenario:
                 if all(p == (0, 0) for p in result.pages_after):
                     break
                 await asyncio.sleep(0.1)
-        graphs = worker.engine.graphs
+        graphs = worker.engine.runner.graphs
         result.graph_replays = graphs.replays if graphs is not None else 0
     finally:
         await router.stop()

@@ -1,12 +1,15 @@
-"""One step's attention on one instance, with context parallelism: which rows go where, which pages each reads.
+"""A step's attention on one instance, with context parallelism: which rows go where, which pages each reads.
 
-Built once a step and run by every layer:
+`AttentionPlan` is built once a step (by the planner) and read by every layer:
 - the home's query rows of a CP request go to each remote holder of a shard they attend, and their K, V rows go to
   the tail's holder when it is remote (rows a home sends, in order, are what the holder's metadata announced);
 - each instance stores the K, V it owns, then attends its own rows over its local shards and the received rows over
   the shards they address, producing a partial (o, lse) per (query row, shard);
 - partials of received rows go back, and the home merges every row's partials.
 Requests wholly on their home take none of the routes; with no CP row anywhere in the group, no route runs at all.
+
+`PagedAttention` is the one attention backend: bound to the KV cache, the scale and the step timer when the engine is
+built, it runs whatever plan the step set, eager or a CUDA graph's decode.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from nanocp import kernels
+from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.worker.comm import Route
+from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.timing import StepTimer
 
 
@@ -80,32 +85,56 @@ class AttentionPlan:
         meta, _ = self.groups[0]
         return meta if meta.qo_indptr == list(range(self.home_rows + 1)) else None
 
-    def run(
+
+@dataclass(frozen=True)
+class GraphDecodePlan:
+    """A CUDA graph bucket's attention: its rows' K, V go to static slots, then a decode planned before replay."""
+
+    decode: GraphDecode
+    slots: torch.Tensor
+
+
+class PagedAttention:
+    def __init__(self, cache: KVCache, scale: float, timer: StepTimer) -> None:
+        self.cache = cache
+        self.scale = scale
+        self.timer = timer
+        self.plan: AttentionPlan | GraphDecodePlan | None = None  # the step's, set before its forward
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim). Stores the rows' K, V and returns the
+        attention output of the home rows."""
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        plan = self.plan
+        if isinstance(plan, GraphDecodePlan):
+            kernels.store_kv(k_cache, v_cache, k, v, plan.slots)
+            return plan.decode.run(q, k_cache, v_cache)
+        assert plan is not None, "a step sets its plan before its forward"
+        return self._run_plan(plan, q, k, v, k_cache, v_cache)
+
+    def _run_plan(
         self,
+        plan: AttentionPlan,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        scale: float,
-        timer: StepTimer,
     ) -> torch.Tensor:
-        """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim). Returns the attention output of the home
-        rows."""
-        routes = self.routes
+        routes, timer = plan.routes, self.timer
         received = q[:0]
         if routes is not None:
             with timer.section("cp_route"):
                 received = routes.queries.forward(q[routes.query_send])
                 kv = routes.kv.forward(torch.stack((k, v), dim=1)[routes.kv_send])
         with timer.section("attention"):
-            kernels.store_kv(k_cache, v_cache, k, v, self.local_slots)
+            kernels.store_kv(k_cache, v_cache, k, v, plan.local_slots)
             if routes is not None:
                 kernels.store_kv(k_cache, v_cache, kv[:, 0], kv[:, 1], routes.kv_slots)
             queries = torch.cat((q, received))
             outputs, lses = [], []
-            for meta, rows in self.groups:
-                out, lse = kernels.paged_attention(queries[rows], k_cache, v_cache, meta, scale)
+            for meta, rows in plan.groups:
+                out, lse = kernels.paged_attention(queries[rows], k_cache, v_cache, meta, self.scale)
                 outputs.append(out)
                 lses.append(lse)
             heads, dim = q.shape[1:]
@@ -122,7 +151,7 @@ class AttentionPlan:
             outputs.append(q.new_zeros(1, heads, dim))  # the empty partial: o = 0, lse = -inf
             lses.append(torch.full((1, heads), float("-inf"), device=q.device))
             all_outputs, all_lses = torch.cat(outputs), torch.cat(lses)
-            if self.merge_index.shape[0] == 1:  # one partial per row: it is the result
-                return all_outputs[self.merge_index[0]]
-            merged, _ = kernels.merge_states(all_outputs[self.merge_index], all_lses[self.merge_index])
+            if plan.merge_index.shape[0] == 1:  # one partial per row: it is the result
+                return all_outputs[plan.merge_index[0]]
+            merged, _ = kernels.merge_states(all_outputs[plan.merge_index], all_lses[plan.merge_index])
             return merged

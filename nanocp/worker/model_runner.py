@@ -1,0 +1,77 @@
+"""Runs a planned step on the device: the model's forward (a CUDA graph's replay where one fits, else eagerly), the
+LM head over the rows that sample, and the batched sampler. Owns the KV cache, the attention backend and the graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from nanocp.model_config import ModelConfig
+from nanocp.worker.attention import PagedAttention
+from nanocp.worker.cuda_graphs import DecodeGraphs, unsupported
+from nanocp.worker.kv_cache import KVCache
+from nanocp.worker.model import Qwen3Moe, StepContext
+from nanocp.worker.planner import StepInputs
+from nanocp.worker.sampler import sample
+from nanocp.worker.timing import StepTimer
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        model: Qwen3Moe,
+        cache: KVCache,
+        timer: StepTimer,
+        graph_batch: int | None,
+    ) -> None:
+        """graph_batch: the largest batch to capture decode graphs for; None captures none."""
+        self.model_config = model_config
+        self.model = model
+        self.cache = cache
+        self.timer = timer
+        self.attention = PagedAttention(cache, model_config.head_dim**-0.5, timer)
+        self.graphs = self._capture_graphs(graph_batch) if graph_batch is not None else None
+        self.eager_steps: Counter[str] = Counter()  # steps a graph could not take, by why
+
+    def _capture_graphs(self, max_batch: int) -> DecodeGraphs | None:
+        why = unsupported(self.model_config, self.cache.k.dtype, str(self.cache.k.device))
+        if why is not None:
+            if self.cache.k.is_cuda:
+                log.info("decode steps run eagerly: %s", why)
+            return None
+        graphs = DecodeGraphs(self.model, self.attention, max_batch)
+
+        def progress(done: int, total: int) -> None:
+            log.info("captured decode graph %d of %d", done, total)
+
+        graphs.capture(progress)
+        return graphs
+
+    def run(self, inputs: StepInputs) -> list[int]:
+        """The step's forward, and the tokens its sampling rows draw (the one read of the device a step)."""
+        hidden = self.forward(inputs)
+        if not inputs.sampling_chunks:
+            return []
+        logits = self.model.logits(hidden[inputs.sample_rows])
+        return list(sample(logits, inputs.sampling).tolist())
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The model over the step's rows: by a graph's replay when one fits, else eagerly."""
+        if self.graphs is None:
+            return self.eager(inputs)
+        meta = inputs.plan.decode_metadata()
+        if meta is None or len(inputs.token_ids) > self.graphs.max_batch:
+            self.eager_steps["prefill or routes" if meta is None else "batch beyond the largest graph"] += 1
+            return self.eager(inputs)
+        return self.graphs.forward(inputs, meta)
+
+    def eager(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states of the step's rows after the final norm, computed eagerly."""
+        self.attention.plan = inputs.plan
+        return self.model(inputs.token_ids, StepContext(inputs.positions, self.attention, self.timer))

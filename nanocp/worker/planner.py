@@ -1,0 +1,243 @@
+"""Turns a step's chunks into what the model reads: token ids, positions, the attention plan and the sampling rows.
+
+In two halves around the step's exchange. `outgoing` (at the home) lists, per scheduled chunk, the shards its query
+rows attend and announces the remote ones to their holders as metadata rows. `build` (at every instance) opens the
+shards it is told about, takes their pages, and lays out the attention segments, KV slots and routes. Every size a
+route needs comes from these host-side lists: nothing is read back from the device.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment
+from nanocp.worker.comm import Route
+from nanocp.worker.sampler import SamplingRows
+from nanocp.worker.scheduler import Chunk
+from nanocp.worker.shards import ShardStore, shard_ends
+
+
+class Meta(enum.IntEnum):
+    """Columns of a metadata row, one per (request, shard) a home's rows attend on a remote holder this step."""
+
+    KEY = 0
+    SHARD = 1
+    QUOTA = 2
+    ROWS = 3  # query rows sent
+    KV_LEN = 4  # shard tokens attended, after this step's K, V are stored
+    APPENDS = 5  # 1 when the rows' K, V are sent too (the shard is their tail)
+    CAUSAL = 6
+    FREE = 7  # 1: the request ended, free its shards (the other columns are unused)
+
+
+MetaRow = list[int]  # len(Meta) integers
+
+
+@dataclass(frozen=True)
+class Attend:
+    """A chunk's query rows attending one of its request's shards."""
+
+    first_row: int  # the chunk's first row among this step's home rows
+    rows: int
+    key: int
+    shard: int
+    quota: int
+    kv_len: int
+    tail: bool  # the rows' K, V go here, and the mask is causal
+    holder: int
+
+    def meta(self) -> MetaRow:
+        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0]
+
+
+def free_row(key: int) -> MetaRow:
+    return [key, 0, 0, 0, 0, 0, 0, 1]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    attends: list[Attend]  # all of them, local ones too, in chunk order
+    meta: list[list[MetaRow]]  # per peer, the rows it is told (frees first)
+    rank: int
+
+    @property
+    def remote(self) -> list[Attend]:
+        """The attends on other holders, ordered by holder: the order their rows are sent in."""
+        return sorted((a for a in self.attends if a.holder != self.rank), key=lambda a: a.holder)
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor
+    positions: torch.Tensor  # of each token in its request
+    plan: AttentionPlan
+    sample_rows: torch.Tensor  # rows whose hidden state gives a next-token distribution
+    sampling_chunks: list[Chunk]
+    sampling: SamplingRows
+    kv_tokens_read: int  # by this instance's attention, per layer
+    rows_routed: int  # query rows sent out plus received
+
+
+class StepPlanner:
+    def __init__(self, store: ShardStore, rank: int, size: int, device: str) -> None:
+        self.store = store
+        self.rank = rank
+        self.size = size
+        self.device = device
+
+    def outgoing(self, chunks: list[Chunk], frees: dict[int, list[int]]) -> Outgoing:
+        """The home's view: what each chunk attends, and the metadata rows for remote holders (frees first)."""
+        attends: list[Attend] = []
+        row = 0
+        for chunk in chunks:
+            r = chunk.request
+            start, end = r.num_computed, r.num_computed + chunk.num_tokens
+            ends = shard_ends(r.shards, self.store.page_size)
+            tail = r.shard_at(start)
+            for j, shard in enumerate(r.shards[: tail + 1]):
+                kv_len = (end if j == tail else ends[j]) - shard.start
+                attends.append(
+                    Attend(row, chunk.num_tokens, r.key, j, shard.page_quota, kv_len, j == tail, shard.holder)
+                )
+            row += chunk.num_tokens
+        meta: list[list[MetaRow]] = [[free_row(key) for key in frees.get(peer, [])] for peer in range(self.size)]
+        for a in attends:
+            if a.holder != self.rank:
+                meta[a.holder].append(a.meta())
+        return Outgoing(attends, meta, self.rank)
+
+    def build(self, chunks: list[Chunk], out: Outgoing, incoming: list[list[MetaRow]], cp_routes: bool) -> StepInputs:
+        """incoming: the metadata rows each peer sent here. cp_routes: whether any instance of the group routes query
+        rows this step (then every instance runs the routes, with zero rows where it has none, so the collectives
+        match)."""
+        for rows in incoming:  # requests that ended at their homes: free their shards here before anything else
+            for row in rows:
+                if row[Meta.FREE]:
+                    self.store.free(row[Meta.KEY])
+        attending = [[row for row in rows if not row[Meta.FREE]] for rows in incoming]
+        token_ids, positions, sample_rows = _home_rows(chunks)
+        home_rows = len(token_ids)
+        local_slots = [-1] * home_rows  # rows whose tail is remote store nothing here
+        segments = self._local_segments(out, local_slots)
+        kv_slots: list[int] = []
+        received_segments = self._received_segments(attending, home_rows, segments, kv_slots)
+        query_send = [r for a in out.remote for r in range(a.first_row, a.first_row + a.rows)]
+        kv_send = [r for a in out.remote if a.tail for r in range(a.first_row, a.first_row + a.rows)]
+        merge_index, partial_back = _merge_layout(segments, home_rows, received_segments, query_send)
+        routes = None
+        if cp_routes:
+            routes = CPRoutes(
+                queries=Route(*self._row_counts(out, attending, tails_only=False)),
+                kv=Route(*self._row_counts(out, attending, tails_only=True)),
+                query_send=self._tensor(query_send),
+                kv_send=self._tensor(kv_send),
+                kv_slots=self._tensor(kv_slots),
+                partial_back=self._tensor(partial_back),
+            )
+        page_size = self.store.page_size
+        merge = self._tensor([i for part in merge_index for i in part]).view(len(merge_index), home_rows)
+        plan = AttentionPlan(home_rows, self._tensor(local_slots), segments, page_size, merge, routes)
+        sampling_chunks = [c for c in chunks if c.samples]
+        requests = [c.request for c in sampling_chunks]
+        return StepInputs(
+            self._tensor(token_ids),
+            self._tensor(positions),
+            plan,
+            self._tensor(sample_rows),
+            sampling_chunks,
+            SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
+            kv_tokens_read=sum(s.kv_len for s in segments),
+            rows_routed=len(query_send) + len(received_segments),
+        )
+
+    def _local_segments(self, out: Outgoing, local_slots: list[int]) -> list[Segment]:
+        """The home's rows over shards held here; the slots of the rows whose tail is here go into local_slots."""
+        segments = []
+        for a in out.attends:
+            if a.holder != self.rank:
+                continue
+            self.store.open(a.key, a.shard, a.quota)
+            pages = self.store.pages_for(a.key, a.shard, a.kv_len)
+            if a.tail:
+                local_slots[a.first_row : a.first_row + a.rows] = self.store.slots(
+                    a.key, a.shard, a.kv_len - a.rows, a.rows
+                )
+            segments.append(Segment(list(range(a.first_row, a.first_row + a.rows)), pages, a.kv_len, a.tail))
+        return segments
+
+    def _received_segments(
+        self, attending: list[list[MetaRow]], home_rows: int, segments: list[Segment], kv_slots: list[int]
+    ) -> list[int]:
+        """Appends the segments of peers' rows over shards held here, in the order the rows arrive, and the slots of
+        the K, V rows that come with them; returns the segment index of each received row."""
+        received_row = home_rows
+        received_segments: list[int] = []
+        for key, shard, quota, rows, kv_len, appends, causal, _ in (row for peer in attending for row in peer):
+            self.store.open(key, shard, quota)
+            pages = self.store.pages_for(key, shard, kv_len)
+            if appends:
+                kv_slots.extend(self.store.slots(key, shard, kv_len - rows, rows))
+            received_segments.extend([len(segments)] * rows)
+            segments.append(Segment(list(range(received_row, received_row + rows)), pages, kv_len, bool(causal)))
+            received_row += rows
+        return received_segments
+
+    def _row_counts(
+        self, out: Outgoing, attending: list[list[MetaRow]], tails_only: bool
+    ) -> tuple[list[int], list[int]]:
+        """Query rows (or, tails_only, K, V rows) this instance sends each peer and receives from each."""
+        sent = [0] * self.size
+        for a in out.remote:
+            sent[a.holder] += a.rows if a.tail or not tails_only else 0
+        got = [sum(row[Meta.ROWS] * (row[Meta.APPENDS] if tails_only else 1) for row in rows) for rows in attending]
+        return sent, got
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def _home_rows(chunks: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
+    """The step's token ids and positions, chunk by chunk, and the rows that sample (each chunk's last, if it does)."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    sample_rows: list[int] = []
+    for chunk in chunks:
+        r = chunk.request
+        token_ids.extend(r.token_slice(r.num_computed, r.num_computed + chunk.num_tokens))
+        positions.extend(range(r.num_computed, r.num_computed + chunk.num_tokens))
+        if chunk.samples:
+            sample_rows.append(len(token_ids) - 1)
+    return token_ids, positions, sample_rows
+
+
+def _merge_layout(
+    segments: list[Segment], home_rows: int, received_segments: list[int], query_send: list[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Which partials each home row merges, as (parts, home_rows) indices into [partials here; partials returned;
+    one empty partial], and each received row's partial to send back.
+
+    Partials are numbered as the plan produces them: causal segments first, then the rest; the partials of the
+    home's rows sent out come back after them, in the order the rows were sent."""
+    order = [i for i, s in enumerate(segments) if s.causal] + [i for i, s in enumerate(segments) if not s.causal]
+    first_partial: dict[int, int] = {}
+    partial = 0
+    for i in order:
+        first_partial[i] = partial
+        partial += len(segments[i].rows)
+    parts: list[list[int]] = [[] for _ in range(home_rows)]
+    for i, s in enumerate(segments):
+        for offset, row in enumerate(s.rows):
+            if row < home_rows:
+                parts[row].append(first_partial[i] + offset)
+    partial_back = [
+        first_partial[seg] + row - segments[seg].rows[0]
+        for seg, row in zip(received_segments, range(home_rows, home_rows + len(received_segments)), strict=True)
+    ]
+    for j, row in enumerate(query_send):
+        parts[row].append(partial + j)
+    empty = partial + len(query_send)
+    width = max((len(p) for p in parts), default=1) or 1
+    return [[p[i] if i < len(p) else empty for p in parts] for i in range(width)], partial_back
