@@ -96,7 +96,7 @@ def test_gpu_bf16_engine_matches_cpu_float32(spec: str, graphs: bool, checkpoint
     """Decode steps replay CUDA graphs where the model takes FlashInfer (the checkpoint's heads of 64)."""
     cpu, gpu = engines(str(checkpoint) if spec == "checkpoint" else spec, replace(GPU, cuda_graphs=graphs))
     assert (gpu.runner.graphs is not None) == (graphs and spec == "checkpoint")
-    assert gpu.model.embed.weight.dtype == torch.bfloat16 and gpu.cache.k.is_cuda
+    assert gpu.runner.model.embed.weight.dtype == torch.bfloat16 and gpu.runner.cache.k.is_cuda
     batch = prompts(cpu.model_config.vocab_size)
     expected, got = prompt_logits(cpu, batch), prompt_logits(gpu, batch).float()
     offset = 0
