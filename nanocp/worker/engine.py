@@ -207,7 +207,8 @@ class Engine:
         agreed = self.exchange.agree(sum(c.num_tokens for c in chunks), out)
         if agreed is None:
             return None
-        return self.planner.build(chunks, out, agreed.incoming, agreed.cp_routes), agreed.tokens > 0
+        inputs = self.planner.build(chunks, out, agreed.incoming, agreed.cp_routes, agreed.max_tokens)
+        return inputs, agreed.tokens > 0
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[Chunk]) -> bool:

@@ -22,6 +22,7 @@ Verdict = Callable[[StepRecord, Straggler], None]
 @dataclass(frozen=True)
 class Agreement:
     tokens: int  # home tokens over the whole group this step (0: only frees travel)
+    max_tokens: int  # the most home tokens any member has: what sizes the step's fixed-capacity routes
     cp_routes: bool  # some member routes query rows, so every member runs the CP routes
     incoming: list[list[MetaRow]]  # the metadata rows from each peer
 
@@ -65,4 +66,4 @@ class StepExchange:
         if group_tokens == 0 and not any_meta:
             return None
         incoming = self.group.route_rows(out.meta, meta_from, len(Meta)) if any_meta else [[] for _ in range(size)]
-        return Agreement(group_tokens, any(row[1] for row in rows), incoming)
+        return Agreement(group_tokens, max(row[0] for row in rows), any(row[1] for row in rows), incoming)

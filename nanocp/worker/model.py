@@ -14,8 +14,8 @@ from torch import nn
 
 from nanocp import kernels
 from nanocp.model_config import ModelConfig
+from nanocp.worker import routing
 from nanocp.worker.attention import PagedAttention
-from nanocp.worker.comm import exchange_counts
 from nanocp.worker.timing import StepTimer
 
 
@@ -35,6 +35,7 @@ class ExpertShard:
 class StepContext:
     positions: torch.Tensor  # (tokens,) position of each token in its request
     attention: PagedAttention  # with the step's plan set
+    moe_capacity: int = 0  # slots per peer of the MoE route: the group's largest home batch x top-k (or fewer)
     timer: StepTimer = field(default_factory=lambda: StepTimer(enabled=False))
 
 
@@ -111,7 +112,7 @@ class SparseMoE(nn.Module):
     """Top-k softmax router over the experts, SwiGLU experts, weighted sum of the chosen experts' outputs.
 
     This instance holds only its shard of the experts: each (token, expert) row is routed to the instance holding
-    the expert, computed there, and routed back, through one Route of the group.
+    the expert, computed there, and routed back, through the group's routing layer.
     """
 
     def __init__(self, config: ModelConfig, shard: ExpertShard) -> None:
@@ -131,16 +132,16 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
 
-    def forward(self, x: torch.Tensor, timer: StepTimer) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         weights, experts = self.route(x)
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)  # (token, expert) rows by expert, hence by holder
         token_of = order // self.config.experts_per_token
-        if self.shard.size == 1:
-            with timer.section("moe_compute"):
+        if self.shard.size == 1 and not routing.grouped():
+            with ctx.timer.section("moe_compute"):
                 y = self._local_experts(x[token_of], flat[order])
         else:
-            y = self._routed_experts(x[token_of], flat, timer)
+            y = self._routed_experts(x[token_of], flat[order], ctx)
         # Each token's k outputs summed in a fixed order (no atomics): steps are deterministic, so a CUDA graph's
         # replay, an eager step and every member of a group compute alike.
         by_token = torch.empty_like(y)
@@ -154,22 +155,27 @@ class SparseMoE(nn.Module):
         ends = torch.searchsorted(sorted_experts, bounds, out_int32=True)
         return kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
 
-    def _routed_experts(self, rows: torch.Tensor, flat: torch.Tensor, timer: StepTimer) -> torch.Tensor:
-        """rows: by expert, hence by holder. Out to the experts' holders, computed there, and back."""
-        per_expert = torch.bincount(flat, minlength=self.config.num_experts)
-        with timer.section("moe_route"):
-            route, recv_counts = exchange_counts(per_expert.view(self.shard.size, -1))
+    def _routed_experts(self, rows: torch.Tensor, sorted_experts: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """rows: by expert, hence by holder. Out to the experts' holders through the routing layer (the slots found
+        on the device, the capacity from the step), computed there, and back."""
+        peers, per_peer = self.shard.size, self.w_gate_up.shape[0]
+        holders = sorted_experts // per_peer
+        route = routing.FixedRoute.by_destination(holders, peers, ctx.moe_capacity)
+        with ctx.timer.section("moe_route"):
+            # How many rows of each local expert each peer sends: the receiver finds every slot's expert from it.
+            per_expert = torch.bincount(sorted_experts, minlength=self.config.num_experts).view(peers, per_peer)
+            counts = routing.exchange(per_expert)
             received = route.forward(rows)
-        # Peers' rows arrive peer by peer, each peer's by expert: regroup them expert by expert.
-        peers, local = recv_counts.shape
-        block = torch.repeat_interleave(torch.arange(peers * local, device=rows.device), recv_counts.flatten())
-        by_expert = torch.argsort((block % local) * peers + block // local, stable=True)
-        with timer.section("moe_compute"):
-            ends = recv_counts.sum(dim=0).cumsum(dim=0).to(torch.int32)
+        slot = torch.arange(ctx.moe_capacity, device=rows.device).expand(peers, -1).contiguous()
+        # A slot's expert: how many of its peer's expert ends it has passed; per_peer past the last (empty slots).
+        expert_of = torch.searchsorted(counts.cumsum(dim=1), slot, right=True).flatten()
+        by_expert = torch.argsort(expert_of, stable=True)  # peer by peer within each expert; empty slots last
+        with ctx.timer.section("moe_compute"):
+            bounds = torch.arange(1, per_peer + 1, device=rows.device)
+            ends = torch.searchsorted(expert_of[by_expert], bounds, out_int32=True)
             y_sorted = kernels.grouped_swiglu_by_ends(received[by_expert], ends, self.w_gate_up, self.w_down)
-        y = torch.empty_like(y_sorted)
-        y[by_expert] = y_sorted
-        with timer.section("moe_route"):
+        y = torch.empty_like(y_sorted).index_copy_(0, by_expert, y_sorted)
+        with ctx.timer.section("moe_route"):
             return route.backward(y)
 
 
@@ -183,7 +189,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), ctx, rope)
-        return x + self.moe(self.post_attn_norm(x), ctx.timer)
+        return x + self.moe(self.post_attn_norm(x), ctx)
 
 
 class Qwen3Moe(nn.Module):

@@ -74,4 +74,12 @@ class ModelRunner:
     def eager(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states of the step's rows after the final norm, computed eagerly."""
         self.attention.plan = inputs.plan
-        return self.model(inputs.token_ids, StepContext(inputs.positions, self.attention, self.timer))
+        context = StepContext(inputs.positions, self.attention, self.moe_capacity(inputs.group_max_tokens), self.timer)
+        return self.model(inputs.token_ids, context)
+
+    def moe_capacity(self, tokens: int) -> int:
+        """Slots per peer of the MoE route for steps of up to `tokens` home tokens on any member: every (token,
+        expert) row of one member could be bound for one peer, at most top-k of them a token (its experts are
+        distinct), or as many as the peer holds."""
+        per_peer = self.model_config.num_experts // self.model.shard.size
+        return tokens * min(self.model_config.experts_per_token, per_peer)

@@ -79,6 +79,7 @@ class StepInputs:
     sampling: SamplingRows
     kv_tokens_read: int  # by this instance's attention, per layer
     rows_routed: int  # query rows sent out plus received
+    group_max_tokens: int = 0  # the most home tokens of any member this step (its own, alone)
 
 
 class StepPlanner:
@@ -109,10 +110,17 @@ class StepPlanner:
                 meta[a.holder].append(a.meta())
         return Outgoing(attends, meta, self.rank)
 
-    def build(self, chunks: list[Chunk], out: Outgoing, incoming: list[list[MetaRow]], cp_routes: bool) -> StepInputs:
+    def build(
+        self,
+        chunks: list[Chunk],
+        out: Outgoing,
+        incoming: list[list[MetaRow]],
+        cp_routes: bool,
+        group_max_tokens: int = 0,
+    ) -> StepInputs:
         """incoming: the metadata rows each peer sent here. cp_routes: whether any instance of the group routes query
         rows this step (then every instance runs the routes, with zero rows where it has none, so the collectives
-        match)."""
+        match). group_max_tokens: the most home tokens of any member this step (what sizes fixed-capacity routes)."""
         for rows in incoming:  # requests that ended at their homes: free their shards here before anything else
             for row in rows:
                 if row[Meta.FREE]:
@@ -151,6 +159,7 @@ class StepPlanner:
             SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
             kv_tokens_read=sum(s.kv_len for s in segments),
             rows_routed=len(query_send) + len(received_segments),
+            group_max_tokens=max(group_max_tokens, home_rows),
         )
 
     def _local_segments(self, out: Outgoing, local_slots: list[int]) -> list[Segment]:

@@ -1,0 +1,67 @@
+"""The routing layer of a group's step: rows to peers through per-peer buffers of a fixed capacity, and back.
+
+Every route of a step (MoE dispatch and combine, CP query rows, remote K, V, partials back) writes its rows into a
+send buffer of `peers x capacity` slots: a row bound for peer p takes slot p * capacity + i, i its rank among the
+rows bound for p (rows keep their order). One all-to-all of equal splits moves the buffers, so its sizes are known
+before the step and never read back from the device: a CUDA graph can capture it, and the same code runs on CPU over
+gloo. The capacity comes from the step's bucket (a worst case: every row bound for one peer), so a row can never
+overflow its peer's share. Slots no row took keep a fill value (a tag of -1 marks them invalid).
+
+Slots are computed on the device for routes whose destinations only the device knows (MoE: the router's top-k), or
+planned on the host from the step's metadata (CP: what each home announced to each holder).
+
+The all-to-all of equal splits moves the padding too: cheap on one host and what one GPU can test; a device-count
+all-to-all (torch symmetric memory's all_to_all_vdev, which moves valid rows only) is the transport for several GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def grouped() -> bool:
+    """Whether steps route through a process group (one of size 1 too: how one GPU tests the routed path)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def slots_by_destination(destinations: torch.Tensor, peers: int, capacity: int) -> torch.Tensor:
+    """Each row's slot: its destination's first slot plus its rank among the rows bound there (on the device)."""
+    one_hot = F.one_hot(destinations, peers)
+    rank_there = (one_hot.cumsum(dim=0) - one_hot).mul_(one_hot).sum(dim=1)
+    return destinations * capacity + rank_there
+
+
+def exchange(buffer: torch.Tensor) -> torch.Tensor:
+    """Peer p's share of `buffer` (its p-th equal slice) goes to p; returns what each peer sent here, in peer order.
+    The identity without peers."""
+    if not grouped():
+        return buffer
+    received = torch.empty_like(buffer)
+    dist.all_to_all_single(received, buffer.contiguous())
+    return received
+
+
+class FixedRoute:
+    """One route of a step: which slot of the send buffer each row takes, with `capacity` slots per peer."""
+
+    def __init__(self, slots: torch.Tensor, peers: int, capacity: int) -> None:
+        self.slots = slots
+        self.peers = peers
+        self.capacity = capacity
+
+    @classmethod
+    def by_destination(cls, destinations: torch.Tensor, peers: int, capacity: int) -> FixedRoute:
+        return cls(slots_by_destination(destinations, peers, capacity), peers, capacity)
+
+    def forward(self, rows: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """rows: (n, ...) in any order. Returns the (peers * capacity, ...) slots peers filled for this instance,
+        peer by peer; the slots they left empty hold `fill`."""
+        buffer = rows.new_full((self.peers * self.capacity, *rows.shape[1:]), fill)
+        return exchange(buffer.index_copy_(0, self.slots, rows))
+
+    def backward(self, results: torch.Tensor) -> torch.Tensor:
+        """results: one row per received slot, as `forward` returned them. Returns each sent row's result, in the
+        order the rows were given to `forward`."""
+        return exchange(results)[self.slots]
