@@ -7,6 +7,8 @@ instance, which equals transformers (tests/test_group_exactness.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -63,15 +65,21 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize(
+    ("layout", "static"),
+    [(layout, False) for layout in LAYOUTS] + [("degree-4", True), ("mixed-degrees", True)],
+    ids=[*LAYOUTS, "degree-4-static-layout", "mixed-degrees-static-layout"],
+)
 def test_cp_placements_give_the_tokens_of_one_instance(
-    requests: list[tuple[list[int], SamplingParams]], single_instance: list[list[int]], layout: str
+    requests: list[tuple[list[int], SamplingParams]], single_instance: list[list[int]], layout: str, static: bool
 ) -> None:
+    """static: decode steps take the graph buckets' layout (fixed-slot CP routes, overlapped with the local
+    attention), run eagerly: what a GPU group's graphs replay."""
     by_rank: list[list[OfflineRequest]] = [[] for _ in range(4)]
     for i, ((prompt, params), (home, holders)) in enumerate(zip(requests, LAYOUTS[layout], strict=True)):
         shards = split(len(prompt), params.max_tokens, holders)
         by_rank[home].append(OfflineRequest(f"r{i}", prompt, params, shards))
-    results = run_group("tiny", CONFIG, by_rank)
+    results = run_group("tiny", replace(CONFIG, static_decode=static, graph_max_batch=4), by_rank)
     tokens = {rid: t for r in results for rid, t in r.tokens.items()}
     for i, expected in enumerate(single_instance):
         assert tokens[f"r{i}"] == expected, f"request {i} placed {LAYOUTS[layout][i]}"

@@ -210,6 +210,7 @@ class GraphDecode:
         with torch.inference_mode(False):  # the wrapper's buffers are normal tensors, updated in place
             self.wrapper.plan(indptr, indices, last, **self.plan_args)
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q: (rows, heads, dim); the output of every row, padding rows included."""
-        return self.wrapper.run(q, (k_cache, v_cache))
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (rows, heads, dim); the output and log-sum-exp (natural log) of every row, padding rows included."""
+        out, lse = self.wrapper.run(q, (k_cache, v_cache), return_lse=True)
+        return out, lse.mul_(LN2)

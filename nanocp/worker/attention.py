@@ -8,8 +8,11 @@
 - partials of received rows go back, and the home merges every row's partials.
 Requests wholly on their home take none of the routes; with no CP row anywhere in the group, no route runs at all.
 
+A decode step may instead be laid out at a graph bucket's fixed shapes (`StaticPlan`): what a CUDA graph captures,
+with the CP routes at fixed slots of the routing layer.
+
 `PagedAttention` is the one attention backend: bound to the KV cache, the scale and the step timer when the engine is
-built, it runs whatever plan the step set, eager or a CUDA graph's decode.
+built, it runs whatever plan the step set.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from nanocp import kernels
+from nanocp.kernels import AttentionMetadata
 from nanocp.kernels.flashinfer_attention import GraphDecode
+from nanocp.worker import routing
 from nanocp.worker.comm import Route
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.timing import StepTimer
@@ -87,11 +92,30 @@ class AttentionPlan:
 
 
 @dataclass(frozen=True)
-class GraphDecodePlan:
-    """A CUDA graph bucket's attention: its rows' K, V go to static slots, then a decode planned before replay."""
+class StaticRoutes:
+    """A static step's CP routes, every row at a fixed slot: peer p's share of a route is slots p * rows ... p *
+    rows + rows - 1 (a home sends each row at most once to a peer, so `rows` slots a peer always suffice)."""
 
-    decode: GraphDecode
-    slots: torch.Tensor
+    query_src: torch.Tensor  # (peers * rows,) the home row each query slot carries (padding slots: row 0, unread)
+    kv_src: torch.Tensor  # (peers * rows,) the home row whose K, V each K, V slot carries
+    kv_slots: torch.Tensor  # (peers * rows,) the KV slots here of what each received K, V slot carries (-1: padding)
+    merge_index: torch.Tensor  # (peers, rows) each home row's partials: into [local; received; returned; empty]
+
+
+@dataclass
+class StaticPlan:
+    """A decode step at a bucket's fixed shapes, what a CUDA graph captures: `rows` home rows (padding rows store
+    nothing and attend one token of page 0), and with CP routes `peers * rows` received rows. Every attention row is
+    one segment of its metadata, padding included, so a replay's tables are planned before it on the host.
+
+    The home's rows attend their local shards while the query rows travel: two decode calls around the route."""
+
+    rows: int
+    local_slots: torch.Tensor  # (rows,) where each home row's K, V go here (-1: its tail is remote, or padding)
+    local: AttentionMetadata | None  # one segment per home row (None: all padding, as at capture)
+    routes: StaticRoutes | None = None
+    received: AttentionMetadata | None = None  # one segment per receive slot
+    decode: tuple[GraphDecode, GraphDecode | None] | None = None  # a graph bucket's FlashInfer decodes (CUDA)
 
 
 class PagedAttention:
@@ -99,18 +123,63 @@ class PagedAttention:
         self.cache = cache
         self.scale = scale
         self.timer = timer
-        self.plan: AttentionPlan | GraphDecodePlan | None = None  # the step's, set before its forward
+        self.plan: AttentionPlan | StaticPlan | None = None  # the step's, set before its forward
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim). Stores the rows' K, V and returns the
         attention output of the home rows."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         plan = self.plan
-        if isinstance(plan, GraphDecodePlan):
-            kernels.store_kv(k_cache, v_cache, k, v, plan.slots)
-            return plan.decode.run(q, k_cache, v_cache)
+        if isinstance(plan, StaticPlan):
+            return self._run_static(plan, q, k, v, k_cache, v_cache)
         assert plan is not None, "a step sets its plan before its forward"
         return self._run_plan(plan, q, k, v, k_cache, v_cache)
+
+    def _run_static(
+        self,
+        plan: StaticPlan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        kernels.store_kv(k_cache, v_cache, k, v, plan.local_slots)
+        routes = plan.routes
+        if routes is None:
+            with self.timer.section("attention"):
+                return self._decode(plan, 0, q, k_cache, v_cache)[0]
+        with self.timer.section("cp_route"):  # the query rows travel while the home attends its local shards
+            queries = routing.start_exchange(q[routes.query_src])
+            kv = routing.start_exchange(torch.stack((k, v), dim=1)[routes.kv_src])
+        with self.timer.section("attention"):
+            local_o, local_lse = self._decode(plan, 0, q, k_cache, v_cache)
+        with self.timer.section("cp_route"):
+            received_q, received_kv = queries.wait(), kv.wait()
+        with self.timer.section("attention"):
+            kernels.store_kv(k_cache, v_cache, received_kv[:, 0], received_kv[:, 1], routes.kv_slots)
+            received_o, received_lse = self._decode(plan, 1, received_q, k_cache, v_cache)
+        heads, dim = q.shape[1:]
+        with self.timer.section("cp_route"):
+            back = routing.exchange(torch.cat((received_o.float().flatten(1), received_lse), dim=1))
+        with self.timer.section("merge"):
+            empty_o, empty_lse = q.new_zeros(1, heads, dim), torch.full((1, heads), float("-inf"), device=q.device)
+            outputs = torch.cat((local_o, received_o, back[:, : heads * dim].view(-1, heads, dim).to(q.dtype), empty_o))
+            lses = torch.cat((local_lse, received_lse, back[:, heads * dim :], empty_lse))
+            merged, _ = kernels.merge_states(outputs[routes.merge_index], lses[routes.merge_index])
+            return merged
+
+    def _decode(
+        self, plan: StaticPlan, which: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One of the static step's decode calls (0: the home rows, 1: the received rows): (o, natural-log lse)."""
+        if plan.decode is not None:
+            decode = plan.decode[which]
+            assert decode is not None, "a bucket with routes has a decode for received rows"
+            return decode.run(q, k_cache, v_cache)
+        meta = plan.local if which == 0 else plan.received
+        assert meta is not None, "an eager static step is planned"
+        return kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)
 
     def _run_plan(
         self,

@@ -16,6 +16,9 @@ class EngineConfig:
     dtype: str | None = None  # overrides the model's dtype
     cuda_graphs: bool = True  # decode steps of a lone instance replay graphs captured at start-up, where supported
     graph_max_batch: int = 256  # the largest batch graphed (capped by max_running); larger batches run eagerly
+    # Decode steps laid out at the graph buckets' shapes even where no graph replays them (CPU): the layout a replay
+    # computes, run eagerly, which is how CPU groups test it. Implied by cuda_graphs on a CUDA device.
+    static_decode: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "num_pages", "max_step_tokens", "max_running", "graph_max_batch"):

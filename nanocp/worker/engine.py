@@ -23,6 +23,7 @@ from nanocp.limits import GROW_AHEAD_PAGES
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.worker.admission import Admission
 from nanocp.worker.config import EngineConfig
+from nanocp.worker.cuda_graphs import unsupported
 from nanocp.worker.exchange import StepExchange
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
@@ -73,7 +74,9 @@ class Engine:
         self.observer: StepObserver | None = None  # told of each step and each group verdict (metrics)
         self.admission = Admission(model_config, config, rank, size)
         cache = KVCache(model_config, config.num_pages, config.page_size, model.embed.weight.dtype, config.device)
-        self.runner = ModelRunner(model_config, model, cache, self.timer, self._graph_batch())
+        capture = self._can_capture(cache)
+        static_batch = min(config.max_running, config.graph_max_batch) if capture or config.static_decode else None
+        self.runner = ModelRunner(model_config, model, cache, self.timer, static_batch, capture)
         self.store = ShardStore(cache.pool, config.page_size)
         self.scheduler = Scheduler(self.store, rank, config.max_step_tokens, config.max_running)
         self.exchange = StepExchange(self.group, self.steps, self.timer, self._verdict)
@@ -104,15 +107,14 @@ class Engine:
         )
         return cls(model_config, build_model(model_config, config.device, config.seed, shard), config, group, timer)
 
-    def _graph_batch(self) -> int | None:
-        """The largest batch to capture decode graphs for, or None for none."""
+    def _can_capture(self, cache: KVCache) -> bool:
+        """Whether decode steps replay CUDA graphs here (asked for, and supported)."""
         if not self.config.cuda_graphs:
-            return None
-        if self.group.size > 1:
-            if self.config.device != "cpu":
-                log.info("decode steps run eagerly: a group's routes vary in size from step to step")
-            return None
-        return min(self.config.max_running, self.config.graph_max_batch)
+            return False
+        why = unsupported(self.model_config, cache.k.dtype, self.config.device)
+        if why is not None and cache.k.is_cuda:
+            log.info("decode steps run eagerly: %s", why)
+        return why is None
 
     def add_request(
         self,
@@ -204,10 +206,12 @@ class Engine:
         """Agrees on the step with the group and plans it: None when the whole group is idle; otherwise the inputs
         and whether any instance has tokens (a step may carry only shard frees)."""
         out = self.planner.outgoing(chunks, self.exchange.take_frees())
-        agreed = self.exchange.agree(sum(c.num_tokens for c in chunks), out)
+        decode_only = all(c.num_tokens == 1 for c in chunks)
+        agreed = self.exchange.agree(sum(c.num_tokens for c in chunks), decode_only, out)
         if agreed is None:
             return None
-        inputs = self.planner.build(chunks, out, agreed.incoming, agreed.cp_routes, agreed.max_tokens)
+        rows = self.runner.static_rows(agreed.decode_only, agreed.max_tokens) if agreed.tokens else None
+        inputs = self.planner.build(chunks, out, agreed.incoming, agreed.cp_routes, agreed.max_tokens, rows)
         return inputs, agreed.tokens > 0
 
     @torch.inference_mode()

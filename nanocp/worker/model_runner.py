@@ -10,8 +10,8 @@ from collections import Counter
 import torch
 
 from nanocp.model_config import ModelConfig
-from nanocp.worker.attention import PagedAttention
-from nanocp.worker.cuda_graphs import DecodeGraphs, unsupported
+from nanocp.worker.attention import PagedAttention, StaticPlan
+from nanocp.worker.cuda_graphs import DecodeGraphs, bucket_for, bucket_sizes
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import Qwen3Moe, StepContext
 from nanocp.worker.planner import StepInputs
@@ -28,30 +28,40 @@ class ModelRunner:
         model: Qwen3Moe,
         cache: KVCache,
         timer: StepTimer,
-        graph_batch: int | None,
+        static_batch: int | None,
+        capture: bool,
     ) -> None:
-        """graph_batch: the largest batch to capture decode graphs for; None captures none."""
+        """static_batch: the largest batch of decode steps laid out at a bucket's shapes (None: none are); with
+        `capture`, replayed as CUDA graphs captured now, else run eagerly at those shapes."""
         self.model_config = model_config
         self.model = model
         self.cache = cache
         self.timer = timer
         self.attention = PagedAttention(cache, model_config.head_dim**-0.5, timer)
-        self.graphs = self._capture_graphs(graph_batch) if graph_batch is not None else None
+        self.static_sizes = bucket_sizes(static_batch) if static_batch is not None else []
+        self.graphs = self._capture_graphs(static_batch) if static_batch is not None and capture else None
         self.eager_steps: Counter[str] = Counter()  # steps a graph could not take, by why
 
-    def _capture_graphs(self, max_batch: int) -> DecodeGraphs | None:
-        why = unsupported(self.model_config, self.cache.k.dtype, str(self.cache.k.device))
-        if why is not None:
-            if self.cache.k.is_cuda:
-                log.info("decode steps run eagerly: %s", why)
-            return None
-        graphs = DecodeGraphs(self.model, self.attention, max_batch)
+    def _capture_graphs(self, max_batch: int) -> DecodeGraphs:
+        graphs = DecodeGraphs(self.model, self.attention, max_batch, self.model.shard.size, self.moe_capacity)
 
         def progress(done: int, total: int) -> None:
             log.info("captured decode graph %d of %d", done, total)
 
         graphs.capture(progress)
         return graphs
+
+    def static_rows(self, decode_only: bool, max_tokens: int) -> int | None:
+        """The bucket a step of the group takes (the same on every member), or None when it runs eagerly."""
+        if not self.static_sizes:
+            return None
+        if not decode_only:
+            self.eager_steps["prefill"] += 1
+            return None
+        if max_tokens > self.static_sizes[-1]:
+            self.eager_steps["batch beyond the largest graph"] += 1
+            return None
+        return bucket_for(max_tokens, self.static_sizes)
 
     def run(self, inputs: StepInputs) -> list[int]:
         """The step's forward, and the tokens its sampling rows draw (the one read of the device a step)."""
@@ -62,19 +72,16 @@ class ModelRunner:
         return list(sample(logits, inputs.sampling).tolist())
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """The model over the step's rows: by a graph's replay when one fits, else eagerly."""
-        if self.graphs is None:
-            return self.eager(inputs)
-        meta = inputs.plan.decode_metadata()
-        if meta is None or len(inputs.token_ids) > self.graphs.max_batch:
-            self.eager_steps["prefill or routes" if meta is None else "batch beyond the largest graph"] += 1
-            return self.eager(inputs)
-        return self.graphs.forward(inputs, meta)
+        """The model over the step's rows: by a graph's replay for a static step, else eagerly."""
+        if self.graphs is not None and isinstance(inputs.plan, StaticPlan):
+            return self.graphs.forward(inputs)
+        return self.eager(inputs)
 
     def eager(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states of the step's rows after the final norm, computed eagerly."""
         self.attention.plan = inputs.plan
-        context = StepContext(inputs.positions, self.attention, self.moe_capacity(inputs.group_max_tokens), self.timer)
+        tokens = inputs.plan.rows if isinstance(inputs.plan, StaticPlan) else inputs.group_max_tokens
+        context = StepContext(inputs.positions, self.attention, self.moe_capacity(tokens), self.timer)
         return self.model(inputs.token_ids, context)
 
     def moe_capacity(self, tokens: int) -> int:

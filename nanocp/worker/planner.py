@@ -8,53 +8,17 @@ route needs comes from these host-side lists: nothing is read back from the devi
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
-from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment
+from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan
 from nanocp.worker.comm import Route
 from nanocp.worker.sampler import SamplingRows
 from nanocp.worker.scheduler import Chunk
 from nanocp.worker.shards import ShardStore, shard_ends
-
-
-class Meta(enum.IntEnum):
-    """Columns of a metadata row, one per (request, shard) a home's rows attend on a remote holder this step."""
-
-    KEY = 0
-    SHARD = 1
-    QUOTA = 2
-    ROWS = 3  # query rows sent
-    KV_LEN = 4  # shard tokens attended, after this step's K, V are stored
-    APPENDS = 5  # 1 when the rows' K, V are sent too (the shard is their tail)
-    CAUSAL = 6
-    FREE = 7  # 1: the request ended, free its shards (the other columns are unused)
-
-
-MetaRow = list[int]  # len(Meta) integers
-
-
-@dataclass(frozen=True)
-class Attend:
-    """A chunk's query rows attending one of its request's shards."""
-
-    first_row: int  # the chunk's first row among this step's home rows
-    rows: int
-    key: int
-    shard: int
-    quota: int
-    kv_len: int
-    tail: bool  # the rows' K, V go here, and the mask is causal
-    holder: int
-
-    def meta(self) -> MetaRow:
-        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0]
-
-
-def free_row(key: int) -> MetaRow:
-    return [key, 0, 0, 0, 0, 0, 0, 1]
+from nanocp.worker.static_layout import static_plan
+from nanocp.worker.step_meta import Attend, Meta, MetaRow, free_row
 
 
 @dataclass(frozen=True)
@@ -73,7 +37,7 @@ class Outgoing:
 class StepInputs:
     token_ids: torch.Tensor
     positions: torch.Tensor  # of each token in its request
-    plan: AttentionPlan
+    plan: AttentionPlan | StaticPlan
     sample_rows: torch.Tensor  # rows whose hidden state gives a next-token distribution
     sampling_chunks: list[Chunk]
     sampling: SamplingRows
@@ -117,10 +81,12 @@ class StepPlanner:
         incoming: list[list[MetaRow]],
         cp_routes: bool,
         group_max_tokens: int = 0,
+        static_rows: int | None = None,
     ) -> StepInputs:
         """incoming: the metadata rows each peer sent here. cp_routes: whether any instance of the group routes query
         rows this step (then every instance runs the routes, with zero rows where it has none, so the collectives
-        match). group_max_tokens: the most home tokens of any member this step (what sizes fixed-capacity routes)."""
+        match). group_max_tokens: the most home tokens of any member this step (what sizes fixed-capacity routes).
+        static_rows: lay the step out at this graph bucket's shapes (a decode-only step of the whole group)."""
         for rows in incoming:  # requests that ended at their homes: free their shards here before anything else
             for row in rows:
                 if row[Meta.FREE]:
@@ -128,6 +94,34 @@ class StepPlanner:
         attending = [[row for row in rows if not row[Meta.FREE]] for rows in incoming]
         token_ids, positions, sample_rows = _home_rows(chunks)
         home_rows = len(token_ids)
+        plan: AttentionPlan | StaticPlan
+        if static_rows is None:
+            plan = self._dynamic_plan(out, attending, home_rows, cp_routes)
+        else:
+            plan = static_plan(
+                out.attends, attending, self.store, self.rank, self.size, static_rows, cp_routes, self.device
+            )
+            token_ids += [0] * (static_rows - home_rows)  # padding rows: token 0 at position 0, their output dropped
+            positions += [0] * (static_rows - home_rows)
+        sampling_chunks = [c for c in chunks if c.samples]
+        requests = [c.request for c in sampling_chunks]
+        local_kv = sum(a.kv_len for a in out.attends if a.holder == self.rank)
+        return StepInputs(
+            self._tensor(token_ids),
+            self._tensor(positions),
+            plan,
+            self._tensor(sample_rows),
+            sampling_chunks,
+            SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
+            kv_tokens_read=local_kv + sum(row[Meta.KV_LEN] for rows in attending for row in rows),
+            rows_routed=sum(a.rows for a in out.remote) + sum(row[Meta.ROWS] for rows in attending for row in rows),
+            group_max_tokens=max(group_max_tokens, home_rows),
+        )
+
+    def _dynamic_plan(
+        self, out: Outgoing, attending: list[list[MetaRow]], home_rows: int, cp_routes: bool
+    ) -> AttentionPlan:
+        """Any step: segments of any length, routes sized to exactly the rows that travel."""
         local_slots = [-1] * home_rows  # rows whose tail is remote store nothing here
         segments = self._local_segments(out, local_slots)
         kv_slots: list[int] = []
@@ -145,22 +139,8 @@ class StepPlanner:
                 kv_slots=self._tensor(kv_slots),
                 partial_back=self._tensor(partial_back),
             )
-        page_size = self.store.page_size
         merge = self._tensor([i for part in merge_index for i in part]).view(len(merge_index), home_rows)
-        plan = AttentionPlan(home_rows, self._tensor(local_slots), segments, page_size, merge, routes)
-        sampling_chunks = [c for c in chunks if c.samples]
-        requests = [c.request for c in sampling_chunks]
-        return StepInputs(
-            self._tensor(token_ids),
-            self._tensor(positions),
-            plan,
-            self._tensor(sample_rows),
-            sampling_chunks,
-            SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
-            kv_tokens_read=sum(s.kv_len for s in segments),
-            rows_routed=len(query_send) + len(received_segments),
-            group_max_tokens=max(group_max_tokens, home_rows),
-        )
+        return AttentionPlan(home_rows, self._tensor(local_slots), segments, self.store.page_size, merge, routes)
 
     def _local_segments(self, out: Outgoing, local_slots: list[int]) -> list[Segment]:
         """The home's rows over shards held here; the slots of the rows whose tail is here go into local_slots."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def grouped() -> bool:
@@ -28,7 +27,8 @@ def grouped() -> bool:
 
 def slots_by_destination(destinations: torch.Tensor, peers: int, capacity: int) -> torch.Tensor:
     """Each row's slot: its destination's first slot plus its rank among the rows bound there (on the device)."""
-    one_hot = F.one_hot(destinations, peers)
+    # A comparison rather than F.one_hot, which checks its input's range on the host (a sync inside a graph).
+    one_hot = (destinations[:, None] == torch.arange(peers, device=destinations.device)).to(torch.int64)
     rank_there = (one_hot.cumsum(dim=0) - one_hot).mul_(one_hot).sum(dim=1)
     return destinations * capacity + rank_there
 
@@ -41,6 +41,27 @@ def exchange(buffer: torch.Tensor) -> torch.Tensor:
     received = torch.empty_like(buffer)
     dist.all_to_all_single(received, buffer.contiguous())
     return received
+
+
+class PendingExchange:
+    """An exchange under way: `wait()` gives what peers sent (on CUDA the current stream waits, the host does not)."""
+
+    def __init__(self, received: torch.Tensor, work: dist.Work | None) -> None:
+        self._received = received
+        self._work = work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._received
+
+
+def start_exchange(buffer: torch.Tensor) -> PendingExchange:
+    """`exchange`, begun and not waited for: what runs before `wait()` overlaps the transfer."""
+    if not grouped():
+        return PendingExchange(buffer, None)
+    received = torch.empty_like(buffer)
+    return PendingExchange(received, dist.all_to_all_single(received, buffer.contiguous(), async_op=True))
 
 
 class FixedRoute:
