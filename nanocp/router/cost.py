@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from nanocp.router.placement import InstanceLoad, Placement
+from nanocp.placement import Placement
+from nanocp.router.placement import InstanceLoad
 
 
 @dataclass(frozen=True)

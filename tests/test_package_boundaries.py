@@ -1,0 +1,38 @@
+"""What may import what: the shared placement module needs nothing but the standard library, and the SDK and the
+router never import each other (read from the source with ast, so nothing is imported to check it)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nanocp"
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def test_the_shared_placement_module_imports_only_the_standard_library() -> None:
+    imported = imported_modules(PACKAGE / "placement.py")
+    assert {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names} == set()
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [("client", "nanocp.router"), ("router", "nanocp.client")])
+def test_the_sdk_and_the_router_do_not_import_each_other(package: str, forbidden: str) -> None:
+    offending = {
+        f"{path.relative_to(PACKAGE.parent)}: {module}"
+        for path in (PACKAGE / package).rglob("*.py")
+        for module in imported_modules(path)
+        if module == forbidden or module.startswith(forbidden + ".")
+    }
+    assert offending == set()
