@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from nanocp.sim.data import calibration_path
+
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ORDER = ("static", "balanced", "uniform D=4", "uniform D=N", "dcp")
@@ -182,12 +184,12 @@ def pages_table(result: dict[str, Any]) -> str:
 
 
 def calibration_section() -> str:
-    gpu = json.loads((RESULTS / "sim_calibration_gpu.json").read_text())
-    cpu = json.loads((RESULTS / "sim_calibration_cpu.json").read_text())
+    gpu = json.loads(calibration_path("gpu").read_text())
+    cpu = json.loads(calibration_path("cpu").read_text())
     c = gpu["coefficients"]
     forward = gpu["fit"]["forward"]
     lines = [
-        f"GPU coefficients (`bench/results/sim_calibration_gpu.json`, from {', '.join(gpu['fit']['sources'])}): KV "
+        f"GPU coefficients (`nanocp/sim/data/sim_calibration_gpu.json`, from {', '.join(gpu['fit']['sources'])}): KV "
         f"read at {c['kv_efficiency']:.2f} of copy bandwidth, weights at {c['weight_efficiency']:.2f}, compute-bound "
         f"experts at {c['flops_efficiency']:.2f} of peak FLOPs; {1e6 * c['attention_latency_s']:.0f} us an attention "
         f"call, {1e6 * c['expert_latency_s']:.0f} us the expert kernels, {1e6 * c['layer_fixed_s']:.0f} us the rest "
@@ -195,7 +197,7 @@ def calibration_section() -> str:
         f"partials. Against the measured decode steps the whole model is off by "
         f"{100 * forward['median_abs_rel_error']:.0f}% (median; at most {100 * forward['max_abs_rel_error']:.0f}%).",
         "",
-        "CPU coefficients (`bench/results/sim_calibration_cpu.json`, from the group's step logs in "
+        "CPU coefficients (`nanocp/sim/data/sim_calibration_cpu.json`, from the group's step logs in "
         "`bench/results/sim_cpu_steps.json`): decode steps are fitted within "
         f"{100 * cpu['fit']['decode_step']['median_abs_rel_error']:.0f}% (median). The gloo link comes out at "
         f"{1e3 * cpu['link']['p2p_latency_s']:.1f} ms a CP route leg and "

@@ -21,7 +21,8 @@ prefill steps. group_step_breakdown.json splits the MoE route's latency into a f
 link is fitted too. Prefill attention grows with query rows x KV tokens, which the step logs do not count; rows x KV
 read stands in for it (flops_efficiency carries its cost).
 
-`nanocp sim calibrate` refits both and writes bench/results/sim_calibration_{gpu,cpu}.json.
+`nanocp sim calibrate` refits both from a checkout's bench/results and writes the copy the simulator ships with,
+nanocp/sim/data/sim_calibration_{gpu,cpu}.json (nanocp.sim.data).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nanocp.least_squares import lstsq, robust_lstsq
+from nanocp.sim.data import DATA
 from nanocp.sim.hardware import DEVICES, Link
 from nanocp.sim.shapes import SHAPES
 from nanocp.sim.steptime import Coefficients, StepModel
@@ -59,10 +61,6 @@ class Calibration:
         data = json.loads(path.read_text())
         link = Link(**data["link"]) if data.get("link") else None
         return cls(data["device"], Coefficients(**data["coefficients"]), link, data.get("fit", {}))
-
-
-def default_path(kind: str) -> Path:
-    return RESULTS / f"sim_calibration_{kind}.json"
 
 
 def _relative_errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -229,11 +227,16 @@ def fit_cpu_steps(groups: list[list[list[float]]], n: int, breakdown: dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nanocp sim calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the benchmark JSON lives and goes")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the benchmark JSON (default bench/results)")
+    parser.add_argument("--out", type=Path, default=DATA, help="where the fits go (default nanocp/sim/data)")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():  # an installed nanocp has no bench/results: calibrating is a checkout's job
+        raise SystemExit(
+            f"error: no benchmark results at {args.results}; give --results DIR (a checkout's bench/results)"
+        )
     for kind, fit in (("gpu", fit_gpu), ("cpu", fit_cpu)):
         calibration = fit(args.results)
-        path = args.results / f"sim_calibration_{kind}.json"
+        path = args.out / f"sim_calibration_{kind}.json"
         calibration.save(path)
         print(f"{path}: {json.dumps(asdict(calibration.coefficients))}")
         print(f"  fit: {json.dumps({k: v for k, v in calibration.fit.items() if k != 'forward_residual_ms'})}")
