@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p nanocp && touch nanocp/__init__.py && pip install '.[gpu]' grpcio-tools==1.85.1 && pip uninstall -y nanocp
 
 COPY proto proto
+# The package and its package data (nanocp/sim/data: the simulator's calibrations and trace head).
 COPY nanocp nanocp
 # The gRPC code is generated here, as `make proto` does, never copied from a checkout.
 RUN python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. $(find proto -name '*.proto') \

@@ -23,8 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nanocp.sim.calibration import Calibration, default_path
+from nanocp.sim.calibration import Calibration
 from nanocp.sim.cluster import Cluster, PolicySpec
+from nanocp.sim.data import calibration_path
 from nanocp.sim.hardware import DEVICES, LINKS
 from nanocp.sim.loop import simulate
 from nanocp.sim.shapes import SHAPES
@@ -58,7 +59,7 @@ def policies(n: int) -> list[PolicySpec]:
 
 
 def cluster(n: int, link: str, kv_bytes: float | None, p2p_latency_us: float | None = None) -> Cluster:
-    calibration = Calibration.load(default_path("gpu"))
+    calibration = Calibration.load(calibration_path("gpu"))
     chosen = LINKS[link] if p2p_latency_us is None else replace(LINKS[link], p2p_latency_s=p2p_latency_us * 1e-6)
     return Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], chosen, n, calibration.coefficients, kv_bytes=kv_bytes)
 

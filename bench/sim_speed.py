@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nanocp.sim.calibration import Calibration, default_path
+from nanocp.sim.calibration import Calibration
 from nanocp.sim.cluster import Cluster, PolicySpec
+from nanocp.sim.data import calibration_path
 from nanocp.sim.hardware import DEVICES, LINKS
 from nanocp.sim.loop import simulate
 from nanocp.sim.shapes import SHAPES
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_speed.json")
     args = parser.parse_args()
     n = args.instances
-    coefficients = Calibration.load(default_path("gpu")).coefficients
+    coefficients = Calibration.load(calibration_path("gpu")).coefficients
     cluster = Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], LINKS["nvlink"], n, coefficients)
     requests = at_rate(repeat(load_mooncake(TRACE), args.requests), args.rate)
     policies = [PolicySpec("static"), PolicySpec("balanced"), PolicySpec("uniform", 4), PolicySpec("uniform", n)]

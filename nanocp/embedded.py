@@ -30,10 +30,10 @@ from rich.table import Table
 from nanocp.client import AsyncClient, Client, NanocpError
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.step_traces import request_trees, step_traces
+from nanocp.steps import WORK
 from nanocp.telemetry import tracing_unset
 from nanocp.trace_receiver import ReceivedSpan, TraceReceiver
 from nanocp.v1 import router_pb2
-from nanocp.worker.timing import WORK
 
 # `nanocp run` traces every so many steps: denser than a server's default, so a short demo traces a few dozen.
 TRACED_STEPS_EVERY = 4

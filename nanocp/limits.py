@@ -9,10 +9,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nanocp.model_config import ModelConfig
-
-# A request's home asks the router to grow its placement while this many pages of its tail are still free, so the
-# answer arrives before a decode step must wait for it (the worker asks, nanocp.router.growth decides alike).
-GROW_AHEAD_PAGES = 2
+from nanocp.placement import GROW_AHEAD_PAGES as GROW_AHEAD_PAGES  # where the engine reads it until it switches
 
 
 class LimitError(ValueError):

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from nanocp.steps import WORK
 from nanocp.trace_receiver import ReceivedSpan
-from nanocp.worker.timing import WORK
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class StepTrace:
     slowest: str  # the slowest instance, by name when its span arrived, else its rank
     cause: str
     ratio: float
-    work_ms: dict[str, float]  # the slowest instance's breakdown (timing.WORK), when its span arrived
+    work_ms: dict[str, float]  # the slowest instance's breakdown (nanocp.steps.WORK), when its span arrived
     slowed: list[str]  # ids of the requests the group's instances ran in that step
 
 

@@ -7,11 +7,12 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanocp.placement import Footprint, Placement, check_growth, check_shards, shard_ends
 from nanocp.router.accounting import Ledger
-from nanocp.router.placement import Footprint, InstanceLoad, Placement
+from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies import make_policy
 from nanocp.worker.kv_cache import PagePool
-from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
+from nanocp.worker.shards import ShardStore
 
 PAGE = 16
 MAX_DEGREE = 3
@@ -57,11 +58,10 @@ def check(placement: Placement, footprint: Footprint, loads: list[InstanceLoad],
     for shard in placement.shards:
         assert shard.page_quota <= by_id[shard.instance].pages_free, "a quota never exceeds free pages"
         assert shard.rank == by_id[shard.instance].rank
-    specs = [ShardSpec(s.rank, s.start, s.page_quota) for s in placement.shards]
-    assert check_shards(specs, len(loads), PAGE) is None
+    assert check_shards(placement.shards, len(loads), PAGE) is None
     # Every position of the footprint lies in exactly one shard: contiguous from 0, covering every token.
-    ends = shard_ends(specs, PAGE)
-    assert [s.start for s in specs[1:]] == ends[:-1]
+    ends = shard_ends(placement.shards, PAGE)
+    assert [s.start for s in placement.shards[1:]] == ends[:-1]
     assert ends[-1] >= footprint.tokens
 
 
@@ -155,9 +155,7 @@ def test_a_grown_placement_keeps_its_kv_in_place_within_free_pages_and_the_cap(
     grown = POLICIES[policy].grow(placement, pages, after)
     if grown is None:
         return
-    old = [ShardSpec(s.rank, s.start, s.page_quota) for s in placement.shards]
-    new = [ShardSpec(s.rank, s.start, s.page_quota) for s in grown.shards]
-    assert check_growth(old, new) is None
+    assert check_growth(placement.shards, grown.shards) is None
     assert sum(s.page_quota for s in grown.shards) == sum(s.page_quota for s in placement.shards) + pages
     added = {s.instance: s.page_quota for s in grown.shards}
     for s in placement.shards:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from nanocp.placement import Footprint
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import AdmissionQueue, QueueFull
-from nanocp.router.placement import Footprint, InstanceLoad
+from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.static import StaticPolicy
 
 PAGE = 16

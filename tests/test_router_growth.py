@@ -1,14 +1,15 @@
-"""The growth rule the service and the simulator share (nanocp.router.growth), and the cost model's fast scorer."""
+"""The growth rule the service, the simulator and the worker share (nanocp.placement, nanocp.router.growth), and the
+cost model's fast scorer."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanocp.limits import GROW_AHEAD_PAGES
+from nanocp.placement import GROW_AHEAD_PAGES, Footprint, Placement, Shard, asks_to_grow, covered_tokens, growth_pages
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.growth import asks_to_grow, covered_tokens, grow, growth_pages
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, Shard
+from nanocp.router.growth import grow
+from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
 from nanocp.worker.request import Request, SamplingParams
@@ -20,30 +21,30 @@ PAGE = 16
 @given(prompt=st.integers(1, 200), max_tokens=st.integers(1, 300), quota=st.integers(1, 30), output=st.integers(0, 300))
 def test_asks_to_grow_agrees_with_the_workers_rule(prompt: int, max_tokens: int, quota: int, output: int) -> None:
     footprint = Footprint(prompt, max_tokens)
-    placement = Placement("a", [Shard("a", 0, quota)])
+    placement = Placement("a", [Shard(0, 0, quota, "a")])
     params = SamplingParams(max_tokens=max_tokens)
-    coverage = covered_tokens(placement, PAGE)
+    coverage = covered_tokens(placement.shards, PAGE)
     request = Request("r", list(range(prompt)), params, lambda _: None, frozenset(), [], coverage, output=[0] * output)
     worker = request.should_ask_for_pages(GROW_AHEAD_PAGES * PAGE)
-    assert asks_to_grow(placement, footprint, prompt + output, PAGE) == worker
+    assert asks_to_grow(placement.shards, footprint, prompt + output, PAGE) == worker
 
 
 def test_growth_adds_the_reservation_or_what_is_still_missing() -> None:
-    placement = Placement("a", [Shard("a", 0, 4)])  # 64 tokens
-    assert growth_pages(placement, Footprint(40, 200), PAGE, reserve=32) == 2
-    assert growth_pages(placement, Footprint(40, 30), PAGE, reserve=32) == 1  # 69 tokens: 5 missing
-    assert growth_pages(placement, Footprint(40, 200), PAGE, reserve=None) == 11  # 239 tokens: 175 missing
+    placement = Placement("a", [Shard(0, 0, 4, "a")])  # 64 tokens
+    assert growth_pages(placement.shards, Footprint(40, 200), PAGE, reserve=32) == 2
+    assert growth_pages(placement.shards, Footprint(40, 30), PAGE, reserve=32) == 1  # 69 tokens: 5 missing
+    assert growth_pages(placement.shards, Footprint(40, 200), PAGE, reserve=None) == 11  # 239 tokens: 175 missing
 
 
 def test_grow_asks_the_policy_and_answers_none_without_room() -> None:
     loads = [InstanceLoad("a", PAGE, 8, 4, 1, group="g"), InstanceLoad("b", PAGE, 8, group="g", rank=1)]
-    placement = Placement("a", [Shard("a", 0, 4)])
+    placement = Placement("a", [Shard(0, 0, 4, "a")])
     grown = grow(StaticPolicy(), placement, Footprint(40, 200), 32, loads, PAGE)
-    assert grown == Placement("a", [Shard("a", 0, 6)])
+    assert grown == Placement("a", [Shard(0, 0, 6, "a")])
     full = [InstanceLoad("a", PAGE, 4, 4, 1, group="g"), InstanceLoad("b", PAGE, 8, group="g", rank=1)]
     assert grow(StaticPolicy(), placement, Footprint(40, 200), 32, full, PAGE) is None
     spread = grow(DCPPolicy(shard_tokens=64), placement, Footprint(40, 200), 32, full, PAGE)
-    assert spread == Placement("a", [Shard("a", 0, 4), Shard("b", 64, 2, 1)])
+    assert spread == Placement("a", [Shard(0, 0, 4, "a"), Shard(1, 64, 2, "b")])
 
 
 loads = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 5), st.integers(0, 4)), min_size=2, max_size=6).map(
@@ -59,6 +60,6 @@ def test_the_scorer_predicts_what_adding_the_placement_to_each_load_predicts(
     cost = CostModel(kv_token_ms=1e-3, home_token_ms=0.3, routed_row_ms=0.2, fixed_ms=1.0, cp_step_ms=cp_step)
     holders = data.draw(st.lists(st.sampled_from(loads), min_size=1, max_size=len(loads), unique_by=lambda i: i.id))
     home = data.draw(st.sampled_from(loads))
-    placement = Placement(home.id, [Shard(h.id, 16 * k, 1 + k) for k, h in enumerate(holders)])
+    placement = Placement(home.id, [Shard(0, 16 * k, 1 + k, h.id) for k, h in enumerate(holders)])
     expected = max(cost.step_ms(with_placement(placement, i, +1)) for i in loads)
     assert cost.scorer(loads)(placement) == expected

@@ -10,6 +10,7 @@ import pytest
 
 from nanocp.cli import main
 from nanocp.sim.calibration import RESULTS
+from nanocp.sim.data import calibration_path
 
 SOURCES = (
     "cp_attention_split.json",
@@ -34,10 +35,10 @@ def test_sim_calibrate_refits_the_committed_coefficients_from_the_committed_resu
 ) -> None:
     for name in SOURCES:
         shutil.copy(RESULTS / name, tmp_path / name)
-    main(["sim", "calibrate", "--results", str(tmp_path)])
+    main(["sim", "calibrate", "--results", str(tmp_path), "--out", str(tmp_path)])
     for kind in ("gpu", "cpu"):
         refit = json.loads((tmp_path / f"sim_calibration_{kind}.json").read_text())
-        committed = json.loads((RESULTS / f"sim_calibration_{kind}.json").read_text())
+        committed = json.loads(calibration_path(kind).read_text())
         assert refit["coefficients"] == pytest.approx(committed["coefficients"], rel=1e-9), kind
         assert refit["link"] == committed["link"] or all(
             refit["link"][k] == pytest.approx(v, rel=1e-9) for k, v in committed["link"].items() if k != "name"

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, PlacementPolicy
+from nanocp.placement import Footprint, Placement
+from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.sim import cluster as cluster_module
 from nanocp.sim.cluster import Cluster, PolicySpec

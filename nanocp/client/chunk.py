@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanocp.router.placement import Placement
+from nanocp.placement import Placement
 from nanocp.v1 import common_pb2, router_pb2
-
-
-def finish_reason_name(reason: common_pb2.FinishReason.ValueType) -> str:
-    """FINISH_REASON_STOP -> "stop", the OpenTelemetry GenAI spelling."""
-    return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+from nanocp.wire import finish_reason_name, placement_from_proto
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class Chunk:
             request_id=response.request_id,
             token_ids=list(response.token_ids),
             text=response.text,
-            placement=Placement.from_proto(response.placement) if response.HasField("placement") else None,
+            placement=placement_from_proto(response.placement) if response.HasField("placement") else None,
             finish_reason=finish_reason_name(response.finish_reason) if last else None,
             usage=Usage(response.usage.prompt_tokens, response.usage.completion_tokens) if last else None,
         )

@@ -21,15 +21,15 @@ from rich.console import Console
 
 from nanocp.client import AsyncClient
 from nanocp.embedded import local_cluster, step_logs
-from nanocp.sim.calibration import RESULTS, Calibration, default_path, fit_cpu_steps
+from nanocp.sim.calibration import RESULTS, Calibration, fit_cpu_steps
 from nanocp.sim.cluster import Cluster, PolicySpec
+from nanocp.sim.data import MOONCAKE_HEAD, calibration_path
 from nanocp.sim.hardware import DEVICES
 from nanocp.sim.loop import simulate
 from nanocp.sim.metrics import percentile
 from nanocp.sim.shapes import SHAPES
 from nanocp.workload import TraceRequest, at_rate, fit_lengths, load_mooncake
 
-MOONCAKE_HEAD = Path(__file__).parent / "data" / "mooncake-head.jsonl"
 PAGE_SIZE = 16  # the worker's default
 MAX_STEP_TOKENS = 512  # the worker's default
 MAX_RUNNING = 64  # the worker's default
@@ -156,7 +156,7 @@ def fresh_calibration(console: Console, work: Path) -> Calibration:
     """The CPU fit on fresh runs of the group (the machine as busy as it is now): the calibration workload under
     static and under dcp (so steps with and without CP routes), dcp deciding with the committed calibration's cost
     model."""
-    committed = cpu_cluster(Calibration.load(default_path("cpu")), PAGES)
+    committed = cpu_cluster(Calibration.load(calibration_path("cpu")), PAGES)
     committed.step_model().router_cost().save(work / "committed_cost_model.json")
     samples = []
     for policy in (PolicySpec("static"), DCP):

@@ -1,7 +1,7 @@
 """The router: validates requests, places them on worker instances, and relays their token streams.
 
-One concern a file: `validation` (what a request may ask), `placement` (the policy interface and its types),
-`policies/` (one object per policy), `registry` (which workers exist and answer), `accounting` (what the router has
-granted each instance), `admission` (place now, queue, or refuse), `errors` (a request's failure status),
-`service` (the gRPC API) and `server` (wiring).
+One concern a file: `validation` (what a request may ask), `placement` (the policy interface; footprints, shards and
+placements are nanocp.placement), `policies/` (one object per policy), `registry` (which workers exist and answer),
+`accounting` (what the router has granted each instance), `admission` (place now, queue, or refuse), `errors` (a
+request's failure status), `service` (the gRPC API) and `server` (wiring).
 """

@@ -11,7 +11,8 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from nanocp.router.placement import InstanceLoad, Placement
+from nanocp.placement import Placement
+from nanocp.router.placement import InstanceLoad
 
 if TYPE_CHECKING:  # the simulator counts with a ledger too, without the gRPC registry
     from nanocp.router.registry import Instance

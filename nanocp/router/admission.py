@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import grpc
 
+from nanocp.placement import Footprint, Placement
 from nanocp.router.accounting import Ledger
 from nanocp.router.errors import RequestError
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, PlacementPolicy
+from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.registry import WorkerRegistry
 
 

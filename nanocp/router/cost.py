@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from nanocp.router.placement import InstanceLoad, Placement
+from nanocp.least_squares import lstsq
+from nanocp.placement import Placement
+from nanocp.router.placement import InstanceLoad
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,8 @@ class CostModel:
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:
         """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples, coefficients >= 0."""
-        import torch  # only calibration needs it; the router does not
-
-        x = torch.tensor([[kv, home, rows, 1.0, float(rows > 0)] for kv, home, rows, _ in samples], dtype=torch.float64)
-        y = torch.tensor([[ms] for *_, ms in samples], dtype=torch.float64)
-        kv, home, rows, fixed, cp_step = torch.linalg.lstsq(x, y).solution.clamp(min=0.0).flatten().tolist()
+        x = [[kv, home, rows, 1.0, float(rows > 0)] for kv, home, rows, _ in samples]
+        kv, home, rows, fixed, cp_step = lstsq(x, [ms for *_, ms in samples])
         return cls(kv, home, rows, fixed, cp_step)
 
     def save(self, path: Path) -> None:

@@ -17,9 +17,9 @@ from prometheus_client import Histogram
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nanocp.placement import Placement
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
-from nanocp.router.placement import Placement
 from nanocp.router.registry import WorkerRegistry
 
 

@@ -1,73 +1,16 @@
-"""Where a request runs, and the interface every placement policy implements.
+"""The interface every placement policy implements, and the pieces policies build placements from.
 
 A policy sees a request's footprint and the ready instances' loads as the router counts them, and answers with a
-Placement, or None when nothing fits now (the request then waits for pages to be released).
+Placement, or None when nothing fits now (the request then waits for pages to be released). Footprints, shards and
+placements themselves are in nanocp.placement, shared with the worker, the SDK and the simulator.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from nanocp.v1 import common_pb2
-
-
-@dataclass(frozen=True)
-class Shard:
-    instance: str
-    start: int  # first token position the shard covers
-    page_quota: int  # pages its holder reserves for it
-    rank: int = 0  # the holder's rank in the home's decode group
-
-
-@dataclass(frozen=True)
-class Placement:
-    home: str
-    shards: list[Shard]
-
-    @property
-    def cp_degree(self) -> int:
-        return len(self.shards)
-
-    def to_proto(self) -> common_pb2.Placement:
-        return common_pb2.Placement(
-            home=self.home,
-            shards=[
-                common_pb2.Shard(instance=s.instance, start=s.start, page_quota=s.page_quota, rank=s.rank)
-                for s in self.shards
-            ],
-        )
-
-    @classmethod
-    def from_proto(cls, proto: common_pb2.Placement) -> Placement:
-        return cls(proto.home, [Shard(s.instance, s.start, s.page_quota, s.rank) for s in proto.shards])
-
-    @property
-    def routed_rows(self) -> dict[str, int]:
-        """Query rows routed per decode step, by instance: one out and back per remote shard, at both ends."""
-        rows: dict[str, int] = {}
-        for shard in self.shards:
-            if shard.instance != self.home:
-                rows[self.home] = rows.get(self.home, 0) + 1
-                rows[shard.instance] = rows.get(shard.instance, 0) + 1
-        return rows
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """What a request may occupy: its prompt and every token it may generate."""
-
-    prompt_tokens: int
-    max_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        # The last sampled token never enters the KV cache.
-        return self.prompt_tokens + self.max_tokens - 1
-
-    def pages(self, page_size: int) -> int:
-        return math.ceil(self.tokens / page_size)
+from nanocp.placement import Footprint, Placement, Shard
 
 
 @dataclass(frozen=True)
@@ -93,7 +36,7 @@ def contiguous_shards(footprint: Footprint, holders: list[InstanceLoad], pages: 
     """Shards in position order on `holders`, shard i taking pages[i] pages; the last one is the tail."""
     page_size = holders[0].page_size
     starts = [sum(pages[:i]) * page_size for i in range(len(pages))]
-    return [Shard(h.id, start, n, h.rank) for h, start, n in zip(holders, starts, pages, strict=True)]
+    return [Shard(h.rank, start, n, h.id) for h, start, n in zip(holders, starts, pages, strict=True)]
 
 
 def even_split(total: int, parts: int) -> list[int]:
@@ -120,7 +63,7 @@ def grow_tail(placement: Placement, pages: int, instances: list[InstanceLoad]) -
     holder = next((i for i in instances if i.id == tail.instance), None)
     if holder is None or holder.pages_free < pages:
         return None
-    grown = Shard(tail.instance, tail.start, tail.page_quota + pages, tail.rank)
+    grown = Shard(tail.rank, tail.start, tail.page_quota + pages, tail.instance)
     return Placement(placement.home, [*placement.shards[:-1], grown])
 
 
@@ -128,4 +71,4 @@ def add_shard(placement: Placement, pages: int, holder: InstanceLoad) -> Placeme
     """One more shard, on `holder`, starting where the tail's quota ends: the degree grows by one."""
     tail = placement.shards[-1]
     start = tail.start + tail.page_quota * holder.page_size
-    return Placement(placement.home, [*placement.shards, Shard(holder.id, start, pages, holder.rank)])
+    return Placement(placement.home, [*placement.shards, Shard(holder.rank, start, pages, holder.id)])

@@ -21,20 +21,20 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
-from nanocp.client.chunk import finish_reason_name
 from nanocp.internal.v1 import worker_pb2
 from nanocp.model_config import ModelConfig
+from nanocp.placement import Footprint, Placement, growth_pages
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
 from nanocp.router.errors import RequestError
-from nanocp.router.growth import grow, growth_pages
+from nanocp.router.growth import grow
 from nanocp.router.metrics import LatencyMetrics
-from nanocp.router.placement import Footprint, Placement
 from nanocp.router.registry import Instance, WorkerRegistry
 from nanocp.router.validation import ValidRequest, validate
 from nanocp.telemetry import extract_context, inject_metadata
 from nanocp.tokenizer import IncrementalDecoder, Tokenizer
 from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
+from nanocp.wire import finish_reason_name, placement_to_proto
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
@@ -141,9 +141,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             }
         )
         live = self._live[request_id] = _Live(request_id, valid.footprint)
-        first = valid.footprint
-        if self._reserve is not None:
-            first = Footprint(first.prompt_tokens, min(first.max_tokens, self._reserve))
+        first = valid.footprint.reserved(self._reserve)
         try:
             try:
                 live.placement = await self._admission.admit(request_id, first)
@@ -173,7 +171,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             request_id=live.request_id,
             prompt_token_ids=valid.prompt,
             sampling=valid.sampling,
-            placement=live.placement.to_proto(),
+            placement=placement_to_proto(live.placement),
         )
         metadata = inject_metadata(trace.set_span_in_context(span))
         live.call = home.stub.Submit(submit, timeout=context.time_remaining(), metadata=metadata)
@@ -184,7 +182,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 if decoder is not None:
                     response.text = decoder.push(list(output.token_ids))
                 if live.completion_tokens == 0 or live.placement_grew:
-                    response.placement.CopyFrom(live.placement.to_proto())
+                    response.placement.CopyFrom(placement_to_proto(live.placement))
                     live.placement_grew = False
                 if live.completion_tokens == 0 and output.token_ids:
                     span.add_event("first_token")
@@ -226,7 +224,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             return
         page_size = home.info.page_size
         loads = [self._ledger.load(i) for i in self._registry.placeable()]
-        pages = growth_pages(live.placement, live.footprint, page_size, self._reserve)
+        pages = growth_pages(live.placement.shards, live.footprint, page_size, self._reserve)
         grown = grow(self._admission.policy, live.placement, live.footprint, self._reserve, loads, page_size)
         if grown is not None:
             self._ledger.swap(live.placement, grown)
@@ -235,7 +233,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             span.set_attributes(_placement_attributes(grown))
         extend = worker_pb2.ExtendRequest(request_id=live.request_id)
         if grown is not None:
-            extend.placement.CopyFrom(grown.to_proto())
+            extend.placement.CopyFrom(placement_to_proto(grown))
         with contextlib.suppress(grpc.aio.AioRpcError):  # the request may have ended meanwhile
             await home.stub.Extend(extend, timeout=10)
 
@@ -306,7 +304,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if live.placement is not None:
                 response.requests.add(
                     request_id=live.request_id,
-                    placement=live.placement.to_proto(),
+                    placement=placement_to_proto(live.placement),
                     prompt_tokens=live.footprint.prompt_tokens,
                     max_tokens=live.footprint.max_tokens,
                 )

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig
+from nanocp.placement import Footprint
 from nanocp.router.errors import InvalidRequest
-from nanocp.router.placement import Footprint
 from nanocp.tokenizer import Tokenizer
 from nanocp.v1 import common_pb2, router_pb2
 

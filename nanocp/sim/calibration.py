@@ -21,7 +21,8 @@ prefill steps. group_step_breakdown.json splits the MoE route's latency into a f
 link is fitted too. Prefill attention grows with query rows x KV tokens, which the step logs do not count; rows x KV
 read stands in for it (flops_efficiency carries its cost).
 
-`nanocp sim calibrate` refits both and writes bench/results/sim_calibration_{gpu,cpu}.json.
+`nanocp sim calibrate` refits both from a checkout's bench/results and writes the copy the simulator ships with,
+nanocp/sim/data/sim_calibration_{gpu,cpu}.json (nanocp.sim.data).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanocp.least_squares import lstsq, robust_lstsq
+from nanocp.sim.data import DATA
 from nanocp.sim.hardware import DEVICES, Link
 from nanocp.sim.shapes import SHAPES
 from nanocp.sim.steptime import Coefficients, StepModel
@@ -58,53 +61,6 @@ class Calibration:
         data = json.loads(path.read_text())
         link = Link(**data["link"]) if data.get("link") else None
         return cls(data["device"], Coefficients(**data["coefficients"]), link, data.get("fit", {}))
-
-
-def default_path(kind: str) -> Path:
-    return RESULTS / f"sim_calibration_{kind}.json"
-
-
-def lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Non-negative least squares for a handful of coefficients: normal equations, dropping any column whose
-    coefficient comes out negative and solving again."""
-    active = list(range(len(rows[0])))
-    while True:
-        a = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
-        b = [sum(r[i] * t for r, t in zip(rows, y, strict=True)) for i in active]
-        solution = _solve(a, b)
-        negative = [k for k, v in zip(active, solution, strict=True) if v < 0]
-        if not negative:
-            full = [0.0] * len(rows[0])
-            for k, v in zip(active, solution, strict=True):
-                full[k] = v
-            return full
-        active.remove(min(negative, key=lambda k: solution[active.index(k)]))
-
-
-def robust_lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
-    """lstsq, then again without the samples more than 3 robust standard deviations off: steps that another process
-    stalled on a shared machine."""
-    fit = lstsq(rows, y)
-    residuals = [t - sum(c * x for c, x in zip(fit, row, strict=True)) for row, t in zip(rows, y, strict=True)]
-    scale = 1.4826 * statistics.median(abs(r) for r in residuals)
-    kept = [(row, t) for row, t, r in zip(rows, y, residuals, strict=True) if abs(r) <= 3 * scale]
-    return lstsq([row for row, _ in kept], [t for _, t in kept]) if scale > 0 and kept else fit
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting; a singular column gets 0."""
-    n = len(b)
-    m = [[*row, v] for row, v in zip(a, b, strict=True)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        if abs(m[col][col]) < 1e-300:
-            continue
-        for r in range(n):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                m[r] = [x - f * y for x, y in zip(m[r], m[col], strict=True)]
-    return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-300 else 0.0 for i in range(n)]
 
 
 def _relative_errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -271,11 +227,16 @@ def fit_cpu_steps(groups: list[list[list[float]]], n: int, breakdown: dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nanocp sim calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the benchmark JSON lives and goes")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the benchmark JSON (default bench/results)")
+    parser.add_argument("--out", type=Path, default=DATA, help="where the fits go (default nanocp/sim/data)")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():  # an installed nanocp has no bench/results: calibrating is a checkout's job
+        raise SystemExit(
+            f"error: no benchmark results at {args.results}; give --results DIR (a checkout's bench/results)"
+        )
     for kind, fit in (("gpu", fit_gpu), ("cpu", fit_cpu)):
         calibration = fit(args.results)
-        path = args.results / f"sim_calibration_{kind}.json"
+        path = args.out / f"sim_calibration_{kind}.json"
         calibration.save(path)
         print(f"{path}: {json.dumps(asdict(calibration.coefficients))}")
         print(f"  fit: {json.dumps({k: v for k, v in calibration.fit.items() if k != 'forward_residual_ms'})}")

@@ -1,5 +1,5 @@
 """`nanocp sim`: simulate a decode group under a router policy (run), find the highest sustainable request rate per
-policy (sweep), or refit the step-time coefficients from bench/results (calibrate)."""
+policy (sweep), or refit the step-time coefficients from a checkout's bench/results (calibrate)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanocp.sim.data import MOONCAKE_HEAD
 from nanocp.sim.hardware import DEVICES, LINKS
 from nanocp.sim.shapes import SHAPES
-
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake-synthetic.jsonl"
 
 
 def add_sim_parser(commands: Any) -> None:
@@ -35,6 +34,7 @@ def add_sim_parser(commands: Any) -> None:
     sweep.set_defaults(func=_sweep)
     calibrate = subcommands.add_parser("calibrate", help="refit the coefficients from bench/results/*.json")
     calibrate.add_argument("--results", type=Path, default=None, help="benchmark results (default bench/results)")
+    calibrate.add_argument("--out", type=Path, default=None, help="where the fits go (default nanocp/sim/data)")
     calibrate.set_defaults(func=_calibrate)
 
 
@@ -45,10 +45,15 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=8, help="instances in the decode group (default 8)")
     parser.add_argument("--kv-gb", type=float, default=None, help="KV pool per instance (default: what is left)")
     parser.add_argument(
-        "--calibration", type=Path, default=None, help="coefficients (default bench/results/sim_calibration_*.json)"
+        "--calibration", type=Path, default=None, help="coefficients (default nanocp/sim/data/sim_calibration_*.json)"
     )
     parser.add_argument("--prefill", default="disaggregated", choices=("disaggregated", "chunked"))
-    parser.add_argument("--trace", type=Path, default=TRACE, help="a Mooncake-format trace (default ../shared)")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=MOONCAKE_HEAD,
+        help="a Mooncake-format trace (default: the 300-request head shipped)",
+    )
     parser.add_argument("--mix", action="store_true", help="a generated long-tailed mix instead of the trace")
     parser.add_argument(
         "--requests", type=int, default=None, help="how many (run; default: the whole trace, or 10000 generated)"
@@ -62,10 +67,11 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> Any:
-    from nanocp.sim.calibration import Calibration, default_path
+    from nanocp.sim.calibration import Calibration
     from nanocp.sim.cluster import Cluster
+    from nanocp.sim.data import calibration_path
 
-    calibration = Calibration.load(args.calibration or default_path("cpu" if args.device == "cpu" else "gpu"))
+    calibration = Calibration.load(args.calibration or calibration_path("cpu" if args.device == "cpu" else "gpu"))
     link = calibration.link or LINKS[args.link]
     kv_bytes = args.kv_gb * 1e9 if args.kv_gb is not None else None
     return Cluster(
@@ -170,4 +176,5 @@ def _sweep(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from nanocp.sim.calibration import main
 
-    main(["--results", str(args.results)] if args.results else [])
+    paths = (("--results", args.results), ("--out", args.out))
+    main([arg for flag, path in paths if path is not None for arg in (flag, str(path))])

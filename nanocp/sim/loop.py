@@ -1,7 +1,8 @@
 """The discrete-event loop: a decode group stepping in lockstep, placed by the router's own code.
 
 Admission, placement, growth and release go through the router's objects: the AdmissionQueue (bounded FIFO, the
-never-fits refusal) over a Ledger and the policy, and nanocp.router.growth for when and how much a placement grows.
+never-fits refusal) over a Ledger and the policy, the shared growth rule (nanocp.placement) for when and how much a
+placement grows, and nanocp.router.growth to grow it.
 The router sees what the service sees: prompt length and max_tokens (or the reservation); requests end at their true
 output length, which it never reads.
 
@@ -18,13 +19,14 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from nanocp.placement import Footprint, Placement, asks_to_grow, covered_tokens
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import AdmissionQueue, QueueFull
-from nanocp.router.growth import asks_to_grow, covered_tokens, grow
-from nanocp.router.placement import Footprint, Placement
+from nanocp.router.growth import grow
 from nanocp.sim.cluster import Cluster, PolicySpec
+from nanocp.sim.live import LiveRequest
 from nanocp.sim.metrics import RequestOutcome, SimResult, StepStats
 from nanocp.sim.steptime import straggler_ratio
 from nanocp.workload import TraceRequest
@@ -41,33 +43,6 @@ class GiveUp:
     max_wait_s: float
     misses: int
     window: tuple[int, int]
-
-
-@dataclass(eq=False)
-class _Live:
-    outcome: RequestOutcome
-    footprint: Footprint
-    index: int  # in arrival order
-    placement: Placement | None = None
-    home: int = 0
-    holders: list[int] = field(default_factory=list)  # instance of each shard, in position order
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    computed: int = 0  # prompt tokens in the KV cache
-    s0: int = 0  # its first decode step
-    shard: int = 0  # the shard its next token goes to
-    version: int = 0  # events of older versions are stale
-
-    @property
-    def prompt(self) -> int:
-        return self.outcome.prompt_tokens
-
-    @property
-    def output(self) -> int:
-        return self.outcome.output_tokens
-
-    def last_step(self) -> int:
-        return self.s0 + self.output - 2
 
 
 class Simulation:
@@ -101,14 +76,14 @@ class Simulation:
         self.rows = [0] * n
         self.decoding = 0
         # Chunked prefill: per instance, requests placed but not started, and those prefilling.
-        self.waiting: list[deque[_Live]] = [deque() for _ in range(n)]
-        self.prefilling: list[list[_Live]] = [[] for _ in range(n)]
+        self.waiting: list[deque[LiveRequest]] = [deque() for _ in range(n)]
+        self.prefilling: list[list[LiveRequest]] = [[] for _ in range(n)]
         self.running = [0] * n
         self.now = 0.0
         self.next_step = 0
-        self.events: list[tuple[int, int, int, _Live, int]] = []
+        self.events: list[tuple[int, int, int, LiveRequest, int]] = []
         self._seq = itertools.count()
-        self.queued: dict[str, _Live] = {}
+        self.queued: dict[str, LiveRequest] = {}
         self.never_fits: dict[Footprint, bool] = {}
         self.stats = StepStats()
         self.finished = 0
@@ -141,7 +116,7 @@ class Simulation:
         assert not self.queued, "requests left waiting with the group idle"
         return SimResult(outcomes, self.stats, self.now)
 
-    def _counted(self, live: _Live) -> bool:
+    def _counted(self, live: LiveRequest) -> bool:
         return self.give_up is not None and self.give_up.window[0] <= live.index < self.give_up.window[1]
 
     def _overdue(self) -> int:
@@ -161,12 +136,8 @@ class Simulation:
         output = max(1, min(request.output_tokens, max_tokens))
         outcome = RequestOutcome(request.arrival_s, request.input_tokens, output)
         footprint = Footprint(request.input_tokens, max_tokens)
-        live = _Live(outcome, footprint, index)
-        first = (
-            footprint
-            if self.reserve is None
-            else Footprint(footprint.prompt_tokens, min(footprint.max_tokens, self.reserve))
-        )
+        live = LiveRequest(outcome, footprint, index)
+        first = footprint.reserved(self.reserve)
         if self._never_fits(first):
             return self._refuse(live)
         key = str(id(live))
@@ -180,7 +151,7 @@ class Simulation:
             self._placed([(key, placement)])
         return outcome
 
-    def _refuse(self, live: _Live) -> RequestOutcome:
+    def _refuse(self, live: LiveRequest) -> RequestOutcome:
         live.outcome.status = "refused"
         self.finished += 1
         self.misses += self._counted(live)
@@ -192,7 +163,7 @@ class Simulation:
             known = self.never_fits[footprint] = self.queue.never_fits(footprint, self.capacities) is not None
         return known
 
-    def _release(self, live: _Live) -> None:
+    def _release(self, live: LiveRequest) -> None:
         assert live.placement is not None
         self._placed(self.queue.release(live.placement))
 
@@ -204,7 +175,7 @@ class Simulation:
             live.outcome.placed_s = self.now
             if self.give_up is not None and live.outcome.wait_s > self.give_up.max_wait_s:
                 self.misses += self._counted(live)
-            self._set_placement(live, placement)
+            live.place(placement, self.index, self.page)
             if self.cluster.prefill == "chunked":
                 self.waiting[live.home].append(live)
                 continue
@@ -216,20 +187,12 @@ class Simulation:
             else:
                 self._start_decode(live)
 
-    def _set_placement(self, live: _Live, placement: Placement) -> None:
-        live.placement = placement
-        live.home = self.index[placement.home]
-        live.holders = [self.index[s.instance] for s in placement.shards]
-        live.starts = [s.start for s in placement.shards]
-        live.ends = [s.start + s.page_quota * self.page for s in placement.shards]
-        live.outcome.cp_degree = placement.cp_degree
-
     # Decode aggregates.
 
-    def _start_decode(self, live: _Live) -> None:
+    def _start_decode(self, live: LiveRequest) -> None:
         live.s0 = self.next_step
         p, h = live.prompt, live.home
-        live.shard = next(j for j, end in enumerate(live.ends) if end > p)
+        live.shard = live.shard_at(p)
         self.home[h] += 1
         self.decoding += 1
         for j in range(live.shard + 1):
@@ -239,13 +202,13 @@ class Simulation:
                 self.rows[h] += 1
                 self.rows[holder] += 1
         self.tails[live.holders[live.shard]] += 1
-        if self.reserve is not None and asks_to_grow(live.placement, live.footprint, p + 1, self.page):  # type: ignore[arg-type]
+        if self.reserve is not None and asks_to_grow(live.shards, live.footprint, p + 1, self.page):
             self._grow(live, first_decode=True)
             if live.outcome.status:
                 return
         self._schedule(live)
 
-    def _stop_decode(self, live: _Live, written: int) -> None:
+    def _stop_decode(self, live: LiveRequest, written: int) -> None:
         """Takes a decoding request out of the aggregates; `written` positions of its KV exist."""
         h = live.home
         self.home[h] -= 1
@@ -258,7 +221,7 @@ class Simulation:
                 self.rows[holder] -= 1
         self.tails[live.holders[live.shard]] -= 1
 
-    def _schedule(self, live: _Live) -> None:
+    def _schedule(self, live: LiveRequest) -> None:
         live.version += 1
         last = live.last_step()
         self._push(last, _FINISH, live)
@@ -266,16 +229,16 @@ class Simulation:
         if cross < last:
             self._push(cross, _CROSS, live)
         if self.reserve is not None:
-            covered = covered_tokens(live.placement, self.page)  # type: ignore[arg-type]
+            covered = covered_tokens(live.shards, self.page)
             if covered < live.footprint.tokens:
                 ask = max(live.s0, live.s0 + covered - 2 * self.page - live.prompt - 1, self.next_step)
                 if ask < last:
                     self._push(ask, _ASK, live)
 
-    def _push(self, step: int, kind: int, live: _Live) -> None:
+    def _push(self, step: int, kind: int, live: LiveRequest) -> None:
         heapq.heappush(self.events, (step, next(self._seq), kind, live, live.version))
 
-    def _cross(self, live: _Live) -> None:
+    def _cross(self, live: LiveRequest) -> None:
         h = live.home
         self.tails[live.holders[live.shard]] -= 1
         live.shard += 1
@@ -288,7 +251,7 @@ class Simulation:
         if cross < live.last_step():
             self._push(cross, _CROSS, live)
 
-    def _grow(self, live: _Live, first_decode: bool = False) -> None:
+    def _grow(self, live: LiveRequest, first_decode: bool = False) -> None:
         """The home asked for pages: the router grows the placement, or the request ends for lack of room."""
         assert live.placement is not None
         loads = [self.ledger.count(c) for c in self.capacities]
@@ -300,11 +263,11 @@ class Simulation:
             self._release(live)
             return
         self.ledger.swap(live.placement, grown)
-        self._set_placement(live, grown)
+        live.place(grown, self.index, self.page)
         if not first_decode:
             self._schedule(live)
 
-    def _finish(self, live: _Live, status: str) -> None:
+    def _finish(self, live: LiveRequest, status: str) -> None:
         if status == "exhausted" and self.give_up is not None and live.outcome.wait_s <= self.give_up.max_wait_s:
             self.misses += self._counted(live)
         live.outcome.status = status
@@ -321,7 +284,7 @@ class Simulation:
         n = self.cluster.instances
         kv_read = [k + t for k, t in zip(self.kv, self.tails, strict=True)]
         home, rows, segments, pairs = self.home, self.rows, None, None
-        chunks: list[tuple[_Live, int]] = []
+        chunks: list[tuple[LiveRequest, int]] = []
         if self.cluster.prefill == "chunked" and (any(self.prefilling) or any(self.waiting)):
             home, rows, segments, pairs = list(home), list(rows), list(rows), [0] * n
             chunks = self._prefill_chunks(home, kv_read, rows, segments, pairs)
@@ -348,12 +311,12 @@ class Simulation:
                 self._release(live)
             elif kind == _CROSS:
                 self._cross(live)
-            elif asks_to_grow(live.placement, live.footprint, live.prompt + 2 + step - live.s0, self.page):  # type: ignore[arg-type]
+            elif asks_to_grow(live.shards, live.footprint, live.prompt + 2 + step - live.s0, self.page):
                 self._grow(live)
 
     def _prefill_chunks(
         self, home: list[int], kv_read: list[int], rows: list[int], segments: list[int], pairs: list[int]
-    ) -> list[tuple[_Live, int]]:
+    ) -> list[tuple[LiveRequest, int]]:
         """This step's prefill chunks, as nanocp.worker.scheduler picks them: after the decodes, within the token
         budget, never across a shard boundary; new requests start in placement order while the budget lasts."""
         chunks = []
@@ -375,7 +338,7 @@ class Simulation:
 
     def _chunk(
         self,
-        live: _Live,
+        live: LiveRequest,
         budget: int,
         home: list[int],
         kv_read: list[int],
@@ -384,7 +347,7 @@ class Simulation:
         pairs: list[int],
     ) -> int:
         start = live.computed
-        shard = next(j for j, end in enumerate(live.ends) if end > start)
+        shard = live.shard_at(start)
         tokens = min(live.prompt - start, budget, live.ends[shard] - start)
         end, h = start + tokens, live.home
         home[h] += tokens
@@ -400,7 +363,7 @@ class Simulation:
                 segments[holder] += 1
         return tokens
 
-    def _prefilled(self, live: _Live) -> None:
+    def _prefilled(self, live: LiveRequest) -> None:
         """The chunk that ends a prompt samples the first token; decoding starts with the next step."""
         self.prefilling[live.home].remove(live)
         live.outcome.first_token_s = self.now

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-# StepRecord.work_us() columns, the breakdown every member shares at the step exchange.
-WORK = ("attention", "moe", "routing", "arrival_lag", "host")
+from nanocp.steps import WORK
 
 
 class StepTimer:

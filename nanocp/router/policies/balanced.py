@@ -8,8 +8,9 @@ comparison honest about how much is left for context parallelism itself.
 
 from __future__ import annotations
 
+from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, grow_tail
+from nanocp.router.placement import InstanceLoad, contiguous_shards, grow_tail
 
 
 class BalancedPolicy:

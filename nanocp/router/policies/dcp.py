@@ -14,16 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.placement import (
-    Footprint,
-    InstanceLoad,
-    Placement,
-    add_shard,
-    contiguous_shards,
-    even_split,
-    grow_tail,
-)
+from nanocp.router.placement import InstanceLoad, add_shard, contiguous_shards, even_split, grow_tail
 from nanocp.router.policies.static import pick_home
 
 

@@ -7,7 +7,8 @@ request never waits while another instance could take it.
 
 from __future__ import annotations
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, grow_tail
+from nanocp.placement import Footprint, Placement
+from nanocp.router.placement import InstanceLoad, contiguous_shards, grow_tail
 
 
 def pick_home(instances: list[InstanceLoad]) -> InstanceLoad | None:

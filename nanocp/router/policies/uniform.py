@@ -7,7 +7,8 @@ are short enough to stay local.
 
 from __future__ import annotations
 
-from nanocp.router.placement import Footprint, InstanceLoad, Placement, contiguous_shards, even_split, grow_tail
+from nanocp.placement import Footprint, Placement
+from nanocp.router.placement import InstanceLoad, contiguous_shards, even_split, grow_tail
 from nanocp.router.policies.static import pick_home
 
 
