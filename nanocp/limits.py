@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nanocp.model_config import ModelConfig
-from nanocp.placement import GROW_AHEAD_PAGES as GROW_AHEAD_PAGES  # where the engine reads it until it switches
 
 
 class LimitError(ValueError):

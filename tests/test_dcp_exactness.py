@@ -13,22 +13,22 @@ import pytest
 import torch
 
 from nanocp.harness.offline_group import OfflineRequest, run_group
+from nanocp.placement import Footprint, Shard
 from nanocp.worker.engine import Engine, EngineConfig
-from nanocp.worker.request import RequestOutput, SamplingParams, footprint_pages
-from nanocp.worker.shards import ShardSpec
+from nanocp.worker.request import RequestOutput, SamplingParams
 
 PAGE = 8
 CONFIG = EngineConfig(page_size=PAGE, num_pages=256, max_step_tokens=48, max_running=8)
 SHAPES = [(100, 20), (37, 30), (150, 12), (9, 25), (64, 40), (120, 16)]  # (prompt tokens, new tokens)
 
 
-def split(prompt: int, new: int, holders: list[int]) -> list[ShardSpec]:
+def split(prompt: int, new: int, holders: list[int]) -> list[Shard]:
     """Contiguous shards of about equal pages on `holders`, in position order."""
-    pages = footprint_pages(prompt, new, PAGE)
+    pages = Footprint(prompt, new).pages(PAGE)
     k = len(holders)
     sizes = [pages // k + (1 if i < pages % k else 0) for i in range(k)]
     starts = [sum(sizes[:i]) * PAGE for i in range(k)]
-    return [ShardSpec(h, start, size) for h, start, size in zip(holders, starts, sizes, strict=True)]
+    return [Shard(h, start, size) for h, start, size in zip(holders, starts, sizes, strict=True)]
 
 
 @pytest.fixture(scope="module")

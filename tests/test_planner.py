@@ -3,18 +3,19 @@ holder: nothing in the forward has to read a size back from the device."""
 
 from __future__ import annotations
 
+from nanocp.placement import Shard
 from nanocp.worker.kv_cache import PagePool
 from nanocp.worker.planner import Meta, StepPlanner
 from nanocp.worker.request import Request, SamplingParams
 from nanocp.worker.scheduler import Chunk
-from nanocp.worker.shards import ShardSpec, ShardStore
+from nanocp.worker.shards import ShardStore
 
 PAGE = 4
 
 
 def cp_request(key: int, prompt_tokens: int) -> Request:
     """A request whose first 8 positions live on rank 0 (its home) and the rest on rank 1, its tail."""
-    shards = [ShardSpec(0, 0, 2), ShardSpec(1, 8, 4)]
+    shards = [Shard(0, 0, 2), Shard(1, 8, 4)]
     params = SamplingParams(temperature=0.0, max_tokens=8)
     return Request(f"r{key}", list(range(1, prompt_tokens + 1)), params, lambda _: None, frozenset(), shards, 24, key)
 

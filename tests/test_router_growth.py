@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanocp.placement import GROW_AHEAD_PAGES, Footprint, Placement, Shard, asks_to_grow, covered_tokens, growth_pages
+from nanocp.placement import Footprint, Placement, Shard, asks_to_grow, covered_tokens, growth_pages
 from nanocp.router.cost import CostModel, with_placement
 from nanocp.router.growth import grow
 from nanocp.router.placement import InstanceLoad
@@ -24,8 +24,11 @@ def test_asks_to_grow_agrees_with_the_workers_rule(prompt: int, max_tokens: int,
     placement = Placement("a", [Shard(0, 0, quota, "a")])
     params = SamplingParams(max_tokens=max_tokens)
     coverage = covered_tokens(placement.shards, PAGE)
-    request = Request("r", list(range(prompt)), params, lambda _: None, frozenset(), [], coverage, output=[0] * output)
-    worker = request.should_ask_for_pages(GROW_AHEAD_PAGES * PAGE)
+    shards = placement.shards
+    request = Request(
+        "r", list(range(prompt)), params, lambda _: None, frozenset(), shards, coverage, output=[0] * output
+    )
+    worker = request.should_ask_for_pages(PAGE)
     assert asks_to_grow(placement.shards, footprint, prompt + output, PAGE) == worker
 
 

@@ -22,13 +22,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.openmetrics.exposition import generate_latest
 
 from nanocp.harness.delays import DelayedTimer
+from nanocp.placement import Shard
 from nanocp.telemetry import AgreedIds
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.observe import watch_steps
 from nanocp.worker.request import RequestOutput, SamplingParams
-from nanocp.worker.shards import ShardSpec
 from nanocp.worker.timing import StepRecord
 
 
@@ -37,7 +37,7 @@ class OfflineRequest:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    shards: list[ShardSpec] | None = None  # its KV placement over the group; None: all on its home
+    shards: list[Shard] | None = None  # its KV placement over the group; None: all on its home
 
 
 @dataclass

@@ -10,9 +10,9 @@ from collections.abc import Collection
 
 from nanocp.limits import LimitError, check_request
 from nanocp.model_config import ModelConfig
+from nanocp.placement import Footprint, Shard, check_shards, covered_tokens
 from nanocp.worker.config import EngineConfig
-from nanocp.worker.request import EngineError, SamplingParams, footprint_pages
-from nanocp.worker.shards import ShardSpec, check_shards, shard_ends
+from nanocp.worker.request import EngineError, SamplingParams
 
 
 class Admission:
@@ -22,11 +22,11 @@ class Admission:
         self.rank = rank
         self.group_size = group_size
 
-    def local_placement(self, prompt: list[int], params: SamplingParams) -> list[ShardSpec]:
+    def local_placement(self, prompt: list[int], params: SamplingParams) -> list[Shard]:
         """One shard, here, for the request's whole footprint."""
-        return [ShardSpec(self.rank, 0, footprint_pages(len(prompt), params.max_tokens, self.config.page_size))]
+        return [Shard(self.rank, 0, Footprint(len(prompt), params.max_tokens).pages(self.config.page_size))]
 
-    def check(self, prompt: list[int], params: SamplingParams, shards: list[ShardSpec]) -> None:
+    def check(self, prompt: list[int], params: SamplingParams, shards: list[Shard]) -> None:
         """Refuses what the group can never serve."""
         c = self.config
         try:
@@ -34,7 +34,7 @@ class Admission:
         except LimitError as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from None
         problem = check_shards(shards, self.group_size, c.page_size)
-        covered = shard_ends(shards, c.page_size)[-1] if problem is None else 0
+        covered = covered_tokens(shards, c.page_size) if problem is None else 0
         # It must hold the prompt and the first sampled token; beyond that the placement may grow as it decodes.
         needed = min(len(prompt) + params.max_tokens - 1, len(prompt) + 1)
         if problem is None and covered < needed:

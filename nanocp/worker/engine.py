@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
-from nanocp.limits import GROW_AHEAD_PAGES
 from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.placement import Shard, check_growth, check_shards, covered_tokens
 from nanocp.worker.admission import Admission
 from nanocp.worker.config import EngineConfig
 from nanocp.worker.cuda_graphs import unsupported
@@ -40,7 +40,7 @@ from nanocp.worker.request import (
     SamplingParams,
 )
 from nanocp.worker.scheduler import Chunk, Scheduler
-from nanocp.worker.shards import ShardSpec, ShardStore, check_growth, check_shards, shard_ends
+from nanocp.worker.shards import ShardStore
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
 
@@ -122,7 +122,7 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         on_output: OutputCallback,
-        shards: list[ShardSpec] | None = None,
+        shards: list[Shard] | None = None,
     ) -> None:
         """`shards` places the request's KV over the group (the router's placement); by default all of it here."""
         self.admission.check_new_id(request_id, self.requests)
@@ -138,7 +138,7 @@ class Engine:
             on_output,
             stop_ids,
             shards,
-            coverage=shard_ends(shards, self.config.page_size)[-1],
+            coverage=covered_tokens(shards, self.config.page_size),
             key=next(self._keys),
             seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
         )
@@ -158,7 +158,7 @@ class Engine:
             self._finish(request, FinishReason.ABORT, [], error, code)
         self._emit()
 
-    def extend(self, request_id: str, shards: list[ShardSpec] | None) -> None:
+    def extend(self, request_id: str, shards: list[Shard] | None) -> None:
         """Grows a request's placement, or (None: no room anywhere) ends it with RESOURCE_EXHAUSTED."""
         request = self.requests.get(request_id)
         if request is None:
@@ -175,9 +175,9 @@ class Engine:
             self._finish(request, FinishReason.ABORT, [], f"placement: {problem}", "INVALID_ARGUMENT")
         else:
             request.shards = shards
-            request.coverage = shard_ends(shards, self.config.page_size)[-1]
+            request.coverage = covered_tokens(shards, self.config.page_size)
             for index, shard in enumerate(shards):
-                if shard.holder == self.group.rank and request in self.scheduler.running:
+                if shard.rank == self.group.rank and request in self.scheduler.running:
                     self.store.open(request.key, index, shard.page_quota)
         self._emit()
 
@@ -255,7 +255,7 @@ class Engine:
         if reason is not None:
             self._finish(request, reason, [token])
             return
-        asks = request.should_ask_for_pages(GROW_AHEAD_PAGES * self.config.page_size)
+        asks = request.should_ask_for_pages(self.config.page_size)
         self._outbox.append((request, replace(_output(request, [token], None), needs_pages=asks)))
 
     def _finish(
@@ -268,8 +268,8 @@ class Engine:
     ) -> None:
         self.scheduler.remove(request)
         for shard in request.shards:
-            if shard.holder != self.group.rank:
-                self.exchange.free_later(shard.holder, request.key)
+            if shard.rank != self.group.rank:
+                self.exchange.free_later(shard.rank, request.key)
         del self.requests[request.request_id]
         self._outbox.append((request, replace(_output(request, new_tokens, reason, error), error_code=code)))
 

@@ -16,9 +16,9 @@ import queue
 import threading
 from collections.abc import Callable
 
+from nanocp.placement import Shard
 from nanocp.worker.engine import Engine
 from nanocp.worker.request import EngineError, EngineLoad, OutputCallback, RequestOutput, SamplingParams
-from nanocp.worker.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class EngineLoop:
         prompt: list[int],
         params: SamplingParams,
         on_output: OutputCallback,
-        shards: list[ShardSpec] | None = None,
+        shards: list[Shard] | None = None,
     ) -> None:
         """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
         if self.failed is not None:
@@ -80,7 +80,7 @@ class EngineLoop:
         self._post(lambda: self.engine.abort(request_id))
         return True
 
-    def extend(self, request_id: str, shards: list[ShardSpec] | None) -> bool:
+    def extend(self, request_id: str, shards: list[Shard] | None) -> bool:
         """Grows a live request's placement (None: there is no room); False for an id that is not live."""
         with self._live_lock:
             if request_id not in self._live:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from nanocp.placement import shard_ends
 from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan
 from nanocp.worker.comm import Route
 from nanocp.worker.sampler import SamplingRows
 from nanocp.worker.scheduler import Chunk
-from nanocp.worker.shards import ShardStore, shard_ends
+from nanocp.worker.shards import ShardStore
 from nanocp.worker.static_layout import static_plan
 from nanocp.worker.step_meta import Attend, Meta, MetaRow, free_row
 
@@ -64,9 +65,7 @@ class StepPlanner:
             tail = r.shard_at(start)
             for j, shard in enumerate(r.shards[: tail + 1]):
                 kv_len = (end if j == tail else ends[j]) - shard.start
-                attends.append(
-                    Attend(row, chunk.num_tokens, r.key, j, shard.page_quota, kv_len, j == tail, shard.holder)
-                )
+                attends.append(Attend(row, chunk.num_tokens, r.key, j, shard.page_quota, kv_len, j == tail, shard.rank))
             row += chunk.num_tokens
         meta: list[list[MetaRow]] = [[free_row(key) for key in frees.get(peer, [])] for peer in range(self.size)]
         for a in attends:

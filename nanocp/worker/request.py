@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nanocp.worker.shards import ShardSpec
+from nanocp.placement import Footprint, Shard, asks_to_grow
 
 
 class EngineError(Exception):
@@ -36,11 +36,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def footprint_pages(prompt_tokens: int, max_tokens: int, page_size: int) -> int:
-    """Pages for every position a request may cache: the last sampled token never enters the cache."""
-    return -(-(prompt_tokens + max_tokens - 1) // page_size)
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ class Request:
     params: SamplingParams
     on_output: OutputCallback
     stop_ids: frozenset[int]
-    shards: list[ShardSpec]  # where its KV lives, in position order
+    shards: list[Shard]  # where its KV lives, in position order
     coverage: int  # positions the shards can hold: the tail's end
     key: int = 0  # names the request to the group's other instances (unique in the group)
     asked_pages_at: int = 0  # the coverage when it last asked for its placement to grow
@@ -101,20 +96,15 @@ class Request:
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt)
 
-    def should_ask_for_pages(self, ahead_tokens: int) -> bool:
-        """True, once per coverage, when the tail has fewer than `ahead_tokens` free positions and the request may
-        still need more than its shards hold."""
-        if self.coverage >= self.needed or self.asked_pages_at == self.coverage:
+    def should_ask_for_pages(self, page_size: int) -> bool:
+        """True, once per coverage, when the placement should grow (nanocp.placement's rule, the router's too)."""
+        if self.asked_pages_at == self.coverage:
             return False
-        if self.coverage - self.num_tokens >= ahead_tokens:
+        footprint = Footprint(len(self.prompt), self.params.max_tokens)
+        if not asks_to_grow(self.shards, footprint, self.num_tokens, page_size):
             return False
         self.asked_pages_at = self.coverage
         return True
-
-    @property
-    def needed(self) -> int:
-        """Positions it may cache in all: the last sampled token never enters the cache."""
-        return len(self.prompt) + self.params.max_tokens - 1
 
     def shard_at(self, position: int) -> int:
         """Index of the shard covering `position`."""

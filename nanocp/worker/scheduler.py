@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from nanocp.placement import shard_ends
 from nanocp.worker.request import Request
-from nanocp.worker.shards import ShardStore, shard_ends
+from nanocp.worker.shards import ShardStore
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Scheduler:
                 budget -= chunks[-1].num_tokens
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             head = self.waiting[0]
-            local = [(i, s) for i, s in enumerate(head.shards) if s.holder == self.rank]
+            local = [(i, s) for i, s in enumerate(head.shards) if s.rank == self.rank]
             if not self.store.pool.can_commit(sum(s.page_quota for _, s in local)):
                 break
             self.waiting.popleft()

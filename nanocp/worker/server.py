@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from nanocp.grpc_server import GrpcServer
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.placement import Shard
 from nanocp.telemetry import STEP_SPANS_EVERY, extract_context
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import Engine, EngineConfig
@@ -27,7 +28,6 @@ from nanocp.worker.loop import EngineLoop
 from nanocp.worker.metrics import LoadCollector
 from nanocp.worker.observe import watch_steps
 from nanocp.worker.request import EngineError, FinishReason, RequestOutput, SamplingParams
-from nanocp.worker.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 list(request.prompt_token_ids),
                 sampling_params(request.sampling),
                 on_output,
-                [ShardSpec(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None,
+                [Shard(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None,
             )
         except EngineError as exc:
             await _abort(context, span, _STATUS[exc.code], str(exc))
@@ -165,7 +165,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._engine_loop.abort(request.request_id)
 
     async def Extend(self, request: worker_pb2.ExtendRequest, context: Any) -> worker_pb2.ExtendResponse:
-        shards = [ShardSpec(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None
+        shards = [Shard(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None
         if not self._engine_loop.extend(request.request_id, shards):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
