@@ -90,11 +90,13 @@ def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
 @contextlib.contextmanager
 def eager(engine: Engine) -> Iterator[None]:
     """Sets the engine's graphs aside: every step runs eagerly, as a GPU engine without graphs does."""
-    graphs, engine.runner.graphs = engine.runner.graphs, None
+    runner = engine.runner
+    graphs, sizes = runner.graphs, runner.static_sizes
+    runner.graphs, runner.static_sizes = None, []
     try:
         yield
     finally:
-        engine.runner.graphs = graphs
+        runner.graphs, runner.static_sizes = graphs, sizes
 
 
 def run(kind: str, steps: int, out: Path) -> dict[str, Any]:

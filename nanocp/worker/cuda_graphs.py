@@ -131,12 +131,20 @@ class DecodeGraphs:
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """The hidden states of a static step's rows (padding included), by its bucket's graph."""
+        return self.run(self.prepare(inputs))
+
+    def prepare(self, inputs: StepInputs) -> _Bucket:
+        """Host work before a replay: the step's inputs and tables into its bucket's buffers, the decodes planned."""
         plan = inputs.plan
         assert isinstance(plan, StaticPlan), "a graph replays a static step"
         bucket = self.buckets[(plan.rows, plan.routes is not None)]
         self.token_ids[: plan.rows].copy_(inputs.token_ids)
         self.positions[: plan.rows].copy_(inputs.positions)
         self._plan(bucket, plan)
+        return bucket
+
+    def run(self, bucket: _Bucket) -> torch.Tensor:
+        """The prepared bucket's replay (or, with `replay` off, the same padded step run eagerly)."""
         if not self.replay:
             return self.model(*self._inputs(bucket))
         assert bucket.hidden is not None, "capture() first"
@@ -149,7 +157,10 @@ class DecodeGraphs:
         """Copies the step's slot tables into the bucket's buffers and plans its decodes (None: all padding)."""
         static = bucket.plan
         assert static.decode is not None
-        static.local_slots.copy_(step.local_slots) if step is not None else static.local_slots.fill_(-1)
+        if step is None:
+            static.local_slots.fill_(-1)
+        else:
+            static.local_slots.copy_(step.local_slots)
         static.decode[0].plan(step.local if step is not None else None)
         if static.routes is None:
             return

@@ -69,7 +69,7 @@ def test_replay_equals_padded_eager_and_overflow_runs_eagerly(checkpoint: Path) 
     # Decode steps of 4 rows or fewer replay (bucket 4: 4 rows from the step after the 2nd request ends).
     assert graphed.runner.graphs.replays == max(MAX_TOKENS) - sorted(MAX_TOKENS)[0]
     assert graphed.runner.eager_steps["batch beyond the largest graph"] == sorted(MAX_TOKENS)[0] - 1
-    assert graphed.runner.eager_steps["prefill or routes"] == 1
+    assert graphed.runner.eager_steps["prefill"] == 1
 
 
 def test_graphs_are_off_where_unsupported(checkpoint: Path) -> None:
