@@ -124,6 +124,9 @@ class PagedAttention:
         self.scale = scale
         self.timer = timer
         self.plan: AttentionPlan | StaticPlan | None = None  # the step's, set before its forward
+        # Static steps overlap the query route with the home's local attention; off, they wait for the route first
+        # (what benchmarks compare).
+        self.overlap = True
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim). Stores the rows' K, V and returns the
@@ -152,6 +155,9 @@ class PagedAttention:
         with self.timer.section("cp_route"):  # the query rows travel while the home attends its local shards
             queries = routing.start_exchange(q[routes.query_src])
             kv = routing.start_exchange(torch.stack((k, v), dim=1)[routes.kv_src])
+            if not self.overlap:
+                queries.wait()
+                kv.wait()
         with self.timer.section("attention"):
             local_o, local_lse = self._decode(plan, 0, q, k_cache, v_cache)
         with self.timer.section("cp_route"):

@@ -51,8 +51,10 @@ class PendingExchange:
         self._work = work
 
     def wait(self) -> torch.Tensor:
+        """What peers sent; a second call returns it at once."""
         if self._work is not None:
             self._work.wait()
+            self._work = None
         return self._received
 
 
