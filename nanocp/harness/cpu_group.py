@@ -29,7 +29,7 @@ from nanocp.sim.metrics import percentile
 from nanocp.sim.shapes import SHAPES
 from nanocp.workload import TraceRequest, at_rate, fit_lengths, load_mooncake
 
-MOONCAKE_HEAD = Path(__file__).parent / "data" / "mooncake-head.jsonl"
+MOONCAKE_HEAD = Path(__file__).parents[1] / "sim" / "data" / "mooncake-head.jsonl"
 PAGE_SIZE = 16  # the worker's default
 MAX_STEP_TOKENS = 512  # the worker's default
 MAX_RUNNING = 64  # the worker's default
