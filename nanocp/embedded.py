@@ -29,6 +29,7 @@ from rich.table import Table
 
 from nanocp.client import AsyncClient, Client, NanocpError
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.model_config import load_model_config
 from nanocp.step_traces import request_trees, step_traces
 from nanocp.telemetry import tracing_unset
 from nanocp.trace_receiver import ReceivedSpan, TraceReceiver
@@ -37,6 +38,8 @@ from nanocp.worker.timing import WORK
 
 # `nanocp run` traces every so many steps: denser than a server's default, so a short demo traces a few dozen.
 TRACED_STEPS_EVERY = 4
+LATEST_IDS = 8  # token ids the streaming table shows a request, when its text is noise
+LATEST_CHARS = 32  # characters it shows otherwise
 
 
 @dataclass
@@ -52,11 +55,11 @@ class Stream:
     end: float | None = None
     tokens: int = 0
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     home: str = "-"
     holders: str = "-"  # instances holding its KV shards, in position order
     degree: int = 0
     finish: str = "queued"
-    tail: list[str] = field(default_factory=list)
 
     @property
     def ttft_ms(self) -> float:
@@ -163,13 +166,26 @@ def _wait_serving(address: str, num_workers: int, processes: list[subprocess.Pop
     raise TimeoutError(f"the router at {address} did not list {num_workers} ready worker(s) within {timeout:.0f} s")
 
 
-def _printable(text: str) -> str:
-    """Random weights sample arbitrary bytes: show control and broken characters as dots."""
-    return "".join(c if c.isprintable() and c != "\ufffd" else "·" for c in text)
+def has_random_weights(model: str) -> bool:
+    """Presets are built with seeded random weights (nanocp.worker.weights): what they sample is noise."""
+    return load_model_config(model).path is None
 
 
-def progress_table(streams: list[Stream]) -> Table:
-    table = Table("request", "prompt", "home", "CP", "KV on", "tokens", "latest text", "state", title="streaming")
+def _escaped(text: str) -> str:
+    """Control characters as escapes (\\n, \\x07), so the column stays one readable line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def latest_output(stream: Stream, random_weights: bool) -> str:
+    """What a person can read of the stream so far: its last token ids when the text is noise, else its text."""
+    if random_weights:
+        return " ".join(str(t) for t in stream.token_ids[-LATEST_IDS:])
+    return _escaped(stream.text[-LATEST_CHARS:])
+
+
+def progress_table(streams: list[Stream], random_weights: bool) -> Table:
+    latest = "latest token ids" if random_weights else "latest text"
+    table = Table("request", "prompt", "home", "CP", "KV on", "tokens", latest, "state", title="streaming")
     for s in streams:
         table.add_row(
             s.name,
@@ -178,7 +194,7 @@ def progress_table(streams: list[Stream]) -> Table:
             str(s.degree or "-"),
             s.holders,
             str(s.tokens),
-            _printable(s.text[-32:]),
+            latest_output(s, random_weights),
             s.finish,
         )
     return table
@@ -200,6 +216,7 @@ async def _run_stream(client: AsyncClient, stream: Stream, delay: float, seed: i
             stream.first_token = now
         stream.tokens += len(chunk.token_ids)
         stream.text += chunk.text
+        stream.token_ids += chunk.token_ids
         if chunk.finish_reason is not None:
             stream.finish = chunk.finish_reason
     stream.end = time.perf_counter()
@@ -216,18 +233,20 @@ async def _watch_load(client: AsyncClient, peaks: dict[str, tuple[int, float]], 
             await asyncio.wait_for(done.wait(), 0.05)
 
 
-async def drive(address: str, streams: list[Stream], console: Console, interval: float) -> dict[str, tuple[int, float]]:
+async def drive(
+    address: str, streams: list[Stream], console: Console, interval: float, random_weights: bool
+) -> dict[str, tuple[int, float]]:
     peaks: dict[str, tuple[int, float]] = {}
     async with AsyncClient(address) as client:
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch_load(client, peaks, done))
-        with Live(progress_table(streams), console=console, refresh_per_second=8) as live:
+        with Live(progress_table(streams, random_weights), console=console, refresh_per_second=8) as live:
             tasks = [_run_stream(client, s, i * interval, seed=i) for i, s in enumerate(streams)]
             runner = asyncio.gather(*tasks)
             while not runner.done():
-                live.update(progress_table(streams))
+                live.update(progress_table(streams, random_weights))
                 await asyncio.wait([runner], timeout=0.1)
-            live.update(progress_table(streams))
+            live.update(progress_table(streams, random_weights))
             runner.result()
         console.print()
         done.set()
@@ -356,10 +375,13 @@ def run(
     receiver = TraceReceiver.start() if tracing_unset() else None
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"} if receiver else {}
     worker_args = ("--step-spans-every", str(TRACED_STEPS_EVERY))
+    random_weights = has_random_weights(model)
+    if random_weights:
+        console.print(f"the {model} model's weights are random, so its text is noise: the table shows token ids")
     try:
         with local_cluster(model, num_workers, router_args, console, worker_args, env) as cluster:
             start = time.perf_counter()
-            peaks = asyncio.run(drive(cluster.router, streams, console, interval))
+            peaks = asyncio.run(drive(cluster.router, streams, console, interval, random_weights))
             wall = time.perf_counter() - start
             logs = asyncio.run(step_logs(cluster.workers))
         for table in summary(streams, peaks, wall):
