@@ -37,6 +37,7 @@ def free_ports(count: int) -> list[int]:
 class LocalCluster:
     router: str  # host:port
     workers: list[str]
+    pids: dict[str, int]  # by process: "router", and each worker's instance id (w0, w1, ...)
 
 
 @contextlib.contextmanager
@@ -53,32 +54,31 @@ def local_cluster(
     *worker_ports, router_port, rendezvous_port = free_ports(num_workers + 2)
     threads = max(1, (os.cpu_count() or 1) // num_workers)
     logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(name: str, *args: str) -> None:
         # Each process logs to its own file, so the live view stays readable.
         with open(logs / f"{name}.log", "wb") as log:
             command = [sys.executable, "-m", "nanocp", *args]
-            processes.append(
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-            )
+            environment = {**os.environ, **(env or {})}
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
 
     try:
         for i, port in enumerate(worker_ports):
             group = ["--rank", str(i), "--world-size", str(num_workers), "--master-port", str(rendezvous_port)]
             args = ["--model", model, "--port", str(port), "--instance-id", f"w{i}", "--threads", str(threads)]
-            start(f"worker-w{i}", "worker", *args, *group, *worker_args)
+            start(f"w{i}", "worker", *args, *group, *worker_args)
         workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
         start("router", "router", "--model", model, "--workers", workers, "--port", str(router_port), *router_args)
         address = f"127.0.0.1:{router_port}"
         with console.status(f"starting a group of {num_workers} worker(s) and a router on {model}"):
-            _wait_serving(address, num_workers, processes, timeout=120)
+            _wait_serving(address, num_workers, list(processes.values()), timeout=120)
         console.print(f"router on {address}, workers on {workers}; logs in {logs}")
-        yield LocalCluster(address, workers.split(","))
+        yield LocalCluster(address, workers.split(","), {name: p.pid for name, p in processes.items()})
     finally:
-        for process in processes:
+        for process in processes.values():
             process.terminate()
-        for process in processes:
+        for process in processes.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
