@@ -226,11 +226,12 @@ def calibration_section() -> str:
         )
         lines += [
             "",
-            "The simulator against the real 4-instance CPU group (`bench/sim_vs_cpu_group.py`, what "
-            "`tests/test_sim_calibration.py` checks within 35%): calibrated on fresh runs, then 24 requests it was "
-            f"not fitted on. Median error {100 * statistics.median(errors):.0f}%, largest {100 * max(errors):.0f}%. "
-            "A sitting whose calibration runs while something else loads the two cores and whose check runs after "
-            "it stops over-predicts every figure alike (by up to about 70%); the test then takes a second sitting.",
+            "The simulator against the real 4-instance CPU group (`bench/sim_vs_cpu_group.py`; "
+            "`tests/test_sim_calibration.py` holds the committed calibration to these measurements within 35%): "
+            "calibrated on fresh runs, then 24 requests it was not fitted on. Median error "
+            f"{100 * statistics.median(errors):.0f}%, largest {100 * max(errors):.0f}%. A sitting whose calibration "
+            "runs while something else loads the two cores and whose check runs after it stops over-predicts every "
+            "figure alike (by up to about 70%), which is why no test times the group.",
             "",
             table,
         ]

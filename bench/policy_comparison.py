@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from nanocp.client import AsyncClient
-from nanocp.embedded import local_cluster, step_logs
 from nanocp.harness.cpu_group import Latency, replay
 from nanocp.internal.v1 import worker_pb2
+from nanocp.local_cluster import local_cluster, step_logs
 from nanocp.router.cost import CostModel
 from nanocp.workload import TraceRequest, at_rate, describe, fit_lengths, load_mooncake
 

@@ -1,9 +1,10 @@
 """How close the CPU-calibrated simulator comes to the real 4-instance CPU group, run after run.
 
-What tests/test_sim_calibration.py checks, repeated: calibrate on fresh runs of the group (24 requests of the
-committed Mooncake head, under static and under dcp), then replay the next 24 requests on the group and in the
-simulator under static, dcp and uniform D = 4 (the router deciding with the simulator's cost model): mean group step
-and median TPOT, measured and simulated. Writes bench/results/sim_vs_cpu_group.json.
+A measurement, repeated, that no test on a shared machine can hold (tests/test_sim_calibration.py holds the committed
+calibration to its results instead): calibrate on fresh runs of the group (24 requests of the committed Mooncake
+head, under static and under dcp), then replay the next 24 requests on the group and in the simulator under static,
+dcp and uniform D = 4 (the router deciding with the simulator's cost model): mean group step and median TPOT,
+measured and simulated. Writes bench/results/sim_vs_cpu_group.json.
 
     .venv/bin/python bench/sim_vs_cpu_group.py [--repeats 3]
 """

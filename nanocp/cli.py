@@ -173,14 +173,23 @@ def _top(args: argparse.Namespace) -> None:
         asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps))
 
 
+# What `--model` takes, in every command that has it.
+MODEL_HELP = f"a preset ({', '.join(PRESETS)}) or a local Hugging Face Qwen3-MoE directory"
+Commands = argparse._SubParsersAction  # argparse's type of add_subparsers()'s result
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanocp", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level of the servers (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = f"a preset ({', '.join(PRESETS)}) or a local Hugging Face Qwen3-MoE directory"
+    for add in (_add_run, _add_worker, _add_router, _add_generate, _add_top, add_sim_parser):
+        add(commands)
+    return parser
 
+
+def _add_run(commands: Commands) -> None:
     run = commands.add_parser("run", help="start a router and workers locally and stream a mixed workload")
-    run.add_argument("--model", default="tiny", help=model_help)
+    run.add_argument("--model", default="tiny", help=MODEL_HELP)
     run.add_argument("--workers", type=int, default=4, help="instances in the decode group (default 4)")
     run.add_argument("--requests", type=int, default=10, help="requests in the workload (default 10)")
     run.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (default 4)")
@@ -192,8 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
+
+def _add_worker(commands: Commands) -> None:
     worker = commands.add_parser("worker", help="serve one decode instance (internal API)")
-    worker.add_argument("--model", default="tiny", help=model_help)
+    worker.add_argument("--model", default="tiny", help=MODEL_HELP)
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=50061)
     worker.add_argument("--instance-id", default="w0", help="the name the router shows for this instance")
@@ -241,8 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=_worker)
 
+
+def _add_router(commands: Commands) -> None:
     router = commands.add_parser("router", help="serve the public API in front of workers")
-    router.add_argument("--model", default="tiny", help=model_help + " (only config and tokenizer are read)")
+    router.add_argument("--model", default="tiny", help=MODEL_HELP + " (only config and tokenizer are read)")
     router.add_argument("--workers", default="", help="static discovery: comma-separated worker addresses, host:port")
     router.add_argument(
         "--discover",
@@ -290,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--queue-size", type=int, default=256, help="requests that may wait for KV memory")
     router.set_defaults(func=_router)
 
+
+def _add_generate(commands: Commands) -> None:
     generate = commands.add_parser("generate", help="stream one completion from a router")
     generate.add_argument("prompt", nargs="?", default="", help="prompt text")
     generate.add_argument("--token-ids", default="", help="comma-separated prompt token ids instead of text")
@@ -304,15 +319,14 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--ids", action="store_true", help="print token ids when there is no text")
     generate.set_defaults(func=_generate)
 
+
+def _add_top(commands: Commands) -> None:
     top = commands.add_parser("top", help="a live view of a cluster: KV occupancy, batch, step time, stragglers")
     top.add_argument("--router", default="127.0.0.1:50051")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.set_defaults(func=_top)
-
-    add_sim_parser(commands)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

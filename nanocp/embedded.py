@@ -10,33 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import grpc
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from nanocp.client import AsyncClient, Client, NanocpError
-from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.client import AsyncClient
+from nanocp.internal.v1 import worker_pb2
+from nanocp.local_cluster import local_cluster, step_logs
+from nanocp.model_config import load_model_config
 from nanocp.step_traces import request_trees, step_traces
 from nanocp.steps import WORK
 from nanocp.telemetry import tracing_unset
 from nanocp.trace_receiver import ReceivedSpan, TraceReceiver
-from nanocp.v1 import router_pb2
 
 # `nanocp run` traces every so many steps: denser than a server's default, so a short demo traces a few dozen.
 TRACED_STEPS_EVERY = 4
+LATEST_IDS = 8  # token ids the streaming table shows a request, when its text is noise
+LATEST_CHARS = 32  # characters it shows otherwise
 
 
 @dataclass
@@ -52,11 +48,11 @@ class Stream:
     end: float | None = None
     tokens: int = 0
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     home: str = "-"
     holders: str = "-"  # instances holding its KV shards, in position order
     degree: int = 0
     finish: str = "queued"
-    tail: list[str] = field(default_factory=list)
 
     @property
     def ttft_ms(self) -> float:
@@ -84,92 +80,26 @@ def workload(num_requests: int, long_every: int, long_tokens: int) -> list[Strea
     return streams
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+def has_random_weights(model: str) -> bool:
+    """Presets are built with seeded random weights (nanocp.worker.weights): what they sample is noise."""
+    return load_model_config(model).path is None
 
 
-@dataclass(frozen=True)
-class LocalCluster:
-    router: str  # host:port
-    workers: list[str]
+def _escaped(text: str) -> str:
+    """Control characters as escapes (\\n, \\x07), so the column stays one readable line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-@contextlib.contextmanager
-def local_cluster(
-    model: str,
-    num_workers: int,
-    router_args: list[str],
-    console: Console,
-    worker_args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
-) -> Iterator[LocalCluster]:
-    """Starts a decode group of workers and a router as child processes (with `env` added to this process's
-    environment); stops them all on exit."""
-    *worker_ports, router_port, rendezvous_port = free_ports(num_workers + 2)
-    threads = max(1, (os.cpu_count() or 1) // num_workers)
-    logs = Path(tempfile.mkdtemp(prefix="nanocp-run-"))
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> None:
-        # Each process logs to its own file, so the live view stays readable.
-        with open(logs / f"{name}.log", "wb") as log:
-            command = [sys.executable, "-m", "nanocp", *args]
-            processes.append(
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-            )
-
-    try:
-        for i, port in enumerate(worker_ports):
-            group = ["--rank", str(i), "--world-size", str(num_workers), "--master-port", str(rendezvous_port)]
-            args = ["--model", model, "--port", str(port), "--instance-id", f"w{i}", "--threads", str(threads)]
-            start(f"worker-w{i}", "worker", *args, *group, *worker_args)
-        workers = ",".join(f"127.0.0.1:{p}" for p in worker_ports)
-        start("router", "router", "--model", model, "--workers", workers, "--port", str(router_port), *router_args)
-        address = f"127.0.0.1:{router_port}"
-        with console.status(f"starting a group of {num_workers} worker(s) and a router on {model}"):
-            _wait_serving(address, num_workers, processes, timeout=120)
-        console.print(f"router on {address}, workers on {workers}; logs in {logs}")
-        yield LocalCluster(address, workers.split(","))
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def latest_output(stream: Stream, random_weights: bool) -> str:
+    """What a person can read of the stream so far: its last token ids when the text is noise, else its text."""
+    if random_weights:
+        return " ".join(str(t) for t in stream.token_ids[-LATEST_IDS:])
+    return _escaped(stream.text[-LATEST_CHARS:])
 
 
-def _wait_serving(address: str, num_workers: int, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """Waits until the router lists every worker as ready (which implies it serves), or fails fast on a crash."""
-    deadline = time.monotonic() + timeout
-    with Client(address, max_retries=0) as client:
-        while time.monotonic() < deadline:
-            dead = [p.args for p in processes if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"a process exited during start-up: {dead[0]!r}")
-            with contextlib.suppress(NanocpError):
-                instances = client.list_instances(timeout=1).instances
-                if sum(i.state == router_pb2.INSTANCE_STATE_READY for i in instances) == num_workers:
-                    return
-            time.sleep(0.2)
-    raise TimeoutError(f"the router at {address} did not list {num_workers} ready worker(s) within {timeout:.0f} s")
-
-
-def _printable(text: str) -> str:
-    """Random weights sample arbitrary bytes: show control and broken characters as dots."""
-    return "".join(c if c.isprintable() and c != "\ufffd" else "·" for c in text)
-
-
-def progress_table(streams: list[Stream]) -> Table:
-    table = Table("request", "prompt", "home", "CP", "KV on", "tokens", "latest text", "state", title="streaming")
+def progress_table(streams: list[Stream], random_weights: bool) -> Table:
+    latest = "latest token ids" if random_weights else "latest text"
+    table = Table("request", "prompt", "home", "CP", "KV on", "tokens", latest, "state", title="streaming")
     for s in streams:
         table.add_row(
             s.name,
@@ -178,7 +108,7 @@ def progress_table(streams: list[Stream]) -> Table:
             str(s.degree or "-"),
             s.holders,
             str(s.tokens),
-            _printable(s.text[-32:]),
+            latest_output(s, random_weights),
             s.finish,
         )
     return table
@@ -200,6 +130,7 @@ async def _run_stream(client: AsyncClient, stream: Stream, delay: float, seed: i
             stream.first_token = now
         stream.tokens += len(chunk.token_ids)
         stream.text += chunk.text
+        stream.token_ids += chunk.token_ids
         if chunk.finish_reason is not None:
             stream.finish = chunk.finish_reason
     stream.end = time.perf_counter()
@@ -216,18 +147,20 @@ async def _watch_load(client: AsyncClient, peaks: dict[str, tuple[int, float]], 
             await asyncio.wait_for(done.wait(), 0.05)
 
 
-async def drive(address: str, streams: list[Stream], console: Console, interval: float) -> dict[str, tuple[int, float]]:
+async def drive(
+    address: str, streams: list[Stream], console: Console, interval: float, random_weights: bool
+) -> dict[str, tuple[int, float]]:
     peaks: dict[str, tuple[int, float]] = {}
     async with AsyncClient(address) as client:
         done = asyncio.Event()
         watcher = asyncio.create_task(_watch_load(client, peaks, done))
-        with Live(progress_table(streams), console=console, refresh_per_second=8) as live:
+        with Live(progress_table(streams, random_weights), console=console, refresh_per_second=8) as live:
             tasks = [_run_stream(client, s, i * interval, seed=i) for i, s in enumerate(streams)]
             runner = asyncio.gather(*tasks)
             while not runner.done():
-                live.update(progress_table(streams))
+                live.update(progress_table(streams, random_weights))
                 await asyncio.wait([runner], timeout=0.1)
-            live.update(progress_table(streams))
+            live.update(progress_table(streams, random_weights))
             runner.result()
         console.print()
         done.set()
@@ -250,16 +183,6 @@ async def _wait_until_freed(client: AsyncClient, timeout: float) -> None:
                 f"KV pages still held {timeout:.0f} s after every request finished, on: {', '.join(held)}"
             )
         await asyncio.sleep(0.05)
-
-
-async def step_logs(workers: list[str]) -> list[list[worker_pb2.StepRecord]]:
-    """Every worker's step log (GetSteps), in the order given."""
-    logs = []
-    for address in workers:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            logs.append(list((await stub.GetSteps(worker_pb2.GetStepsRequest(after_step=0))).steps))
-    return logs
 
 
 def straggler_table(logs: list[list[worker_pb2.StepRecord]], names: list[str]) -> Table:
@@ -356,10 +279,13 @@ def run(
     receiver = TraceReceiver.start() if tracing_unset() else None
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"} if receiver else {}
     worker_args = ("--step-spans-every", str(TRACED_STEPS_EVERY))
+    random_weights = has_random_weights(model)
+    if random_weights:
+        console.print(f"the {model} model's weights are random, so its text is noise: the table shows token ids")
     try:
         with local_cluster(model, num_workers, router_args, console, worker_args, env) as cluster:
             start = time.perf_counter()
-            peaks = asyncio.run(drive(cluster.router, streams, console, interval))
+            peaks = asyncio.run(drive(cluster.router, streams, console, interval, random_weights))
             wall = time.perf_counter() - start
             logs = asyncio.run(step_logs(cluster.workers))
         for table in summary(streams, peaks, wall):

@@ -10,6 +10,8 @@ import sys
 
 from conftest import Cluster
 
+from nanocp.embedded import Stream, has_random_weights, latest_output
+
 
 def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> None:
     command = [sys.executable, "-m", "nanocp", "run", "--requests", "4", "--long-every", "2", "--long-tokens", "600"]
@@ -22,6 +24,7 @@ def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> N
     assert run.returncode == 0, err[-2000:]
     for expected in ("short-0", "long-1", "TTFT ms", "TPOT ms", "peak home batch", "stragglers", "back to empty"):
         assert expected in out
+    assert "weights are random, so its text is noise" in out and "latest token ids" in out
     # The traces the processes sent to the run's own OTLP receiver: group steps naming their slowest instance.
     assert "straggler traces" in out and "requests it slowed" in out
     try:
@@ -30,6 +33,13 @@ def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> N
         return
     os.killpg(run.pid, signal.SIGKILL)
     raise AssertionError("nanocp run left processes in its process group")
+
+
+def test_the_streaming_table_shows_token_ids_of_random_weights_and_escaped_text_of_real_ones() -> None:
+    stream = Stream("s", "prompt", 10, text="ab\ncd\x07", token_ids=list(range(10)))
+    assert has_random_weights("tiny")
+    assert latest_output(stream, random_weights=True) == "2 3 4 5 6 7 8 9", "the last eight"
+    assert latest_output(stream, random_weights=False) == "ab\\ncd\\x07"
 
 
 async def nanocp(*args: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from rich.console import Console
 
 from nanocp.client import Client
-from nanocp.embedded import local_cluster
+from nanocp.local_cluster import local_cluster
 from nanocp.step_traces import step_traces
 from nanocp.trace_receiver import ReceivedSpan, TraceReceiver
 

@@ -1,44 +1,80 @@
-"""The simulator against the real 4-instance CPU group, calibrated and checked in one sitting.
+"""The simulator against the real 4-instance CPU group: what can be checked without trusting the machine's clock.
 
-The group first replays 24 requests of the committed Mooncake head under static and under dcp, and the CPU fit (the
-one `nanocp sim calibrate` runs on bench/results/sim_cpu_steps.json) takes their step logs. Then it replays the next
-24 requests, which the fit never saw, under static and under dcp (same shard target, degree cap and cost model in the
-router as in the simulator), and the simulator replays them too. Calibrating here rather than trusting the committed
-coefficients is what makes the check meaningful on any machine: four worker processes share two cores with whatever
-else runs, and a busy machine stretches every step by a third or more. When the machine changes within the minute
-the sitting takes (another process starts), the check can miss; a second sitting, calibrated afresh, decides.
+How close a fresh calibration comes on this machine is a measurement, not a test: four worker processes share two
+cores with whatever else runs, and a machine that changes within the minute a sitting takes makes the fit miss by
+half (bench/results/sim_vs_cpu_group.json has such a repeat). bench/sim_vs_cpu_group.py measures it, run after run.
+What stays here:
 
-Tolerance: 35% on the mean group step and on the median TPOT. A step is mostly gloo latency and host work, a TPOT a
-few dozen such steps, some with another request's prefill chunk in them, and prefill attention's cost can only be
-estimated from the logs; bench/sim_vs_cpu_group.py records how close it usually lands (docs/evaluation.md shows it).
-35% still catches a model that forgets the CP route's latency (dcp's steps run 1.3-2 times static's here) or the
-prefill chunks.
+- The simulator, with the committed CPU calibration, replays the check workload within 35% of the mean group step
+  and the median TPOT that bench/sim_vs_cpu_group.py measured on the real group (the median over its repeats), and
+  dcp's steps exceed static's by the measured factor within 20%. Both sides are committed files, so this is exact
+  arithmetic: it fails when the simulator's code drifts from the group it models (forgets the CP route's latency,
+  dcp's steps run about 1.5 times static's, or the prefill chunks), never because the machine is busy.
+- The real group replays the check workload under dcp through the harness the calibration uses, and its step logs
+  hold what the CPU fit takes: steps every member logged, CP routes among them, every request streamed to its end.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
-from nanocp.harness.cpu_group import DCP, PAGES, check_workload, compare, fresh_calibration
+from nanocp.harness.cpu_group import DCP, PAGES, check_workload, cpu_cluster, router_args, run_cpu_group
+from nanocp.sim.calibration import RESULTS, Calibration, default_path
 from nanocp.sim.cluster import PolicySpec
+from nanocp.sim.loop import simulate
 
 TOLERANCE = 0.35
-SITTINGS = 2
+RATIO_TOLERANCE = 0.20
+POLICIES = [PolicySpec("static"), DCP, PolicySpec("uniform", 4)]
 
 
-def test_simulator_predicts_the_cpu_groups_step_time_and_tpot_within_35_percent(tmp_path: Path) -> None:
-    console = Console(quiet=True)
-    for sitting in range(SITTINGS):
-        work = tmp_path / str(sitting)
-        work.mkdir()
-        calibration = fresh_calibration(console, work)
-        comparisons = [
-            compare(check_workload(), p, calibration, PAGES, console, work) for p in (PolicySpec("static"), DCP)
-        ]
-        missed = [c for c in comparisons if any(abs(error) > TOLERANCE for error in c.errors().values())]
-        if not missed:
-            return
-    pytest.fail(f"in both sittings the simulator missed by more than {TOLERANCE:.0%}; the last: {missed}")
+def measured(policy: PolicySpec) -> dict[str, float]:
+    """The real group's mean step and median TPOT under `policy`, the median over the benchmark's repeats."""
+    rows = [
+        r for r in json.loads((RESULTS / "sim_vs_cpu_group.json").read_text())["rows"] if r["policy"] == policy.label
+    ]
+    assert rows, f"bench/results/sim_vs_cpu_group.json has no {policy.label} rows"
+    return {
+        "step": statistics.median(r["measured_step_ms"] for r in rows),
+        "tpot_p50": statistics.median(r["measured_tpot_p50_ms"] for r in rows),
+    }
+
+
+def simulated(policy: PolicySpec) -> dict[str, float]:
+    cluster = cpu_cluster(Calibration.load(default_path("cpu")), PAGES)
+    summary: dict[str, Any] = simulate(cluster, policy, check_workload(), max_tokens=None).summary()
+    return {"step": summary["step_ms_mean"], "tpot_p50": summary["tpot_p50_ms"]}
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.label)
+def test_the_committed_calibration_predicts_the_measured_group_within_35_percent(policy: PolicySpec) -> None:
+    real, model = measured(policy), simulated(policy)
+    errors = {name: model[name] / real[name] - 1 for name in real}
+    assert all(abs(e) <= TOLERANCE for e in errors.values()), (real, model)
+
+
+def test_the_simulator_charges_dcp_for_its_cp_routes_as_the_group_pays_them() -> None:
+    static = PolicySpec("static")
+    real = measured(DCP)["step"] / measured(static)["step"]
+    model = simulated(DCP)["step"] / simulated(static)["step"]
+    assert real > 1.2, "the measured group pays for CP routes"
+    assert abs(model / real - 1) <= RATIO_TOLERANCE, (real, model)
+
+
+def test_the_real_group_logs_the_steps_the_cpu_fit_takes(tmp_path: Path) -> None:
+    cost_model = tmp_path / "cost_model.json"
+    cpu_cluster(Calibration.load(default_path("cpu")), PAGES).step_model().router_cost().save(cost_model)
+    requests = check_workload()
+    run = run_cpu_group(requests, router_args(DCP, cost_model), PAGES, Console(quiet=True))
+
+    assert len(run.latency) == len(requests), "every request streamed to its end (a failed stream raises)"
+    samples = run.samples()
+    assert samples and all(len(group) == 4 for group in samples), "steps every member logged, in rank order"
+    assert all(len(instance) == 5 for group in samples for instance in group)
+    assert any(instance[2] > 0 for group in samples for instance in group), "dcp split the long prompts: CP routes"

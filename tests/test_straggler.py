@@ -9,28 +9,38 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from nanocp.harness.offline_group import OfflineRequest, run_group
+from nanocp.model_config import PRESETS
 from nanocp.worker.engine import EngineConfig
 from nanocp.worker.request import SamplingParams
 from nanocp.worker.timing import WORK, StepRecord, Straggler, exchange_row
 
 CONFIG = EngineConfig(page_size=8, num_pages=128, max_step_tokens=64, max_running=8)
+# Rank 1 sleeps this long in the planted section of each layer. With two members the median is their mean, so a
+# verdict's margin is half the planted difference: PLANTED_S a step on the tiny model's two layers. Another process
+# may deschedule either rank for 10-200 ms at any moment (CI shares its cores), and a step's verdict flips only when
+# such a pause, in one step and at the wrong place, outweighs that margin: rank 0 held up in its own work, rank 1
+# in its host work, or rank 1 waiting for a paused rank 0 at a route (a "routing" verdict). 0.4 s is twice the
+# longest pause we allow for, and the check below needs a majority of steps, each flipped by such a pause, to fail.
+PLANTED_S = 0.4
+LAYERS = PRESETS["tiny"].num_layers
+STEPS = 6  # tokens a request: one step each, the first with the prefill
 
 
 @pytest.mark.parametrize(("section", "cause"), [("attention", "attention"), ("moe_compute", "moe")])
 def test_an_instance_slowed_on_purpose_is_named_with_the_right_cause_in_verdicts_spans_and_metrics(
     section: str, cause: str
 ) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
     requests = [[OfflineRequest(f"r{rank}-{i}", [1 + i, 2, 3], params) for i in range(2)] for rank in range(2)]
-    delays: list[dict[str, float]] = [{}, {section: 0.02}]  # rank 1 sleeps 20 ms in the section, each layer
+    delays: list[dict[str, float]] = [{}, {section: PLANTED_S}]
     results = run_group("tiny", CONFIG, requests, timing=True, delays=delays, metrics=True, step_spans_every=1)
     marked = [[r.straggler for r in rank.steps if r.straggler is not None] for rank in results]
-    assert len(marked[0]) >= 8, "every step but the last is judged once the next exchange arrives"
+    assert len(marked[0]) >= STEPS - 1, "every step but the last is judged once the next exchange arrives"
     assert marked[0] == marked[1], "both members reach the same verdict"
-    # With two members the median is their mean, so the slowest's ratio stays below 2. On shared cores a member is
-    # sometimes descheduled, and that step is rightly judged a host delay: the planted cause must win most steps.
+    # The slowest's ratio stays below 2 with two members; near 2 when the planted sleep dominates its step. A step
+    # whose verdict a pause flipped (see PLANTED_S) is rightly judged otherwise, so a majority, not all, must name it.
     named = [s for s in marked[0] if s.rank == 1 and s.cause == cause and s.ratio > 1.2]
-    assert len(named) >= 0.8 * len(marked[0]), marked[0]
+    assert 2 * len(named) > len(marked[0]), marked[0]
 
     # Spans: rank 0's group span of each judged step carries the verdict; both members' step spans hang beneath it.
     group_spans = spans_named(results[0].spans, "group_step tiny")
@@ -48,7 +58,8 @@ def test_an_instance_slowed_on_purpose_is_named_with_the_right_cause_in_verdicts
             assert child["attributes"]["nanocp.slowest"] == (group["attributes"]["nanocp.straggler.rank"] == rank)
     slowed = [c for c in spans_named(results[1].spans, "instance_step tiny") if c["attributes"]["nanocp.slowest"]]
     planted = "attention" if cause == "attention" else "moe"
-    assert all(c["attributes"][f"nanocp.step.{planted}_ms"] > 2 * 20 for c in slowed), "two layers of 20 ms"
+    # A sleep never ends early, so this holds however busy the machine is.
+    assert all(c["attributes"][f"nanocp.step.{planted}_ms"] >= LAYERS * PLANTED_S * 1e3 for c in slowed)
 
     # Metrics: rank 0 counts the slow rank's steps by cause, with exemplars pointing at the group steps' traces.
     (slowest,) = [

@@ -1,5 +1,5 @@
-"""The real thing the simulator is checked against: a group of CPU workers and a router (nanocp.embedded) replaying
-a workload through the SDK, with every worker's step log.
+"""The real thing the simulator is checked against: a group of CPU workers and a router (nanocp.local_cluster)
+replaying a workload through the SDK, with every worker's step log.
 
 The workload is a head of the Mooncake trace (nanocp/sim/data/mooncake-head.jsonl: the first 300 requests of the
 public Mooncake synthetic trace, Apache-2.0, hash ids dropped) with prompts divided to fit the tiny model's context,
@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from nanocp.client import AsyncClient
-from nanocp.embedded import local_cluster, step_logs
+from nanocp.local_cluster import local_cluster, step_logs
 from nanocp.sim.calibration import RESULTS, Calibration, fit_cpu_steps
 from nanocp.sim.cluster import Cluster, PolicySpec
 from nanocp.sim.data import MOONCAKE_HEAD, calibration_path
