@@ -11,8 +11,7 @@ from nanocp.placement import Footprint, Placement, check_growth, check_shards, s
 from nanocp.router.accounting import Ledger
 from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies import make_policy
-from nanocp.worker.kv_cache import PagePool
-from nanocp.worker.shards import ShardStore
+from nanocp.worker.kv_cache import PagePool, ShardStore
 
 PAGE = 16
 MAX_DEGREE = 3

@@ -4,11 +4,10 @@ holder: nothing in the forward has to read a size back from the device."""
 from __future__ import annotations
 
 from nanocp.placement import Shard
-from nanocp.worker.kv_cache import PagePool
+from nanocp.worker.kv_cache import PagePool, ShardStore
 from nanocp.worker.planner import Meta, StepPlanner
 from nanocp.worker.request import Request, SamplingParams
 from nanocp.worker.scheduler import Chunk
-from nanocp.worker.shards import ShardStore
 
 PAGE = 4
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from nanocp.worker.model_runner import reference_filter, sample, uniform
+from nanocp.worker.planner import SamplingRows
 from nanocp.worker.request import SamplingParams
-from nanocp.worker.sampler import SamplingRows, reference_filter, sample, uniform
 
 
 def rows(params: list[SamplingParams], seeds: list[int], draws: list[int]) -> SamplingRows:

@@ -11,7 +11,7 @@ from types import ModuleType
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "token_path.py"
 # The path today is 33 files, the same in every run, idle or on a busy machine (the script keeps what both measured
 # requests ran); 2 more for luck. The engine's reshaping aims at about 12 on the engine side: lower this as it lands.
-MAX_FILES = 35
+MAX_FILES = 34
 
 
 def token_path() -> ModuleType:

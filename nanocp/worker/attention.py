@@ -25,7 +25,6 @@ from nanocp import kernels
 from nanocp.kernels import AttentionMetadata
 from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.worker import routing
-from nanocp.worker.comm import Route
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.timing import StepTimer
 
@@ -42,8 +41,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class CPRoutes:
-    queries: Route  # home rows out to holders; partials back along the same route
-    kv: Route  # K, V rows out to remote tails
+    queries: routing.Route  # home rows out to holders; partials back along the same route
+    kv: routing.Route  # K, V rows out to remote tails
     query_send: torch.Tensor  # home rows to send, ordered by holder
     kv_send: torch.Tensor  # home rows whose K, V go to a remote tail, ordered by holder
     kv_slots: torch.Tensor  # slots of the received K, V rows here

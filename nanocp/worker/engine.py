@@ -21,17 +21,16 @@ import torch
 
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.placement import Shard, check_growth, check_shards, covered_tokens
-from nanocp.worker.admission import Admission
 from nanocp.worker.config import EngineConfig
 from nanocp.worker.cuda_graphs import unsupported
-from nanocp.worker.exchange import StepExchange
-from nanocp.worker.group import Group
+from nanocp.worker.group import Group, StepExchange
 from nanocp.worker.group_spec import GroupSpec
-from nanocp.worker.kv_cache import KVCache
+from nanocp.worker.kv_cache import KVCache, ShardStore
 from nanocp.worker.model import ExpertShard, Qwen3Moe
 from nanocp.worker.model_runner import ModelRunner
 from nanocp.worker.planner import StepInputs, StepPlanner
 from nanocp.worker.request import (
+    Admission,
     EngineLoad,
     FinishReason,
     OutputCallback,
@@ -40,7 +39,6 @@ from nanocp.worker.request import (
     SamplingParams,
 )
 from nanocp.worker.scheduler import Chunk, Scheduler
-from nanocp.worker.shards import ShardStore
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
 

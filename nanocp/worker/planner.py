@@ -4,22 +4,67 @@ In two halves around the step's exchange. `outgoing` (at the home) lists, per sc
 rows attend and announces the remote ones to their holders as metadata rows. `build` (at every instance) opens the
 shards it is told about, takes their pages, and lays out the attention segments, KV slots and routes. Every size a
 route needs comes from these host-side lists: nothing is read back from the device.
+
+A decode step of the whole group may instead be laid out at a graph bucket's fixed shapes (`static_plan`): the
+`StaticPlan` a CUDA graph replays, or a CPU step runs eagerly to test the same layout.
+
+Home row r is the step's r-th decode; rows past the step's decodes are padding. With CP routes, the i-th query row
+this home sends to peer p takes slot p * rows + i of the query route (and its K, V, when p holds the tail, the next
+slot of p's share of the K, V route); at a holder, the i-th metadata row from peer p is receive slot p * rows + i.
+Every attention row is one segment of its decode's metadata; a padding row attends one token of page 0.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
+from nanocp.kernels import AttentionMetadata
 from nanocp.placement import shard_ends
-from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan
-from nanocp.worker.comm import Route
-from nanocp.worker.sampler import SamplingRows
+from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan, StaticRoutes
+from nanocp.worker.kv_cache import ShardStore
+from nanocp.worker.request import SamplingParams
+from nanocp.worker.routing import Route
 from nanocp.worker.scheduler import Chunk
-from nanocp.worker.shards import ShardStore
-from nanocp.worker.static_layout import static_plan
-from nanocp.worker.step_meta import Attend, Meta, MetaRow, free_row
+
+
+class Meta(enum.IntEnum):
+    """Columns of a metadata row, one per (request, shard) a home's rows attend on a remote holder this step."""
+
+    KEY = 0
+    SHARD = 1
+    QUOTA = 2
+    ROWS = 3  # query rows sent
+    KV_LEN = 4  # shard tokens attended, after this step's K, V are stored
+    APPENDS = 5  # 1 when the rows' K, V are sent too (the shard is their tail)
+    CAUSAL = 6
+    FREE = 7  # 1: the request ended, free its shards (the other columns are unused)
+
+
+MetaRow = list[int]  # len(Meta) integers
+
+
+@dataclass(frozen=True)
+class Attend:
+    """A chunk's query rows attending one of its request's shards."""
+
+    first_row: int  # the chunk's first row among this step's home rows
+    rows: int
+    key: int
+    shard: int
+    quota: int
+    kv_len: int
+    tail: bool  # the rows' K, V go here, and the mask is causal
+    holder: int
+
+    def meta(self) -> MetaRow:
+        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0]
+
+
+def free_row(key: int) -> MetaRow:
+    return [key, 0, 0, 0, 0, 0, 0, 1]
 
 
 @dataclass(frozen=True)
@@ -32,6 +77,19 @@ class Outgoing:
     def remote(self) -> list[Attend]:
         """The attends on other holders, ordered by holder: the order their rows are sent in."""
         return sorted((a for a in self.attends if a.holder != self.rank), key=lambda a: a.holder)
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """The settings of a step's sampling rows, in row order."""
+
+    params: list[SamplingParams]
+    seeds: list[int]  # per row, the request's seed (its own, or one the engine drew)
+    draws: list[int]  # per row, the index of the token being drawn: the request's output length so far
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
 
 
 @dataclass
@@ -106,10 +164,10 @@ class StepPlanner:
         requests = [c.request for c in sampling_chunks]
         local_kv = sum(a.kv_len for a in out.attends if a.holder == self.rank)
         return StepInputs(
-            self._tensor(token_ids),
-            self._tensor(positions),
+            _int64(token_ids, self.device),
+            _int64(positions, self.device),
             plan,
-            self._tensor(sample_rows),
+            _int64(sample_rows, self.device),
             sampling_chunks,
             SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
             kv_tokens_read=local_kv + sum(row[Meta.KV_LEN] for rows in attending for row in rows),
@@ -133,13 +191,13 @@ class StepPlanner:
             routes = CPRoutes(
                 queries=Route(*self._row_counts(out, attending, tails_only=False)),
                 kv=Route(*self._row_counts(out, attending, tails_only=True)),
-                query_send=self._tensor(query_send),
-                kv_send=self._tensor(kv_send),
-                kv_slots=self._tensor(kv_slots),
-                partial_back=self._tensor(partial_back),
+                query_send=_int64(query_send, self.device),
+                kv_send=_int64(kv_send, self.device),
+                kv_slots=_int64(kv_slots, self.device),
+                partial_back=_int64(partial_back, self.device),
             )
-        merge = self._tensor([i for part in merge_index for i in part]).view(len(merge_index), home_rows)
-        return AttentionPlan(home_rows, self._tensor(local_slots), segments, self.store.page_size, merge, routes)
+        merge = _int64([i for part in merge_index for i in part], self.device).view(len(merge_index), home_rows)
+        return AttentionPlan(home_rows, _int64(local_slots, self.device), segments, self.store.page_size, merge, routes)
 
     def _local_segments(self, out: Outgoing, local_slots: list[int]) -> list[Segment]:
         """The home's rows over shards held here; the slots of the rows whose tail is here go into local_slots."""
@@ -182,9 +240,6 @@ class StepPlanner:
             sent[a.holder] += a.rows if a.tail or not tails_only else 0
         got = [sum(row[Meta.ROWS] * (row[Meta.APPENDS] if tails_only else 1) for row in rows) for rows in attending]
         return sent, got
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
 
 def _home_rows(chunks: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
@@ -229,3 +284,90 @@ def _merge_layout(
     empty = partial + len(query_send)
     width = max((len(p) for p in parts), default=1) or 1
     return [[p[i] if i < len(p) else empty for p in parts] for i in range(width)], partial_back
+
+
+# A static step's layout (what a CUDA graph replays).
+
+PAD_PAGE = 0
+
+
+def static_plan(
+    attends: list[Attend],
+    attending: list[list[MetaRow]],
+    store: ShardStore,
+    rank: int,
+    peers: int,
+    rows: int,
+    cp_routes: bool,
+    device: str,
+) -> StaticPlan:
+    """attends: the home's, in row order (one row a decode); attending: the metadata rows from each peer."""
+    local = [_padding()] * rows
+    local_slots = [-1] * rows
+    for a in attends:
+        if a.holder != rank:
+            continue
+        store.open(a.key, a.shard, a.quota)
+        local[a.first_row] = (store.pages_for(a.key, a.shard, a.kv_len), a.kv_len)
+        if a.tail:
+            local_slots[a.first_row] = store.slots(a.key, a.shard, a.kv_len - 1, 1)[0]
+    plan = StaticPlan(rows, _int64(local_slots, device), _metadata(local, store.page_size, device))
+    if not cp_routes:
+        return plan
+    received = [_padding()] * (peers * rows)
+    kv_slots = [-1] * (peers * rows)
+    for peer, meta_rows in enumerate(attending):
+        appended = 0
+        for i, (key, shard, quota, _, kv_len, appends, _, _) in enumerate(meta_rows):
+            store.open(key, shard, quota)
+            received[peer * rows + i] = (store.pages_for(key, shard, kv_len), kv_len)
+            if appends:
+                kv_slots[peer * rows + appended] = store.slots(key, shard, kv_len - 1, 1)[0]
+                appended += 1
+    plan.routes = _routes(attends, rank, peers, rows, kv_slots, device)
+    plan.received = _metadata(received, store.page_size, device)
+    return plan
+
+
+def _routes(attends: list[Attend], rank: int, peers: int, rows: int, kv_slots: list[int], device: str) -> StaticRoutes:
+    query_src, kv_src = [0] * (peers * rows), [0] * (peers * rows)
+    returned, empty = rows + peers * rows, rows + 2 * peers * rows  # offsets in [local; received; returned; empty]
+    parts: list[list[int]] = [[r] for r in range(rows)]  # a row attends its local shard, or it is padding...
+    has_local = {a.first_row for a in attends if a.holder == rank}
+    for r in range(rows):
+        if r not in has_local and any(a.first_row == r for a in attends):
+            parts[r] = []  # ...unless its shards are all elsewhere
+    sent, sent_kv = [0] * peers, [0] * peers
+    for a in sorted((a for a in attends if a.holder != rank), key=lambda a: a.holder):
+        slot = a.holder * rows + sent[a.holder]
+        sent[a.holder] += 1
+        query_src[slot] = a.first_row
+        parts[a.first_row].append(returned + slot)
+        if a.tail:
+            kv_src[a.holder * rows + sent_kv[a.holder]] = a.first_row
+            sent_kv[a.holder] += 1
+    merge = [[p[i] if i < len(p) else empty for p in parts] for i in range(peers)]
+    return StaticRoutes(
+        _int64(query_src, device),
+        _int64(kv_src, device),
+        _int64(kv_slots, device),
+        _int64([i for part in merge for i in part], device).view(peers, rows),
+    )
+
+
+def _padding() -> tuple[list[int], int]:
+    return [PAD_PAGE], 1
+
+
+def _metadata(segments: list[tuple[list[int], int]], page_size: int, device: str) -> AttentionMetadata:
+    """One single-row segment per attention row."""
+    page_indptr = [0]
+    for pages, _ in segments:
+        page_indptr.append(page_indptr[-1] + len(pages))
+    indices = _int64([p for pages, _ in segments for p in pages], device)
+    qo_indptr = list(range(len(segments) + 1))
+    return AttentionMetadata(qo_indptr, page_indptr, indices, [n for _, n in segments], page_size, causal=False)
+
+
+def _int64(values: list[int], device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)

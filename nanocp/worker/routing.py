@@ -1,4 +1,9 @@
-"""The routing layer of a group's step: rows to peers through per-peer buffers of a fixed capacity, and back.
+"""The routing layer of a group's step: rows to peers and back, through one all-to-all per route.
+
+Two transports share it. `Route` moves exactly the rows that travel, by per-peer counts the host knows from the step
+plan (variable splits): eager steps' CP routes, whose sizes the step's metadata exchange told every holder before
+the step. `FixedRoute` moves per-peer buffers of a fixed capacity: the MoE dispatch and combine, and every route of
+a static (graphed) step.
 
 Every route of a step (MoE dispatch and combine, CP query rows, remote K, V, partials back) writes its rows into a
 send buffer of `peers x capacity` slots: a row bound for peer p takes slot p * capacity + i, i its rank among the
@@ -16,6 +21,8 @@ all-to-all (torch symmetric memory's all_to_all_vdev, which moves valid rows onl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -31,6 +38,30 @@ def slots_by_destination(destinations: torch.Tensor, peers: int, capacity: int) 
     one_hot = (destinations[:, None] == torch.arange(peers, device=destinations.device)).to(torch.int64)
     rank_there = (one_hot.cumsum(dim=0) - one_hot).mul_(one_hot).sum(dim=1)
     return destinations * capacity + rank_there
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who sends how many rows to whom, as seen from one instance; used both ways."""
+
+    send_rows: list[int]  # rows to each peer, in peer order
+    recv_rows: list[int]  # rows from each peer
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: (sum(send_rows), ...) ordered by destination; returns what peers sent us, ordered by source."""
+        return _move(rows, self.send_rows, self.recv_rows)
+
+    def backward(self, rows: torch.Tensor) -> torch.Tensor:
+        """The way back: rows in the order `forward` returned them go home, arriving in the order they were sent."""
+        return _move(rows, self.recv_rows, self.send_rows)
+
+
+def _move(rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    if not grouped():
+        return rows
+    out = rows.new_empty((sum(recv), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv, send)
+    return out
 
 
 def exchange(buffer: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanocp.placement import shard_ends
+from nanocp.worker.kv_cache import ShardStore
 from nanocp.worker.request import Request
-from nanocp.worker.shards import ShardStore
 
 
 @dataclass(frozen=True)

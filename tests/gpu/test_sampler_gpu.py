@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanocp.worker.model_runner import _filter, reference_filter, sample, uniform
+from nanocp.worker.planner import SamplingRows
 from nanocp.worker.request import SamplingParams
-from nanocp.worker.sampler import SamplingRows, _filter, reference_filter, sample, uniform
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
