@@ -9,6 +9,8 @@ device tensor.
 An idle group sleeps on a doorbell instead of spinning: a key in the rendezvous store that the instance which
 receives new work sets. Sleeping instances also wake every `idle_check_s` for an empty step, so a peer that died
 while the group was idle is noticed within about that long.
+
+Every step begins with the group's agreement (`StepExchange`) on the control group.
 """
 
 from __future__ import annotations
@@ -153,6 +155,16 @@ class Agreement:
 
 
 class StepExchange:
+    """The group's agreement at the start of every step, over the control group (host memory, no device read).
+
+    One all-gather carries every member's row: its home tokens, the query rows it routes, whether its step is all
+    decodes, how many metadata rows it has for each peer, and the work breakdown of its last timed step. From it every
+    member learns whether the group steps at all, whether any CP route runs, whether the step may take a graph bucket
+    (and which: the largest home batch decides), how many metadata rows to expect from whom, and (at no extra
+    collective) which member was slowest last step and why. Then one route over the control group carries the
+    metadata rows: per (request, shard) a home's rows attend on a remote holder, and the frees of ended requests.
+    """
+
     def __init__(self, group: Group, steps: StepLog, timer: StepTimer, on_verdict: Verdict) -> None:
         self.group = group
         self.steps = steps
