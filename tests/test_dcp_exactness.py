@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanocp.harness.offline_group import OfflineRequest, run_group
+from nanocp.harness.offline_group import OfflineRequest, run_alone, run_group
 from nanocp.placement import Footprint, Shard
 from nanocp.worker.engine import Engine, EngineConfig
-from nanocp.worker.request import RequestOutput, SamplingParams
+from nanocp.worker.request import SamplingParams
 
 PAGE = 8
 CONFIG = EngineConfig(page_size=PAGE, num_pages=256, max_step_tokens=48, max_running=8)
@@ -42,16 +42,8 @@ def requests() -> list[tuple[list[int], SamplingParams]]:
 
 @pytest.fixture(scope="module")
 def single_instance(requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
-    engine = Engine.from_spec("tiny", CONFIG)
-    tokens: dict[str, list[int]] = {}
-
-    def collect(out: RequestOutput) -> None:
-        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-
-    for i, (prompt, params) in enumerate(requests):
-        engine.add_request(f"r{i}", prompt, params, collect)
-    while engine.step():
-        pass
+    offline = [OfflineRequest(f"r{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
+    tokens = run_alone(Engine.from_spec("tiny", CONFIG), offline)
     return [tokens[f"r{i}"] for i in range(len(requests))]
 
 

@@ -13,11 +13,11 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 from nanocp.checkpoint import write_random_checkpoint
-from nanocp.harness.offline_group import OfflineRequest, run_group
+from nanocp.harness.offline_group import OfflineRequest, run_alone, run_group
 from nanocp.model_config import ModelConfigError, load_model_config
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.model import ExpertShard
-from nanocp.worker.request import RequestOutput, SamplingParams
+from nanocp.worker.request import SamplingParams
 from nanocp.worker.weights import build_model
 
 CONFIG = EngineConfig(page_size=8, num_pages=128, max_step_tokens=32, max_running=8)  # prefill is chunked
@@ -45,17 +45,7 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def single_instance(checkpoint: Path, requests: list[OfflineRequest]) -> dict[str, list[int]]:
-    engine = Engine.from_spec(str(checkpoint), CONFIG)
-    tokens: dict[str, list[int]] = {}
-
-    def collect(out: RequestOutput) -> None:
-        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-
-    for r in requests:
-        engine.add_request(r.request_id, r.prompt, r.params, collect)
-    while engine.step():
-        pass
-    return tokens
+    return run_alone(Engine.from_spec(str(checkpoint), CONFIG), requests)
 
 
 def test_single_instance_matches_transformers(

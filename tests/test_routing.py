@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanocp.harness.offline_group import OfflineRequest, run_group
+from nanocp.harness.offline_group import OfflineRequest, run_alone, run_group
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.model import SparseMoE
-from nanocp.worker.request import RequestOutput, SamplingParams
+from nanocp.worker.request import SamplingParams
 from nanocp.worker.routing import FixedRoute, slots_by_destination
 
 Routed = tuple[torch.Tensor, torch.Tensor]
@@ -75,14 +75,6 @@ def test_adversarial_expert_routing_never_overflows_and_equals_one_instance() ->
     results = run_group("tiny", CONFIG, [requests[:3], requests[3:]], setup=all_tokens_to_the_first_experts)
     lone = Engine.from_spec("tiny", CONFIG)
     all_tokens_to_the_first_experts(lone)
-    tokens: dict[str, list[int]] = {}
-
-    def collect(out: RequestOutput) -> None:
-        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-
-    for r in requests:
-        lone.add_request(r.request_id, r.prompt, r.params, collect)
-    while lone.step():
-        pass
+    tokens = run_alone(lone, requests)
     assert {**results[0].tokens, **results[1].tokens} == tokens
     assert all(len(t) == 10 for t in tokens.values())

@@ -52,6 +52,20 @@ class RankResult:
     error: str | None = None
 
 
+def run_alone(engine: Engine, requests: list[OfflineRequest]) -> dict[str, list[int]]:
+    """Runs the requests on one engine in this process until all finish; each request's tokens."""
+    tokens: dict[str, list[int]] = {}
+
+    def collect(out: RequestOutput) -> None:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    for r in requests:
+        engine.add_request(r.request_id, r.prompt, r.params, collect, r.shards)
+    while engine.step():
+        pass
+    return tokens
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
