@@ -25,8 +25,9 @@ import pytest
 from rich.console import Console
 
 from nanocp.harness.cpu_group import DCP, PAGES, check_workload, cpu_cluster, router_args, run_cpu_group
-from nanocp.sim.calibration import RESULTS, Calibration, default_path
+from nanocp.sim.calibration import RESULTS, Calibration
 from nanocp.sim.cluster import PolicySpec
+from nanocp.sim.data import calibration_path
 from nanocp.sim.loop import simulate
 
 TOLERANCE = 0.35
@@ -47,7 +48,7 @@ def measured(policy: PolicySpec) -> dict[str, float]:
 
 
 def simulated(policy: PolicySpec) -> dict[str, float]:
-    cluster = cpu_cluster(Calibration.load(default_path("cpu")), PAGES)
+    cluster = cpu_cluster(Calibration.load(calibration_path("cpu")), PAGES)
     summary: dict[str, Any] = simulate(cluster, policy, check_workload(), max_tokens=None).summary()
     return {"step": summary["step_ms_mean"], "tpot_p50": summary["tpot_p50_ms"]}
 
@@ -69,7 +70,7 @@ def test_the_simulator_charges_dcp_for_its_cp_routes_as_the_group_pays_them() ->
 
 def test_the_real_group_logs_the_steps_the_cpu_fit_takes(tmp_path: Path) -> None:
     cost_model = tmp_path / "cost_model.json"
-    cpu_cluster(Calibration.load(default_path("cpu")), PAGES).step_model().router_cost().save(cost_model)
+    cpu_cluster(Calibration.load(calibration_path("cpu")), PAGES).step_model().router_cost().save(cost_model)
     requests = check_workload()
     run = run_cpu_group(requests, router_args(DCP, cost_model), PAGES, Console(quiet=True))
 
