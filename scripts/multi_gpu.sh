@@ -49,10 +49,20 @@ else
 fi
 
 status=0
+# Runs a part under timeout, which leads a process group of its own (it kills the whole group when time runs out);
+# whatever of that group is left when the part ends (a worker whose test failed) is ended by the group's id.
+part() {
+    local limit=$1
+    shift
+    timeout -k 10 "$limit" "$@" &
+    local pid=$!
+    wait "$pid" || status=$?
+    kill -KILL -- "-$pid" 2>/dev/null || true
+}
 if [ "$what" = all ] || [ "$what" = tests ]; then
-    timeout -k 10 "$tests_timeout" "$python" -m pytest "${tests_args[@]}" tests/gpu/multi || status=$?
+    part "$tests_timeout" "$python" -m pytest "${tests_args[@]}" tests/gpu/multi
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-    timeout -k 10 "$bench_timeout" "$python" bench/group_step_gpu.py "${bench_args[@]}" "$@" || status=$?
+    part "$bench_timeout" "$python" bench/group_step_gpu.py "${bench_args[@]}" "$@"
 fi
 exit "$status"
