@@ -6,19 +6,25 @@
 # the machine's GPU count are skipped. Every rank of a group is its own process on its own GPU (rank r on cuda:r,
 # NCCL between them) and leaves with os._exit after a barrier; each part runs under `timeout`.
 #
-#   scripts/multi_gpu.sh KIND [all|tests|bench] [bench flags...]
-#   scripts/multi_gpu.sh nvidia-h200-x4                 # both, results in bench/results/group_step_gpu_KIND.json
-#   scripts/multi_gpu.sh nvidia-h200-x4 bench --sizes 2 # the bench alone, groups of 2 only
-#   scripts/multi_gpu.sh cpu                            # the same plumbing on CPU processes (gloo), results to /tmp
+#   scripts/multi_gpu.sh KIND [all|tests|bench] [flags of that part...]
+#   scripts/multi_gpu.sh nvidia-h200-x4                    # both, results in bench/results/group_step_gpu_KIND.json
+#   scripts/multi_gpu.sh nvidia-h200-x4 tests -k 4-gpus    # the tests alone, groups of 4 only (pytest flags)
+#   scripts/multi_gpu.sh nvidia-h200-x4 bench --sizes 2    # the bench alone, groups of 2 only (its flags)
+#   scripts/multi_gpu.sh cpu                               # the same plumbing on CPU processes (gloo), results to /tmp
 #
 # On the project's device machine carry .gpu, nanocp/v1 and nanocp/internal (README, "GPUs"); .gpu's archives are
 # unpacked here on first use. TESTS_TIMEOUT_S and BENCH_TIMEOUT_S bound each part (default 540 s each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-kind=${1:?usage: scripts/multi_gpu.sh KIND [all|tests|bench] [bench flags...]}
+kind=${1:?usage: scripts/multi_gpu.sh KIND [all|tests|bench] [flags of that part...]}
 what=${2:-all}
 shift $(($# < 2 ? $# : 2))
+case "$what" in
+    all) [ $# -eq 0 ] || { echo "scripts/multi_gpu.sh: flags go to one part: tests or bench" >&2; exit 2; } ;;
+    tests | bench) ;;
+    *) echo "scripts/multi_gpu.sh: the part is all, tests or bench, not $what" >&2; exit 2 ;;
+esac
 tests_timeout=${TESTS_TIMEOUT_S:-540}
 bench_timeout=${BENCH_TIMEOUT_S:-540}
 
@@ -60,7 +66,7 @@ part() {
     kill -KILL -- "-$pid" 2>/dev/null || true
 }
 if [ "$what" = all ] || [ "$what" = tests ]; then
-    part "$tests_timeout" "$python" -m pytest "${tests_args[@]}" tests/gpu/multi
+    part "$tests_timeout" "$python" -m pytest "${tests_args[@]}" tests/gpu/multi "$@"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     part "$bench_timeout" "$python" bench/group_step_gpu.py "${bench_args[@]}" "$@"
