@@ -150,7 +150,13 @@ class ProcessGroup:
     processes: list[subprocess.Popen[bytes]]
 
     @classmethod
-    def start(cls, ports: list[int]) -> ProcessGroup:
+    def start(
+        cls,
+        ports: list[int],
+        worker_args: Callable[[int], list[str]] = lambda rank: [],
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    ) -> ProcessGroup:
+        """worker_args(rank): more flags for that rank's worker (a GPU group gives each rank its own device)."""
         rendezvous = str(free_port())
         logs = Path(tempfile.mkdtemp(prefix="nanocp-group-"))
         processes = []
@@ -158,7 +164,7 @@ class ProcessGroup:
             command = [sys.executable, "-m", "nanocp", "--log-level", "WARNING", "worker", "--port", str(port)]
             command += ["--instance-id", f"w{rank}", "--threads", "1", "--num-pages", "512"]
             command += ["--rank", str(rank), "--world-size", str(len(ports)), "--master-port", rendezvous]
-            command += ["--collective-timeout", str(COLLECTIVE_TIMEOUT_S)]
+            command += ["--collective-timeout", str(collective_timeout_s), *worker_args(rank)]
             with open(logs / f"w{rank}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         return cls(ports, processes)

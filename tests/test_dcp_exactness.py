@@ -31,13 +31,18 @@ def split(prompt: int, new: int, holders: list[int]) -> list[Shard]:
     return [Shard(h, start, size) for h, start, size in zip(holders, starts, sizes, strict=True)]
 
 
-@pytest.fixture(scope="module")
-def requests() -> list[tuple[list[int], SamplingParams]]:
+def make_requests() -> list[tuple[list[int], SamplingParams]]:
+    """(prompt, greedy params) per shape (tests/gpu/multi places the same requests on GPU groups)."""
     generator = torch.Generator().manual_seed(11)
     return [
         (torch.randint(0, 256, (n,), generator=generator).tolist(), SamplingParams(temperature=0.0, max_tokens=m))
         for n, m in SHAPES
     ]
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[tuple[list[int], SamplingParams]]:
+    return make_requests()
 
 
 @pytest.fixture(scope="module")

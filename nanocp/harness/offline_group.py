@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from opentelemetry import trace
@@ -49,6 +49,8 @@ class RankResult:
     pages_committed: int = 0
     spans: list[dict[str, Any]] = field(default_factory=list)  # its step spans (ReadableSpan.to_json()), if traced
     metrics: str = ""  # its step metrics in the OpenMetrics exposition (exemplars included), if asked for
+    graph_replays: int = 0  # decode steps its CUDA graphs replayed
+    eager_steps: dict[str, int] = field(default_factory=dict)  # steps no graph took, by why
     error: str | None = None
 
 
@@ -84,6 +86,8 @@ def run_group(
     setup: Callable[[Engine], None] | None = None,
 ) -> list[RankResult]:
     """One process per rank (len(requests_by_rank) of them); returns each rank's tokens and step times.
+
+    On CUDA each rank takes its own GPU: a config.device of "cuda" runs rank r on cuda:r.
 
     `delays` (a test hook, with timing): per rank, seconds to sleep in named step sections, to make a straggler.
     `metrics`: each rank keeps the worker's step metrics; `step_spans_every` (with timing): each rank traces every
@@ -156,6 +160,8 @@ def _rank_main(
     import torch
 
     torch.set_num_threads(1)  # ranks share the machine's cores
+    if config.device == "cuda":
+        config = replace(config, device=f"cuda:{spec.rank}")  # NCCL takes one GPU a rank
     result = RankResult(spec.rank)
     try:
         timer = DelayedTimer(delays, enabled=timing, device=config.device)
@@ -190,11 +196,15 @@ def _rank_main(
             result.metrics = generate_latest(step_metrics.registry).decode()
         load = engine.load()
         result.pages_in_use, result.pages_committed = load.pages_in_use, load.pages_committed
-        engine.group.close()
+        graphs = engine.runner.graphs
+        result.graph_replays = graphs.replays if graphs is not None else 0
+        result.eager_steps = dict(engine.runner.eager_steps)
+        engine.group.exchange_counts([0])  # a barrier: no rank leaves while a peer may still be in a collective
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     results.put(result)
     results.close()
     results.join_thread()
-    # torch.distributed teardown can hang when a peer is gone; the results are out, so leave at once.
+    # torch.distributed teardown can hang when a peer is gone (and NCCL's can wait on peers); the results are out and
+    # every rank has passed the barrier, so leave at once.
     os._exit(0)
