@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from gpu_decode_step import eager
 
-from nanocp.harness.offline_group import free_port
+from nanocp.harness.offline_group import Reply, free_port, spawn_ranks
 from nanocp.placement import Footprint, Shard
 from nanocp.worker import routing
 from nanocp.worker.attention import StaticPlan
@@ -303,7 +303,7 @@ def engine_config(s: Settings, device: str) -> EngineConfig:
     )
 
 
-def rank_main(spec: GroupSpec, s: Settings, results: mp.Queue[tuple[int, Any, str | None]]) -> None:
+def rank_main(spec: GroupSpec, s: Settings, results: mp.Queue[Reply]) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if s.device == "cpu":
         torch.set_num_threads(1)  # the ranks share the machine's cores
@@ -328,37 +328,11 @@ def rank_main(spec: GroupSpec, s: Settings, results: mp.Queue[tuple[int, Any, st
 
 def launch(s: Settings, size: int, deadline_s: float) -> list[dict[str, Any]]:
     """One process per rank; each rank's measurements, in rank order."""
-    ctx = mp.get_context("spawn")
-    results: mp.Queue[tuple[int, Any, str | None]] = ctx.Queue()
     port = free_port()
-    processes = [
-        ctx.Process(target=rank_main, args=(GroupSpec(rank, size, "127.0.0.1", port), s, results), daemon=True)
-        for rank in range(size)
-    ]
-    for p in processes:
-        p.start()
-    collected: dict[int, Any] = {}
-    deadline = time.monotonic() + deadline_s
-    try:
-        while len(collected) < size:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the group of {size} did not finish within {deadline_s:.0f} s")
-            try:
-                rank, measured, error = results.get(timeout=1.0)
-            except Exception:  # queue.Empty: check that nobody died without a word
-                dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0) and i not in collected]
-                if dead:
-                    raise RuntimeError(f"rank {dead[0]} exited with code {processes[dead[0]].exitcode}") from None
-                continue
-            if error is not None:
-                raise RuntimeError(f"rank {rank} failed:\n{error}")
-            collected[rank] = measured
-    finally:
-        for p in processes:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [collected[r] for r in range(size)]
+    measured: list[dict[str, Any]] = spawn_ranks(
+        rank_main, [(GroupSpec(rank, size, "127.0.0.1", port), s) for rank in range(size)], deadline_s
+    )
+    return measured
 
 
 def p2p_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict[str, Any]:

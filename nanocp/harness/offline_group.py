@@ -98,29 +98,37 @@ def run_group(
     """
     size = len(requests_by_rank)
     port = free_port()
-    ctx = mp.get_context("spawn")
-    results: mp.Queue[RankResult] = ctx.Queue()
-    processes = [
-        ctx.Process(
-            target=_rank_main,
-            args=(
-                GroupSpec(rank, size, "127.0.0.1", port),
-                model,
-                config,
-                requests,
-                timing,
-                (delays or [{}] * size)[rank],
-                (metrics, step_spans_every),
-                setup,
-                results,
-            ),
-            daemon=True,
+    rank_args = [
+        (
+            GroupSpec(rank, size, "127.0.0.1", port),
+            model,
+            config,
+            requests,
+            timing,
+            (delays or [{}] * size)[rank],
+            (metrics, step_spans_every),
+            setup,
         )
         for rank, requests in enumerate(requests_by_rank)
     ]
+    results: list[RankResult] = spawn_ranks(_rank_main, rank_args, timeout_s)
+    return results
+
+
+Reply = tuple[int, Any, str | None]  # what a rank's process puts on its queue: (rank, result, error)
+
+
+def spawn_ranks(target: Callable[..., None], rank_args: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
+    """Runs target(*rank_args[rank], replies) in a spawned process per rank, each putting one Reply on `replies`;
+    returns the results in rank order. Raises RuntimeError naming the rank when one fails or dies, or when the group
+    does not finish within timeout_s."""
+    size = len(rank_args)
+    ctx = mp.get_context("spawn")
+    replies: mp.Queue[Reply] = ctx.Queue()
+    processes = [ctx.Process(target=target, args=(*args, replies), daemon=True) for args in rank_args]
     for p in processes:
         p.start()
-    collected: dict[int, RankResult] = {}
+    collected: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     try:
         while len(collected) < size:
@@ -128,15 +136,15 @@ def run_group(
             if remaining <= 0:
                 raise RuntimeError(f"the group of {size} did not finish within {timeout_s:.0f} s")
             try:
-                result = results.get(timeout=min(remaining, 1.0))
+                rank, result, error = replies.get(timeout=min(remaining, 1.0))
             except Exception:  # queue.Empty: check that nobody died without a word
                 dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0) and i not in collected]
                 if dead:
                     raise RuntimeError(f"rank {dead[0]} exited with code {processes[dead[0]].exitcode}") from None
                 continue
-            if result.error is not None:
-                raise RuntimeError(f"rank {result.rank} failed: {result.error}")
-            collected[result.rank] = result
+            if error is not None:
+                raise RuntimeError(f"rank {rank} failed: {error}")
+            collected[rank] = result
     finally:
         for p in processes:
             p.join(timeout=10)
@@ -154,7 +162,7 @@ def _rank_main(
     delays: dict[str, float],
     watched: tuple[bool, int],
     setup: Callable[[Engine], None] | None,
-    results: mp.Queue[RankResult],
+    replies: mp.Queue[Reply],
 ) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     import torch
@@ -202,9 +210,9 @@ def _rank_main(
         engine.group.exchange_counts([0])  # a barrier: no rank leaves while a peer may still be in a collective
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-    results.put(result)
-    results.close()
-    results.join_thread()
+    replies.put((spec.rank, result, result.error))
+    replies.close()
+    replies.join_thread()
     # torch.distributed teardown can hang when a peer is gone (and NCCL's can wait on peers); the results are out and
     # every rank has passed the barrier, so leave at once.
     os._exit(0)
