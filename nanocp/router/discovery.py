@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubernetes import client, config, watch
+from urllib3.exceptions import ReadTimeoutError
 
 from nanocp.router.registry import WorkerRegistry
 
@@ -147,6 +148,10 @@ class KubernetesDiscovery:
                     _request_timeout=self._watch_timeout_s + min(10, self._watch_timeout_s),
                 ):
                     post(event)
+                post(None)
+            except ReadTimeoutError:
+                # The request timeout above is how a silent watch ends by design (a busy server or machine reaches
+                # it too): re-list at once, with no failure's pause.
                 post(None)
             except Exception as exc:
                 post(exc)
