@@ -81,14 +81,6 @@ class AttentionPlan:
             meta = kernels.AttentionMetadata(qo, page_indptr, tensor, kv_lens, page_size, causal=causal)
             self.groups.append((meta, torch.tensor(rows, dtype=torch.int64, device=device)))
 
-    def decode_metadata(self) -> kernels.AttentionMetadata | None:
-        """The step's metadata when it is what a CUDA graph replays: one query row per request, in row order, over
-        pages held here, with no route; otherwise None."""
-        if self.routes is not None or len(self.groups) != 1:
-            return None
-        meta, _ = self.groups[0]
-        return meta if meta.qo_indptr == list(range(self.home_rows + 1)) else None
-
 
 @dataclass(frozen=True)
 class StaticRoutes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from nanocp.kernels import AttentionMetadata
+from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.placement import shard_ends
 from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan, StaticRoutes
 from nanocp.worker.kv_cache import ShardStore
@@ -288,8 +289,6 @@ def _merge_layout(
 
 # A static step's layout (what a CUDA graph replays).
 
-PAD_PAGE = 0
-
 
 def static_plan(
     attends: list[Attend],
@@ -356,7 +355,7 @@ def _routes(attends: list[Attend], rank: int, peers: int, rows: int, kv_slots: l
 
 
 def _padding() -> tuple[list[int], int]:
-    return [PAD_PAGE], 1
+    return [GraphDecode.PAD_PAGE], 1  # the page a graph's decode pads with: both layouts agree
 
 
 def _metadata(segments: list[tuple[list[int], int]], page_size: int, device: str) -> AttentionMetadata:
