@@ -11,7 +11,6 @@ from __future__ import annotations
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -28,5 +27,7 @@ def grouped_swiglu_by_ends(
     CUDA graph can capture it. The kernel wants 16-byte aligned data pointers and row strides (true of these weights,
     and of any row slice of a bf16 activation whose hidden size is a multiple of 8); group ends may be any rows."""
     # (E, N, K) weights viewed as (E, K, N) column-major: the layout the kernel reads without a copy.
-    gate, up = torch._grouped_mm(x, w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
+    from nanocp.kernels.triton_moe import silu_mul
+
+    gate_up = torch._grouped_mm(x, w_gate_up.transpose(1, 2), offs=ends)
+    return torch._grouped_mm(silu_mul(gate_up), w_down.transpose(1, 2), offs=ends)

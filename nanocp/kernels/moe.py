@@ -1,9 +1,59 @@
-"""The expert computation of a MoE layer on rows already grouped by expert."""
+"""The MoE layer's computation: the router's top-k, the (token, expert) rows sorted by expert, the experts' SwiGLU
+on rows grouped by expert, and each token's weighted combine. Torch on CPU (the reference), Triton and grouped GEMM
+on CUDA.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def route_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k experts by softmax probability (float32) and their weights (renormalised to sum to one
+    if asked), as (weights in dtype, experts int64), both (tokens, top_k)."""
+    if _fused(logits):
+        from nanocp.kernels import triton_moe
+
+        return triton_moe.route_topk(logits, top_k, renormalize, dtype)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), experts
+
+
+def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, expert) rows, experts (tokens, top_k) flattened, stably sorted by expert, as:
+    entries (rows,) the row at each sorted place; position (rows,) each row's sorted place (the inverse); ends
+    (num_experts,) int32 each expert's end in the sorted order (cumulative counts). On the device, no host sync."""
+    if experts.is_cuda:
+        from nanocp.kernels import triton_moe
+
+        if experts.numel() <= triton_moe.MAX_SORT_ROWS:
+            return triton_moe.sort_by_expert(experts, num_experts)
+    flat = experts.flatten()
+    entries = torch.argsort(flat, stable=True)
+    position = torch.empty_like(entries).index_copy_(0, entries, torch.arange(len(entries), device=flat.device))
+    bounds = torch.arange(1, num_experts + 1, device=flat.device)
+    return entries, position, torch.searchsorted(flat[entries], bounds, out_int32=True)
+
+
+def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's expert outputs weighted and summed in a fixed order (no atomics, so steps are deterministic:
+    a graph's replay and an eager step, every member of a group, compute alike). y: (rows, hidden) in sorted order;
+    position: each (token, expert) row's place in y; weights: (tokens, top_k)."""
+    if _fused(y):
+        from nanocp.kernels import triton_moe
+
+        return triton_moe.combine(y, position, weights)
+    return (y[position].view(*weights.shape, y.shape[-1]) * weights[..., None]).sum(dim=1)
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

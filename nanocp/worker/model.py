@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanocp import kernels
@@ -46,13 +45,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in float32, then scaled in x's dtype, as transformers does; F.rms_norm is one fused kernel on
-        # CUDA (four fewer per norm) and the same arithmetic as the spelled-out form on CPU.
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding x, normalised, and the stream itself (one kernel on CUDA)."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
+    """The rotary tables in float32 (positions, head_dim), as transformers computes them; the attention block looks
+    up its tokens' rows (inside its fused kernel on CUDA)."""
+
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -72,21 +75,6 @@ class Rotary(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
-        """The step's cos and sin rows, looked up once and shared by every layer (fewer kernels per step)."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
-
-
-RotaryTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (tokens, 1, head_dim) each
-
-
-def rotate(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-    """x: (tokens, heads, head_dim) rotated by its tokens' positions."""
-    cos, sin = tables
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -98,12 +86,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, rotary: Rotary) -> torch.Tensor:
         c = self.config
-        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = rotate(self.q_norm(q.view(-1, c.num_heads, c.head_dim)), rope)
-        k = rotate(self.k_norm(k.view(-1, c.num_kv_heads, c.head_dim)), rope)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        q, k, v = kernels.qk_norm_rope(
+            self.qkv_proj(x),
+            ctx.positions,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            rotary.cos,
+            rotary.sin,
+            c.rms_norm_eps,
+            c.num_heads,
+            c.num_kv_heads,
+        )
         out = ctx.attention.run(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, c.q_size))
 
@@ -126,36 +121,25 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts and their weights."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, self.config.experts_per_token, dim=-1)
-        if self.config.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        c = self.config
+        return kernels.route_topk(self.gate(x), c.experts_per_token, c.norm_topk_prob, x.dtype)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         weights, experts = self.route(x)
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, expert) rows by expert, hence by holder
-        token_of = order // self.config.experts_per_token
+        # The (token, expert) rows sorted by expert, hence by holder; found on the device, so the step waits for no
+        # host round trip per layer.
+        entries, position, ends = kernels.sort_by_expert(experts, self.config.num_experts)
+        rows = x[entries // self.config.experts_per_token]
         if self.shard.size == 1 and not routing.grouped():
             with ctx.timer.section("moe_compute"):
-                y = self._local_experts(x[token_of], flat[order])
+                y = kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
         else:
-            y = self._routed_experts(x[token_of], flat[order], ctx)
-        # Each token's k outputs summed in a fixed order (no atomics): steps are deterministic, so a CUDA graph's
-        # replay, an eager step and every member of a group compute alike.
-        by_token = torch.empty_like(y)
-        by_token[order] = y
-        return (by_token.view(*weights.shape, x.shape[-1]) * weights[..., None]).sum(dim=1)
+            y = self._routed_experts(rows, experts.flatten()[entries], ends, ctx)
+        return kernels.combine(y, position, weights)
 
-    def _local_experts(self, rows: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor:
-        """A lone instance holds every expert: rows sorted by expert are the experts' input as they are, and the
-        group ends are found on the device, so the step waits for no host round trip per layer."""
-        bounds = torch.arange(1, self.config.num_experts + 1, device=rows.device)
-        ends = torch.searchsorted(sorted_experts, bounds, out_int32=True)
-        return kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
-
-    def _routed_experts(self, rows: torch.Tensor, sorted_experts: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _routed_experts(
+        self, rows: torch.Tensor, sorted_experts: torch.Tensor, ends: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
         """rows: by expert, hence by holder. Out to the experts' holders through the routing layer (the slots found
         on the device, the capacity from the step), computed there, and back."""
         peers, per_peer = self.shard.size, self.w_gate_up.shape[0]
@@ -163,9 +147,7 @@ class SparseMoE(nn.Module):
         route = routing.FixedRoute.by_destination(holders, peers, ctx.moe_capacity)
         with ctx.timer.section("moe_route"):
             # How many rows of each local expert each peer sends: the receiver finds every slot's expert from it.
-            # Found with searchsorted on the sorted experts: bincount asks the host for the maximum (a sync).
-            bounds = torch.arange(self.config.num_experts + 1, device=rows.device)
-            per_expert = torch.diff(torch.searchsorted(sorted_experts, bounds)).view(peers, per_peer)
+            per_expert = torch.diff(ends, prepend=ends.new_zeros(1)).view(peers, per_peer)
             counts = routing.exchange(per_expert)
             received = route.forward(rows)
         slot = torch.arange(ctx.moe_capacity, device=rows.device).expand(peers, -1).contiguous()
@@ -174,8 +156,8 @@ class SparseMoE(nn.Module):
         by_expert = torch.argsort(expert_of, stable=True)  # peer by peer within each expert; empty slots last
         with ctx.timer.section("moe_compute"):
             bounds = torch.arange(1, per_peer + 1, device=rows.device)
-            ends = torch.searchsorted(expert_of[by_expert], bounds, out_int32=True)
-            y_sorted = kernels.grouped_swiglu_by_ends(received[by_expert], ends, self.w_gate_up, self.w_down)
+            local_ends = torch.searchsorted(expert_of[by_expert], bounds, out_int32=True)
+            y_sorted = kernels.grouped_swiglu_by_ends(received[by_expert], local_ends, self.w_gate_up, self.w_down)
         y = torch.empty_like(y_sorted).index_copy_(0, by_expert, y_sorted)
         with ctx.timer.section("moe_route"):
             return route.backward(y)
@@ -189,9 +171,17 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = SparseMoE(config, shard)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, rope: RotaryTables) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), ctx, rope)
-        return x + self.moe(self.post_attn_norm(x), ctx)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext, rotary: Rotary
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MoE output (the embeddings for the first layer, whose residual is None).
+        Returns this layer's MoE output and the residual stream before it is added."""
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm.add_and_norm(x, residual)
+        h, residual = self.post_attn_norm.add_and_norm(self.attn(h, ctx, rotary), residual)
+        return self.moe(h, ctx), residual
 
 
 class Qwen3Moe(nn.Module):
@@ -209,11 +199,11 @@ class Qwen3Moe(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Hidden states after the final norm, one row per token."""
-        x = self.embed(token_ids)
-        rope = self.rotary(ctx.positions, x.dtype)
+        x, residual = self.embed(token_ids), None
         for layer in self.layers:
-            x = layer(x, ctx, rope)
-        return self.norm(x)
+            x, residual = layer(x, residual, ctx, self.rotary)
+        assert residual is not None, "a model has layers"
+        return self.norm.add_and_norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

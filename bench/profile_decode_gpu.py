@@ -1,0 +1,173 @@
+"""Where a graphed decode step's time goes on one GPU (Qwen3-30B-A3B shapes, random bf16 weights): the engine's step
+wall time, the graph replay alone on the device (CUDA events), the host's share between the two, and the kernels a
+replay launches (torch profiler: count per layer, and the kernels by total time).
+
+The same script runs before and after a change to the engine; `--label` names the result
+(bench/results/profile_decode_gpu_<label>.json), so a before/after table compares two files of one script.
+
+    python3 bench/profile_decode_gpu.py --label after [--out DIR] [--layers 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanocp.model_config import load_model_config
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.request import SamplingParams
+from nanocp.worker.weights import build_model
+
+RESULTS = Path(__file__).parent / "results"
+POINTS = [(1, 1024), (64, 1024), (64, 8192)]  # (batch, context)
+PAGE = 16
+STEPS = 20
+
+
+def replay_ms(engine: Engine, replays: int) -> float:
+    """Median device time of the current bucket's graph replay (the last step's bucket, its plan as it was)."""
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    bucket = graphs.buckets[(graphs.sizes[_bucket_index(engine)], False)]
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        bucket.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _bucket_index(engine: Engine) -> int:
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    batch = len(engine.scheduler.running)
+    return next(i for i, size in enumerate(graphs.sizes) if size >= batch)
+
+
+def kernels_of_replay(engine: Engine, layers: int) -> dict[str, Any]:
+    """Kernels one graph replay launches (profiled over three), by name, with their device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    bucket = graphs.buckets[(graphs.sizes[_bucket_index(engine)], False)]
+    bucket.graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            bucket.graph.replay()
+        torch.cuda.synchronize()
+    count: collections.Counter[str] = collections.Counter()
+    micros: collections.Counter[str] = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:90]
+            count[name] += 1
+            micros[name] += event.device_time_total
+    total = sum(count.values()) / 3
+    top = [
+        {"kernel": name, "per_step": count[name] / 3, "us_per_step": micros[name] / 3}
+        for name, _ in micros.most_common(25)
+    ]
+    return {"kernels_per_step": total, "kernels_per_layer": total / layers, "top": top}
+
+
+def run(label: str, layers: int, out: Path) -> dict[str, Any]:
+    base = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
+    config = replace(base, num_layers=layers, max_context=16384)
+    model = build_model(config, "cuda", seed=0)
+    pages = max(b * -(-(ctx + 2 * STEPS + 64) // PAGE) for b, ctx in POINTS)
+    engine = Engine(
+        config,
+        model,
+        EngineConfig(
+            page_size=PAGE,
+            num_pages=pages,
+            max_step_tokens=16384,
+            max_running=64,
+            device="cuda",
+            dtype="bfloat16",
+        ),
+    )
+    params = SamplingParams(temperature=0, max_tokens=4 * STEPS + 64, ignore_eos=True)
+    generator = torch.Generator().manual_seed(0)
+    points = []
+    for n, (batch, ctx) in enumerate(POINTS):
+        ids = [f"p{n}-{i}" for i in range(batch)]
+        for request_id in ids:
+            prompt = torch.randint(0, config.vocab_size, (ctx,), generator=generator).tolist()
+            engine.add_request(request_id, prompt, params, lambda _: None)
+        while engine.scheduler.waiting or any(r.prefilling for r in engine.scheduler.running):
+            engine.step()
+        walls, hosts = [], []
+        for _ in range(STEPS):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            # Planned and replayed without the step's bookkeeping: the same decode rows again, idempotent.
+            planned = engine.plan_step(engine.scheduler.schedule())
+            assert planned is not None
+            inputs, _ = planned
+            assert engine.runner.graphs is not None
+            bucket = engine.runner.graphs.prepare(inputs)
+            hosts.append(time.perf_counter() - started)
+            engine.runner.graphs.run(bucket)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - started)
+        for _ in range(STEPS):
+            engine.step()
+        records = engine.steps.after(0)[-STEPS:]
+        point = {
+            "batch": batch,
+            "context": ctx,
+            "engine_step_ms": 1e3 * statistics.median(r.seconds for r in records),
+            "plan_and_prepare_ms": 1e3 * statistics.median(hosts),
+            "planned_replay_wall_ms": 1e3 * statistics.median(walls),
+            "replay_device_ms": replay_ms(engine, STEPS),
+            **kernels_of_replay(engine, layers),
+        }
+        points.append(point)
+        print(
+            f"batch {batch} ctx {ctx}: engine step {point['engine_step_ms']:.2f} ms, "
+            f"replay {point['replay_device_ms']:.2f} ms on the device, "
+            f"plan+prepare {point['plan_and_prepare_ms']:.2f} ms, "
+            f"{point['kernels_per_layer']:.1f} kernels a layer",
+            flush=True,
+        )
+        for row in point["top"][:12]:
+            print(f"    {row['us_per_step']:9.1f} us  x{row['per_step']:5.0f}  {row['kernel']}", flush=True)
+        for request_id in ids:
+            engine.abort(request_id)
+    result = {
+        "label": label,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": f"qwen3-30b-a3b shapes, {layers} layers, random bf16 weights",
+        "points": points,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_decode_gpu_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True, help="names the result file: before, after, ...")
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    run(args.label, args.layers, args.out)
+
+
+if __name__ == "__main__":
+    main()

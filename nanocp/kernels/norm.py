@@ -1,0 +1,72 @@
+"""RMS normalisation and the attention block's per-head work: torch on CPU (the reference, transformers'
+arithmetic), fused kernels on CUDA (FlashInfer's norms, a Triton kernel for QK-norm + rotary).
+
+The residual stream is carried beside the hidden states (as vLLM and SGLang do): each norm after the first adds the
+previous block's output to the residual and normalises the sum, one kernel on CUDA instead of an add and a norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dimension; x (rows, size) or (rows, heads, size)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        import flashinfer  # GPU machines only
+
+        return flashinfer.norm.rmsnorm(x.contiguous(), weight, eps)
+    return reference_rms_norm(x, weight, eps)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalised in float32, then scaled in x's dtype, as transformers does.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x). On CUDA in place: x becomes the first, residual the second."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous() and residual.is_contiguous():
+        import flashinfer
+
+        flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+    residual = residual + x
+    return reference_rms_norm(residual, weight, eps), residual
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Splits a fused QKV projection (tokens, (heads + 2 kv_heads) * dim) into q, k, v (tokens, heads, dim); q and k
+    RMS-normalised per head (q_weight, k_weight) then rotated by their token's position (NeoX halves; cos, sin the
+    float32 (positions, dim) tables)."""
+    if qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16):
+        from nanocp.kernels import triton_norm_rope
+
+        return triton_norm_rope.qk_norm_rope(qkv, positions, q_weight, k_weight, cos, sin, eps, heads, kv_heads)
+    dim = cos.shape[-1]
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    tables = cos[positions].to(qkv.dtype)[:, None, :], sin[positions].to(qkv.dtype)[:, None, :]
+    q = _rotate(reference_rms_norm(q.view(-1, heads, dim), q_weight, eps), tables)
+    k = _rotate(reference_rms_norm(k.view(-1, kv_heads, dim), k_weight, eps), tables)
+    return q, k, v.view(-1, kv_heads, dim)
+
+
+def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: (tokens, heads, dim) rotated by its tokens' positions, as transformers' rotate_half does."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

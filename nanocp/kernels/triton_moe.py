@@ -1,0 +1,149 @@
+"""The MoE layer's small steps on CUDA, each one launch with no host work (CUDA-graph safe), where eager torch
+spends two to eight: the router's softmax + top-k + renormalisation, the stable sort of (token, expert) rows by
+expert, SiLU-and-multiply, and the weighted combine of each token's expert outputs (a fixed order: deterministic).
+The expert GEMMs themselves stay torch's grouped GEMM (CUTLASS on Hopper), which reads only the experts with rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The sort keeps every (token, expert) row of a step in one program per expert: up to this many rows (a decode
+# step's; prefill sorts with torch).
+MAX_SORT_ROWS = 8192
+
+
+@triton.jit
+def _route_topk_kernel(  # type: ignore[no-untyped-def]
+    logits_ptr,
+    weights_ptr,
+    experts_ptr,
+    num_experts,
+    RENORMALIZE: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + token * num_experts + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, axis=0))
+    probs = probs / tl.sum(probs, axis=0)
+    # The chosen weights' sum first (each pass takes the largest left and sets it aside), then the choices.
+    left = probs
+    total = 0.0
+    for _ in tl.static_range(TOP_K):
+        total += tl.max(left, axis=0)
+        left = tl.where(e == tl.argmax(left, axis=0), -1.0, left)
+    if not RENORMALIZE:
+        total = 1.0
+    left = probs
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(left, axis=0)
+        tl.store(weights_ptr + token * TOP_K + j, (tl.max(left, axis=0) / total).to(weights_ptr.dtype.element_ty))
+        tl.store(experts_ptr + token * TOP_K + j, best.to(tl.int64))
+        left = tl.where(e == best, -1.0, left)
+
+
+def route_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.route_topk on CUDA."""
+    tokens, num_experts = logits.shape
+    logits = logits.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=dtype, device=logits.device)
+    experts = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    if tokens:
+        _route_topk_kernel[(tokens,)](
+            logits, weights, experts, num_experts, renormalize, top_k, triton.next_power_of_2(num_experts)
+        )
+    return weights, experts
+
+
+@triton.jit
+def _sort_by_expert_kernel(  # type: ignore[no-untyped-def]
+    experts_ptr,
+    entries_ptr,
+    position_ptr,
+    ends_ptr,
+    rows,
+    num_experts,
+    BLOCK: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    ids = tl.load(experts_ptr + i, mask=i < rows, other=num_experts)
+    start = tl.sum((ids < expert).to(tl.int32), axis=0)
+    mine = ids == expert
+    slot = start + tl.cumsum(mine.to(tl.int32), axis=0) - 1  # rows of one expert keep their order: stable
+    tl.store(position_ptr + i, slot.to(tl.int64), mask=mine)
+    tl.store(entries_ptr + slot, i.to(tl.int64), mask=mine)
+    tl.store(ends_ptr + expert, start + tl.sum(mine.to(tl.int32), axis=0))
+
+
+def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels.sort_by_expert on CUDA for up to MAX_SORT_ROWS rows: (entries, position, ends)."""
+    flat = experts.flatten().contiguous()
+    rows = flat.numel()
+    entries = torch.empty(rows, dtype=torch.int64, device=flat.device)
+    position = torch.empty_like(entries)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    _sort_by_expert_kernel[(num_experts,)](
+        flat, entries, position, ends, rows, num_experts, max(16, triton.next_power_of_2(rows))
+    )
+    return entries, position, ends
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, width, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    gate = tl.load(x_ptr + row * 2 * width + cols, mask=mask).to(tl.float32)
+    up = tl.load(x_ptr + row * 2 * width + width + cols, mask=mask).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x's first half of columns) * its second half, (rows, 2 w) -> (rows, w)."""
+    x = x.contiguous()
+    rows, width = x.shape[0], x.shape[1] // 2
+    out = x.new_empty(rows, width)
+    block = 1024
+    if rows:
+        _silu_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, block)
+    return out
+
+
+@triton.jit
+def _combine_kernel(  # type: ignore[no-untyped-def]
+    y_ptr,
+    position_ptr,
+    weights_ptr,
+    out_ptr,
+    hidden,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # a fixed order, no atomics
+        row = tl.load(position_ptr + token * TOP_K + j)
+        weight = tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
+        acc += weight * tl.load(y_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """kernels.combine on CUDA."""
+    tokens, top_k = weights.shape
+    y, weights = y.contiguous(), weights.contiguous()
+    hidden = y.shape[1]
+    out = y.new_empty(tokens, hidden)
+    block = 1024
+    if tokens:
+        _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, position, weights, out, hidden, top_k, block)
+    return out
