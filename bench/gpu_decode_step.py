@@ -127,6 +127,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     points: list[dict[str, Any]] = []
+    prefills: list[dict[str, Any]] = []  # the engine's chunked prefill of each context's prompts, from an idle engine
     for ctx, sizes in GRID.items():
         sizes = [b for b in sizes if b * -(-(ctx + MAX_TOKENS) // PAGE) <= engine_config.num_pages]
         if not sizes:
@@ -139,7 +140,11 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         while engine.scheduler.waiting or any(r.prefilling for r in engine.scheduler.running):
             engine.step()
         torch.cuda.synchronize()
-        print(f"ctx {ctx}: prefilled {sizes[0]} requests in {time.perf_counter() - started:.1f} s", flush=True)
+        prefill_s = time.perf_counter() - started
+        prefills.append(
+            {"context": ctx, "prompts": sizes[0], "seconds": prefill_s, "tokens_per_s": sizes[0] * ctx / prefill_s}
+        )
+        print(f"ctx {ctx}: prefilled {sizes[0]} requests in {prefill_s:.1f} s", flush=True)
         for batch in sizes:
             for request_id in ids[batch:]:
                 engine.abort(request_id)
@@ -185,6 +190,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         "page_size": PAGE,
         "num_pages": engine_config.num_pages,
         "points": points,
+        "prefill": prefills,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
