@@ -59,7 +59,7 @@ def test_route_topk_matches_reference(tokens: int) -> None:
         ref_weights, ref_experts = kernels.route_topk(logits.float(), TOP_K, renormalize, torch.float32)
         # bf16 logits tie often: tied experts may come in either order, so compare what was chosen by its logit.
         assert torch.equal(logits.gather(1, experts), logits.gather(1, ref_experts))
-        assert experts.unique(dim=1).shape == experts.shape, "each token's experts are distinct"
+        assert (experts.sort(dim=1).values.diff(dim=1) > 0).all(), "each token's experts are distinct"
         assert weights.dtype == BF16 and rel_err(weights, ref_weights) < 1e-2
 
 
