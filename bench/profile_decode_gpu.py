@@ -2,6 +2,9 @@
 wall time, the graph replay alone on the device (CUDA events), the host's share between the two, and the kernels a
 replay launches (torch profiler: count per layer, and the kernels by total time).
 
+The first point is a near-empty step (one request, one page of context): its fixed cost is its step time less the
+time its bytes take at copy bandwidth (the weights of one token's experts, attention, router and LM head).
+
 The same script runs before and after a change to the engine; `--label` names the result
 (bench/results/profile_decode_gpu_<label>.json), so a before/after table compares two files of one script.
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from dataclasses import replace
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_decode_step import weight_bytes
+from gpu_timing import copy_bandwidth
 
 from nanocp.model_config import load_model_config
 from nanocp.worker.engine import Engine, EngineConfig
@@ -27,7 +34,7 @@ from nanocp.worker.request import SamplingParams
 from nanocp.worker.weights import build_model
 
 RESULTS = Path(__file__).parent / "results"
-POINTS = [(1, 1024), (64, 1024), (64, 8192)]  # (batch, context)
+POINTS = [(1, 16), (1, 1024), (64, 1024), (64, 8192)]  # (batch, context)
 PAGE = 16
 STEPS = 20
 
@@ -83,7 +90,18 @@ def kernels_of_replay(engine: Engine, layers: int) -> dict[str, Any]:
     return {"kernels_per_step": total, "kernels_per_layer": total / layers, "top": top}
 
 
+def _top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]]:
+    """The engine step's functions by cumulative host time per step (cProfile), the ten longest."""
+    stats = pstats.Stats(profile)
+    rows = [
+        {"function": f"{path.split('/')[-1]}:{line}({name})", "ms_per_step": 1e3 * cumulative / steps}
+        for (path, line, name), (_, _, _, cumulative, _) in stats.stats.items()  # type: ignore[attr-defined]
+    ]
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:25]
+
+
 def run(label: str, layers: int, out: Path) -> dict[str, Any]:
+    bandwidth = copy_bandwidth()
     base = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
     config = replace(base, num_layers=layers, max_context=16384)
     model = build_model(config, "cuda", seed=0)
@@ -124,8 +142,11 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             engine.runner.graphs.run(bucket)
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - started)
+        host_profile = cProfile.Profile()
+        host_profile.enable()
         for _ in range(STEPS):
             engine.step()
+        host_profile.disable()
         records = engine.steps.after(0)[-STEPS:]
         point = {
             "batch": batch,
@@ -134,8 +155,14 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             "plan_and_prepare_ms": 1e3 * statistics.median(hosts),
             "planned_replay_wall_ms": 1e3 * statistics.median(walls),
             "replay_device_ms": replay_ms(engine, STEPS),
+            "kv_tokens_read": records[-1].kv_tokens_read,
             **kernels_of_replay(engine, layers),
+            "host_functions": _top_functions(host_profile, STEPS),
         }
+        if batch == 1:
+            floor_s = sum(weight_bytes(config, [config.experts_per_token] * layers).values()) / bandwidth
+            point["bytes_floor_ms"] = 1e3 * floor_s
+            point["fixed_cost_ms"] = point["engine_step_ms"] - 1e3 * floor_s
         points.append(point)
         print(
             f"batch {batch} ctx {ctx}: engine step {point['engine_step_ms']:.2f} ms, "
@@ -144,6 +171,8 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             f"{point['kernels_per_layer']:.1f} kernels a layer",
             flush=True,
         )
+        for row in point["host_functions"][:25]:
+            print(f"    host {row['ms_per_step']:7.2f} ms  {row['function']}", flush=True)
         for row in point["top"][:12]:
             print(f"    {row['us_per_step']:9.1f} us  x{row['per_step']:5.0f}  {row['kernel']}", flush=True)
         for request_id in ids:
@@ -153,6 +182,7 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "model": f"qwen3-30b-a3b shapes, {layers} layers, random bf16 weights",
+        "copy_bandwidth_bytes_per_s": bandwidth,
         "points": points,
     }
     out.mkdir(parents=True, exist_ok=True)
