@@ -120,7 +120,8 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
     )
     params = SamplingParams(temperature=0, max_tokens=4 * STEPS + 64, ignore_eos=True)
     generator = torch.Generator().manual_seed(0)
-    points = []
+    points: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     for n, (batch, ctx) in enumerate(POINTS):
         ids = [f"p{n}-{i}" for i in range(batch)]
         for request_id in ids:
@@ -177,16 +178,16 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             print(f"    {row['us_per_step']:9.1f} us  x{row['per_step']:5.0f}  {row['kernel']}", flush=True)
         for request_id in ids:
             engine.abort(request_id)
-    result = {
-        "label": label,
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "model": f"qwen3-30b-a3b shapes, {layers} layers, random bf16 weights",
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "points": points,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_decode_gpu_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+        result = {
+            "label": label,
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "model": f"qwen3-30b-a3b shapes, {layers} layers, random bf16 weights",
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "points": points,
+        }
+        out.mkdir(parents=True, exist_ok=True)  # written after each point: a cut-short run keeps what it measured
+        (out / f"profile_decode_gpu_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
