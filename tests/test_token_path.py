@@ -9,9 +9,11 @@ from pathlib import Path
 from types import ModuleType
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "token_path.py"
-# The path is 34 files, the same in every run, idle or on a busy machine (the script keeps what both measured
-# requests ran): a file more on the path fails here, and the one who adds it says why or moves it off.
-MAX_FILES = 34
+# The path is 35 files, the same in every run, idle or on a busy machine (the script keeps what both measured
+# requests ran): a file more on the path fails here, and the one who adds it says why or moves it off. The 35th is
+# nanocp/grpc_decode.py: grpc decodes a request before any servicer runs, so the interceptor that answers an
+# undecodable one INVALID_ARGUMENT (not UNKNOWN) relays every stream it lets through.
+MAX_FILES = 35
 
 
 def token_path() -> ModuleType:
