@@ -202,6 +202,8 @@ POISONS: list[Any] = [
         "1000000 KV pages",
         id="submit_huge_quota",
     ),
+    pytest.param(submit(shards=lambda r: [(1 - r, 0, 4)]), Code.OK, "", id="submit_kv_all_on_the_peer"),
+    pytest.param(submit(shards=lambda r: [(r, 0, 1), (1 - r, 16, 4)]), Code.OK, "", id="submit_kv_over_both"),
     pytest.param(
         extend(lambda r: [(r, 0, HUGE_QUOTA)]), Code.RESOURCE_EXHAUSTED, "1000000 KV pages", id="extend_huge_quota"
     ),
