@@ -109,19 +109,15 @@ class EngineLoop:
         self.engine.group.ring()
 
     def _run(self) -> None:
-        while not self._stopping:
-            try:
+        try:
+            while not self._stopping and self.failed is None:
                 while not self._commands.empty():
                     self._commands.get()()
-            except Exception as exc:  # the engine's state may be half changed: it must not step again
-                log.exception("an engine command failed; failing every live request")
-                self._fail(exc, f"the engine failed: {exc}")
-                return
-            worked = self._step()
-            if self.failed is not None:
-                return
-            if not worked:
-                self.engine.group.sleep_until_rung()
+                if not self._step() and self.failed is None:
+                    self.engine.group.sleep_until_rung()
+        except Exception as exc:  # a command, or the group's doorbell: the engine's state may be half changed
+            log.exception("the engine loop failed; failing every live request")
+            self._fail(exc, f"the engine failed: {exc}")
 
     def _step(self) -> bool:
         try:
@@ -130,7 +126,7 @@ class EngineLoop:
             log.exception("engine step failed; failing every live request")
             if self.engine.group.size > 1:  # the group's collectives are out of step: it must restart whole
                 self._fail(exc, f"engine step failed: {exc}")
-            else:  # a lone engine's step is all its own: it ended every request, and may step again
+            else:  # a lone engine's step is all its own: it ends every request and steps on (_run fails if this raises)
                 self.engine.fail_all(f"engine step failed: {exc}", "INTERNAL")
             return False
 
