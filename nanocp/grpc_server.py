@@ -13,6 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from nanocp.grpc_decode import RefuseUndecodable
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ class GrpcServer:
         `metrics`: a Prometheus registry and the port to serve its /metrics on (0 picks one), once gRPC is bound.
         """
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share the port's traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[RefuseUndecodable()])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for add, servicer, _ in services:

@@ -1,18 +1,34 @@
 """What a request may ask of a model, checked in one place by the router (for callers) and the engine (its own guard).
 
-Messages name the field and the limit, so a person can fix the request from the message alone.
+Messages name the field and the limit, so a person can fix the request from the message alone. The sampling ranges
+are the ones the sampler (nanocp.worker.model_runner.sample) is built for: temperature 0 (greedy) or within
+[MIN_TEMPERATURE, MAX_TEMPERATURE], top_p in (0, 1], top_k >= 0, any 64-bit seed. Values arrive as float32 on the
+wire, so a bound given as 0.01 is compared as the float32 a client sending 0.01 produces.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Protocol
 
 from nanocp.model_config import ModelConfig
 
+# Below 0.01 every distribution is its argmax to within float32 rounding (ask for 0, greedy, instead); above 100 it
+# is uniform to within 1% for logits spread over a few units. Outside these the sampler's clamp would change the
+# request silently, so the limits refuse it instead.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+MAX_REQUEST_ID_CHARS = 256  # ids travel in every output, log line and ListInstances answer
+
 
 class LimitError(ValueError):
     """A request outside the model's or the sampler's limits."""
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to float32, as the wire carries sampling settings."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 class Sampling(Protocol):
@@ -57,10 +73,25 @@ def check_request(prompt: Sequence[int], sampling: Sampling, model: ModelConfig)
             f"sampling.max_tokens: prompt ({len(prompt)}) + max_tokens ({sampling.max_tokens}) = "
             f"{len(prompt) + sampling.max_tokens} tokens exceed the model's context of {context} tokens"
         )
-    if not sampling.temperature >= 0:  # also refuses NaN
-        raise LimitError(f"sampling.temperature must be >= 0 (0 is greedy), got {sampling.temperature:g}")
+    check_sampling(sampling)
+    check_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids, model.vocab_size)
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """The sampler's ranges; comparisons are written so that NaN fails every one of them."""
+    t = sampling.temperature
+    if not (t == 0 or as_float32(MIN_TEMPERATURE) <= t <= as_float32(MAX_TEMPERATURE)):
+        raise LimitError(
+            f"sampling.temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t:g}"
+        )
     if not 0 < sampling.top_p <= 1:
         raise LimitError(f"sampling.top_p must be in (0, 1], got {sampling.top_p:g}")
     if sampling.top_k < 0:
         raise LimitError(f"sampling.top_k must be >= 0 (0 turns it off), got {sampling.top_k}")
-    check_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids, model.vocab_size)
+
+
+def check_request_id(request_id: str) -> None:
+    if not request_id:
+        raise LimitError("request_id is empty")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise LimitError(f"request_id has {len(request_id)} characters, at most {MAX_REQUEST_ID_CHARS} are allowed")

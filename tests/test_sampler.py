@@ -1,11 +1,13 @@
 """The batched sampler: greedy rows take the argmax, filters keep what top-k and top-p allow, draws follow the
-distribution, and a request's draws depend only on its seed and token index (not on the batch it shares)."""
+distribution, a request's draws depend only on its seed and token index (not on the batch it shares), and no
+accepted setting or non-finite logit makes it raise."""
 
 from __future__ import annotations
 
 import torch
 
-from nanocp.worker.model_runner import reference_filter, sample, uniform
+from nanocp.limits import MAX_TEMPERATURE, MIN_TEMPERATURE
+from nanocp.worker.model_runner import NON_FINITE, reference_filter, sample, uniform
 from nanocp.worker.planner import SamplingRows
 from nanocp.worker.request import SamplingParams
 
@@ -65,3 +67,34 @@ def test_seeds_beyond_64_bits_and_negative_seeds_are_accepted() -> None:
     logits = torch.randn(2, 10)
     tokens = sample(logits, rows([SamplingParams(temperature=1.0)] * 2, [2**70 + 3, -5], [0, 1]))
     assert tokens.shape == (2,)
+
+
+def test_a_row_with_non_finite_logits_is_marked_alone_and_the_others_sample() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    clean = sample(logits, rows([SamplingParams(temperature=0.7)] * 4, [1, 2, 3, 4], [0] * 4))
+    logits[1, 7] = float("nan")
+    logits[3, 0] = float("inf")
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.0)):
+        tokens = sample(logits, rows([params] * 4, [1, 2, 3, 4], [0] * 4))
+        assert tokens[1] == NON_FINITE and tokens[3] == NON_FINITE
+        expected = clean if not params.greedy else logits.nan_to_num().argmax(dim=-1)
+        assert tokens[[0, 2]].tolist() == expected[[0, 2]].tolist()
+
+
+def test_every_accepted_extreme_samples_a_token_of_the_vocabulary() -> None:
+    """The ends of the ranges nanocp.limits accepts, with logits from flat to as far apart as float32 goes."""
+    vocab = 64
+    # Ends so far apart that their difference overflows float32 to -inf.
+    spread = torch.cat((torch.tensor([-3e38]), torch.linspace(-1e38, 1e38, vocab - 2), torch.tensor([3e38])))
+    logits = torch.stack([torch.zeros(vocab), spread, spread.flip(0), torch.randn(vocab) * 1e4])
+    extremes = [
+        SamplingParams(temperature=MIN_TEMPERATURE),
+        SamplingParams(temperature=MAX_TEMPERATURE),
+        SamplingParams(temperature=1.0, top_p=torch.finfo(torch.float32).smallest_normal / 2),
+        SamplingParams(temperature=1.0, top_k=2**31 - 1, top_p=1.0),
+        SamplingParams(temperature=MIN_TEMPERATURE, top_k=1, top_p=1e-30),
+    ]
+    for params in extremes:
+        tokens = sample(logits, rows([params] * 4, [2**64 - 1, 0, -(2**63), 7], [0, 2**31, 5, 1]))
+        assert ((tokens >= 0) & (tokens < vocab)).all(), (params, tokens)
+        assert tokens[1] == vocab - 1 and tokens[2] == 0, "a spread that wide leaves one token"

@@ -134,12 +134,13 @@ class Admission:
     def waited_total(self) -> int:
         return self.queue.waited_total
 
-    async def admit(self, request_id: str, footprint: Footprint) -> Placement:
-        """The request's placement, committed in the ledger; the caller must `release` it when the request ends.
+    async def admit(self, request_id: str, footprint: Footprint, whole: Footprint | None = None) -> Placement:
+        """The request's placement for `footprint`, committed in the ledger; the caller must `release` it when the
+        request ends. `whole`: what it may grow to (with a reservation), which must fit too (default: footprint).
 
         Raises RequestError (RESOURCE_EXHAUSTED, UNAVAILABLE) or Withdrawn.
         """
-        self._check_capacity(footprint)
+        self._check_capacity(whole or footprint)
         try:
             placement = self.queue.admit(request_id, footprint)
         except QueueFull as exc:

@@ -144,7 +144,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         first = valid.footprint.reserved(self._reserve)
         try:
             try:
-                live.placement = await self._admission.admit(request_id, first)
+                live.placement = await self._admission.admit(request_id, first, valid.footprint)
             except Withdrawn:
                 live.aborted = True
             if live.placement is None or live.aborted:  # while queued, or between its placement and now

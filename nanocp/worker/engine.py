@@ -27,7 +27,7 @@ from nanocp.worker.group import Group, StepExchange
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache, ShardStore
 from nanocp.worker.model import ExpertShard, Qwen3Moe
-from nanocp.worker.model_runner import ModelRunner
+from nanocp.worker.model_runner import NON_FINITE, ModelRunner
 from nanocp.worker.planner import StepInputs, StepPlanner
 from nanocp.worker.request import (
     Admission,
@@ -161,16 +161,15 @@ class Engine:
         request = self.requests.get(request_id)
         if request is None:
             return  # it ended meanwhile
-        problem = None
-        if shards is not None:
-            problem = check_growth(request.shards, shards) or check_shards(
-                shards, self.group.size, self.config.page_size
-            )
         if shards is None:
             error = f"no KV memory left to grow its placement after {len(request.output)} tokens"
             self._finish(request, FinishReason.ABORT, [], error, "RESOURCE_EXHAUSTED")
-        elif problem is not None:
+        elif problem := check_growth(request.shards, shards) or check_shards(
+            shards, self.group.size, self.config.page_size
+        ):
             self._finish(request, FinishReason.ABORT, [], f"placement: {problem}", "INVALID_ARGUMENT")
+        elif over := self._local_overcommit(request, shards):
+            self._finish(request, FinishReason.ABORT, [], f"placement: {over}", "RESOURCE_EXHAUSTED")
         else:
             request.shards = shards
             request.coverage = covered_tokens(shards, self.config.page_size)
@@ -178,6 +177,22 @@ class Engine:
                 if shard.rank == self.group.rank and request in self.scheduler.running:
                     self.store.open(request.key, index, shard.page_quota)
         self._emit()
+
+    def _local_overcommit(self, request: Request, shards: list[Shard]) -> str | None:
+        """Why the grown quotas held here cannot be committed in the pool (None: they can, or it is not running
+        yet: then the scheduler commits them when it admits it)."""
+        if request not in self.scheduler.running:
+            return None
+        grown = sum(
+            max(0, shard.page_quota - self.store.quota(request.key, index))
+            for index, shard in enumerate(shards)
+            if shard.rank == self.group.rank
+        )
+        pool = self.store.pool
+        if pool.can_commit(grown):
+            return None
+        left = pool.num_pages - pool.committed
+        return f"{grown} more pages asked of rank {self.group.rank}, which has {left} uncommitted"
 
     def has_work(self) -> bool:
         return bool(self.requests or self.exchange.has_frees)
@@ -230,7 +245,11 @@ class Engine:
         for chunk in chunks:
             chunk.request.num_computed += chunk.num_tokens
         for chunk, token in zip(inputs.sampling_chunks, tokens, strict=True):
-            self._append(chunk.request, token)
+            if token == NON_FINITE:  # this request's row alone went bad: it ends, the batch goes on
+                error = "the model produced non-finite logits (NaN or inf) for this request"
+                self._finish(chunk.request, FinishReason.ABORT, [], error, "INTERNAL")
+            else:
+                self._append(chunk.request, token)
         record = StepRecord(
             self._step,
             len(inputs.token_ids),

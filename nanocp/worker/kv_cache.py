@@ -18,6 +18,11 @@ import torch
 from nanocp.model_config import ModelConfig
 
 
+class OverCommit(RuntimeError):
+    """Pages or quota asked beyond what the pool holds: a placement no honest allocator made (the router counts every
+    quota it grants), refused rather than corrupting another request's pages."""
+
+
 class PagePool:
     def __init__(self, num_pages: int) -> None:
         self.num_pages = num_pages
@@ -36,11 +41,16 @@ class PagePool:
         return self.committed + pages <= self.num_pages
 
     def commit(self, pages: int) -> None:
-        assert self.can_commit(pages), "a quota beyond the pool was committed"
+        if not self.can_commit(pages):
+            raise OverCommit(
+                f"a quota of {pages} pages exceeds the {self.num_pages - self.committed} uncommitted pages of "
+                f"this instance's {self.num_pages}"
+            )
         self.committed += pages
 
     def take(self, count: int) -> list[int]:
-        assert count <= len(self._free), "pages taken beyond committed quotas"
+        if count > len(self._free):
+            raise OverCommit(f"{count} pages taken with only {len(self._free)} free")
         taken = self._free[len(self._free) - count :]
         del self._free[len(self._free) - count :]
         return taken
@@ -78,19 +88,24 @@ class ShardStore:
 
     def open(self, key: int, index: int, quota: int) -> HeldShard:
         """The shard, committing its quota the first time it is seen and the difference when the quota grew."""
-        shards = self._held.setdefault(key, {})
-        shard = shards.setdefault(index, HeldShard(0))
+        shard = self._held.get(key, {}).get(index, HeldShard(0))
         if quota > shard.quota:
-            self.pool.commit(quota - shard.quota)
+            self.pool.commit(quota - shard.quota)  # first, so a refused quota leaves nothing behind
             shard.quota = quota
-        return shard
+        return self._held.setdefault(key, {}).setdefault(index, shard)
+
+    def quota(self, key: int, index: int) -> int:
+        """The quota committed here for the shard so far (0: not opened)."""
+        held = self._held.get(key, {}).get(index)
+        return held.quota if held is not None else 0
 
     def pages_for(self, key: int, index: int, tokens: int) -> list[int]:
         """The shard's pages covering its first `tokens` positions, taking new pages as needed."""
         shard = self._held[key][index]
         used = -(-tokens // self.page_size)
         if used > len(shard.pages):
-            assert used <= shard.quota, f"shard {index} of request {key} outgrew its quota of {shard.quota} pages"
+            if used > shard.quota:
+                raise OverCommit(f"shard {index} of request {key} outgrew its quota of {shard.quota} pages")
             shard.pages.extend(self.pool.take(used - len(shard.pages)))
         return shard.pages[:used]
 

@@ -6,7 +6,9 @@ step, which in a group can last as long as the slowest peer. When there is no wo
 the thread sleeps (on the group's doorbell, which any member's new work rings), never spins.
 
 A step that fails inside a group is fatal: the group's collectives are out of step, so the live requests fail with
-an error and `on_fatal` tells the server to stop serving.
+an error and `on_fatal` tells the server to stop serving. So is a command (submit, abort, extend) that raises, alone
+or in a group: it may have left the engine's state half changed. Either way every live request's stream ends,
+including those whose submit had not reached the engine yet, and no new one is taken.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from collections.abc import Callable
 
 from nanocp.placement import Shard
 from nanocp.worker.engine import Engine
-from nanocp.worker.request import EngineError, EngineLoad, OutputCallback, RequestOutput, SamplingParams
+from nanocp.worker.request import (
+    EngineError,
+    EngineLoad,
+    FinishReason,
+    OutputCallback,
+    RequestOutput,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,9 @@ class EngineLoop:
         self.engine = engine
         self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        self._live: set[str] = set()  # ids submitted and not yet finished, for refusing duplicates at once
+        # Ids submitted and not yet finished (for refusing duplicates at once), with their callbacks and prompt
+        # lengths, so a failure can end the streams of requests the engine has not seen yet.
+        self._live: dict[str, tuple[OutputCallback, int]] = {}
         self._live_lock = threading.Lock()
         self._stopping = False
         self.failed: Exception | None = None
@@ -42,8 +53,10 @@ class EngineLoop:
         self._stopping = True
         self.engine.group.ring()
         self._thread.join()
-        self.engine.fail_all(None)
-        if self.failed is None:  # tearing down a broken group can hang; the process is about to end anyway
+        # A failed engine ended its requests already, and tearing down a broken group can hang: the process is about
+        # to end anyway.
+        if self.failed is None:
+            self.engine.fail_all(None)
             self.engine.group.close()
 
     def submit(
@@ -55,21 +68,21 @@ class EngineLoop:
         shards: list[Shard] | None = None,
     ) -> None:
         """Raises EngineError at once for a request the engine can never serve or an id that is already live."""
-        if self.failed is not None:
-            raise EngineError("UNAVAILABLE", f"the decode group failed ({self.failed}); the worker must restart")
         admission = self.engine.admission
         shards = shards or admission.local_placement(prompt, params)
         admission.check(prompt, params, shards)
-        with self._live_lock:
-            admission.check_new_id(request_id, self._live)
-            self._live.add(request_id)
 
         def relay(output: RequestOutput) -> None:
             if output.finish_reason is not None:
                 with self._live_lock:
-                    self._live.discard(request_id)
+                    self._live.pop(request_id, None)
             on_output(output)
 
+        with self._live_lock:  # with the failure check, so a failure either sees this id or refuses it
+            if self.failed is not None:
+                raise EngineError("UNAVAILABLE", f"the engine failed ({self.failed}); the worker must restart")
+            admission.check_new_id(request_id, self._live)
+            self._live[request_id] = (relay, len(prompt))
         self._post(lambda: self.engine.add_request(request_id, prompt, params, relay, shards))
 
     def abort(self, request_id: str) -> bool:
@@ -96,25 +109,39 @@ class EngineLoop:
         self.engine.group.ring()
 
     def _run(self) -> None:
-        while not self._stopping:
-            while not self._commands.empty():
-                self._commands.get()()
-            worked = self._step()
-            if self.failed is not None:
-                return
-            if not worked:
-                self.engine.group.sleep_until_rung()
+        try:
+            while not self._stopping and self.failed is None:
+                while not self._commands.empty():
+                    self._commands.get()()
+                if not self._step() and self.failed is None:
+                    self.engine.group.sleep_until_rung()
+        except Exception as exc:  # a command, or the group's doorbell: the engine's state may be half changed
+            log.exception("the engine loop failed; failing every live request")
+            self._fail(exc, f"the engine failed: {exc}")
 
     def _step(self) -> bool:
         try:
             return self.engine.step()
         except Exception as exc:  # a failed step must fail its requests loudly, never hang their streams
             log.exception("engine step failed; failing every live request")
-            if self.engine.group.size > 1:
-                self.failed = exc  # first, so the failed requests' streams can tell a group failure
-            # A failed group is this instance's state, not the requests' fault: UNAVAILABLE; a lone bug: INTERNAL.
-            code = "UNAVAILABLE" if self.failed is not None else "INTERNAL"
-            self.engine.fail_all(f"engine step failed: {exc}", code)
-            if self.failed is not None and self._on_fatal is not None:
-                self._on_fatal(exc)
+            if self.engine.group.size > 1:  # the group's collectives are out of step: it must restart whole
+                self._fail(exc, f"engine step failed: {exc}")
+            else:  # a lone engine's step is all its own: it ends every request and steps on (_run fails if this raises)
+                self.engine.fail_all(f"engine step failed: {exc}", "INTERNAL")
             return False
+
+    def _fail(self, exc: Exception, error: str) -> None:
+        """Ends every live request UNAVAILABLE (the instance's state, not the requests' fault), refuses new ones and
+        tells the server, which stops serving so the process exits for its supervisor to restart it."""
+        with self._live_lock:
+            self.failed = exc  # first, so the failed requests' streams can tell an engine failure
+        try:
+            self.engine.fail_all(error, "UNAVAILABLE")
+        except Exception:  # its state is broken: the streams below still end
+            log.exception("failing the engine's requests failed too")
+        with self._live_lock:
+            unfinished, self._live = self._live, {}
+        for request_id, (on_output, prompt_tokens) in unfinished.items():  # not yet in the engine, or stuck there
+            on_output(RequestOutput(request_id, [], FinishReason.ABORT, prompt_tokens, 0, error, "UNAVAILABLE"))
+        if self._on_fatal is not None:
+            self._on_fatal(exc)

@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch
 
+from nanocp.limits import MAX_TEMPERATURE, MIN_TEMPERATURE
 from nanocp.model_config import ModelConfig
 from nanocp.worker.attention import PagedAttention, StaticPlan
 from nanocp.worker.cuda_graphs import DecodeGraphs, bucket_for, bucket_sizes
@@ -102,29 +103,42 @@ class ModelRunner:
         return tokens * min(self.model_config.experts_per_token, per_peer)
 
 
+NON_FINITE = -1  # the "token" of a row whose logits held NaN or inf: its request ends alone, with an error
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer: spreads seeds over the stream
 _MIX = (-4658895280553007687, -7723592293110705685)  # SplitMix64's multipliers, signed
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """logits: (rows, vocab) float32. Returns the chosen token ids (rows,) on the logits' device."""
+    """logits: (rows, vocab) float32. Returns the chosen token ids (rows,) on the logits' device.
+
+    Never raises, whatever the logits: a row whose logits are not all finite, or whose filtered mass vanished, gets
+    NON_FINITE instead of a token (found on the device, read with the tokens), so only its own request ends.
+    """
+    finite = torch.isfinite(logits).all(dim=-1)
+    logits = torch.where(finite[:, None], logits, 0.0)  # keeps a bad row's arithmetic harmless; it is dropped
     greedy = logits.argmax(dim=-1)
     if rows.all_greedy:
-        return greedy
+        return torch.where(finite, greedy, NON_FINITE)
     device, vocab = logits.device, logits.shape[-1]
+    # The limits refuse what lies outside these ranges; clamping again keeps a direct caller's value in them too.
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in rows.params], device=device)
+    temperature = temperature.clamp(MIN_TEMPERATURE, MAX_TEMPERATURE)
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in rows.params], device=device)
-    top_p = torch.tensor([p.top_p for p in rows.params], device=device)
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    top_p = torch.tensor([p.top_p for p in rows.params], device=device).clamp(torch.finfo(torch.float32).tiny, 1.0)
+    # Shifted by the row's maximum first, every scaled logit is <= 0 (or -inf), so softmax never meets inf - inf.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(shifted / temperature[:, None], dim=-1)
     probs = _filter(probs, top_k, top_p)
     cumulative = probs.cumsum(dim=-1)
-    needle = uniform(rows.seeds, rows.draws, device) * cumulative[:, -1]
+    mass = cumulative[:, -1]
+    needle = uniform(rows.seeds, rows.draws, device) * mass
     drawn = torch.searchsorted(cumulative, needle[:, None].to(cumulative.dtype), right=True).squeeze(1)
     # Rounding can put the needle at the very end: the last token of non-zero mass is the one it meant.
     last = vocab - 1 - (probs.flip(-1) > 0).to(torch.int64).argmax(dim=-1)
     drawn = torch.minimum(drawn, last)
     is_greedy = torch.tensor([p.greedy for p in rows.params], device=device)
-    return torch.where(is_greedy, greedy, drawn)
+    usable = finite & (is_greedy | (mass > 0))  # `mass > 0` is False for NaN too
+    return torch.where(usable, torch.where(is_greedy, greedy, drawn), NON_FINITE)
 
 
 def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from nanocp.limits import LimitError, check_request
+from nanocp.limits import LimitError, check_request, check_request_id
 from nanocp.model_config import ModelConfig
 from nanocp.placement import Footprint, Shard, asks_to_grow, check_shards, covered_tokens
 from nanocp.worker.config import EngineConfig
@@ -152,15 +152,34 @@ class Admission:
             problem = f"its shards cover {covered} positions, the request needs at least {needed}"
         if problem is not None:
             raise EngineError("INVALID_ARGUMENT", f"placement: {problem}")
+        self._check_quotas(shards, f" ({len(prompt)} prompt + {params.max_tokens} new tokens)")
+
+    def check_grown(self, shards: list[Shard]) -> None:
+        """Refuses a grown placement that no group could hold, whatever the request's current one."""
+        problem = check_shards(shards, self.group_size, self.config.page_size)
+        if problem is not None:
+            raise EngineError("INVALID_ARGUMENT", f"placement: {problem}")
+        self._check_quotas(shards, "")
+
+    def _check_quotas(self, shards: list[Shard], why: str) -> None:
+        """A shard's quota beyond a whole pool (the group's instances have alike pools) can never be held."""
         pages = max(s.page_quota for s in shards)
-        if pages > c.num_pages:
+        if pages > self.config.num_pages:
             raise EngineError(
                 "RESOURCE_EXHAUSTED",
-                f"the request needs {pages} KV pages ({len(prompt)} prompt + {params.max_tokens} new tokens); "
-                f"this instance has {c.num_pages} pages of {c.page_size} tokens",
+                f"the request needs {pages} KV pages on one instance{why}; "
+                f"this instance has {self.config.num_pages} pages of {self.config.page_size} tokens",
             )
 
     @staticmethod
+    def check_id(request_id: str) -> None:
+        try:
+            check_request_id(request_id)
+        except LimitError as exc:
+            raise EngineError("INVALID_ARGUMENT", str(exc)) from None
+
+    @staticmethod
     def check_new_id(request_id: str, live: Collection[str]) -> None:
+        Admission.check_id(request_id)
         if request_id in live:
             raise EngineError("ALREADY_EXISTS", f"request {request_id!r} is already running")

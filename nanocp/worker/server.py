@@ -164,8 +164,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 span.set_status(trace.StatusCode.ERROR, "the caller cancelled the stream")
                 self._engine_loop.abort(request.request_id)
 
+    async def _refuse(self, context: Any, exc: EngineError) -> None:
+        await context.abort(_STATUS[exc.code], f"instance {self._instance_id}: {exc}")
+
     async def Extend(self, request: worker_pb2.ExtendRequest, context: Any) -> worker_pb2.ExtendResponse:
         shards = [Shard(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None
+        try:  # what no request could grow into; whether it is this request's growth, its engine checks
+            self._engine.admission.check_id(request.request_id)
+            if shards is not None:
+                self._engine.admission.check_grown(shards)
+        except EngineError as exc:
+            await self._refuse(context, exc)
         if not self._engine_loop.extend(request.request_id, shards):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
@@ -173,6 +182,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.ExtendResponse()
 
     async def GetSteps(self, request: worker_pb2.GetStepsRequest, context: Any) -> worker_pb2.GetStepsResponse:
+        if request.after_step < 0 or request.limit < 0:
+            message = f"after_step ({request.after_step}) and limit ({request.limit}) must be >= 0"
+            await self._refuse(context, EngineError("INVALID_ARGUMENT", message))
         return worker_pb2.GetStepsResponse(
             steps=[
                 worker_pb2.StepRecord(
@@ -195,10 +207,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self._engine_loop.failed is not None:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"instance {self._instance_id}: its decode group failed ({self._engine_loop.failed}); it must restart",
+                f"instance {self._instance_id}: its engine failed ({self._engine_loop.failed}); it must restart",
             )
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: Any) -> worker_pb2.AbortResponse:
+        try:
+            self._engine.admission.check_id(request.request_id)
+        except EngineError as exc:
+            await self._refuse(context, exc)
         if not self._engine_loop.abort(request.request_id):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"instance {self._instance_id} has no request {request.request_id!r}"
@@ -255,7 +271,7 @@ class WorkerServer:
 
     @property
     def failure(self) -> Exception | None:
-        """Why the decode group failed, once it has: the process must then exit so the group restarts whole."""
+        """Why the engine (or its decode group) failed, once it has: the process must then exit so it restarts."""
         return self._engine_loop.failed
 
     async def stop(self, grace: float | None = None) -> None:
@@ -310,7 +326,7 @@ async def serve_worker(
     stopping: list[asyncio.Task[None]] = []
 
     def on_fatal(exc: Exception) -> None:  # on the engine thread
-        log.error("worker %s: decode group %s failed: %s; stopping", instance_id, spec.name, exc)
+        log.error("worker %s (decode group %s) failed: %s; stopping", instance_id, spec.name, exc)
         loop.call_soon_threadsafe(lambda: stopping.append(loop.create_task(worker.stop(grace=1.0))))
 
     engine_loop = EngineLoop(engine, on_fatal)
