@@ -14,7 +14,6 @@ from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
 from nanocp.router.http.app import create_app
-from nanocp.router.http.chat_template import ChatTemplate
 from nanocp.router.http.pool_metrics import PoolMetrics
 from nanocp.router.http.server import HttpServer
 from nanocp.router.metrics import RouterCollector
@@ -125,8 +124,7 @@ async def serve_router(
             host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)], metrics
         )
         if http_port is not None:
-            template = ChatTemplate.load(model_config)
-            app = create_app(servicer, registry, model_config.name, tokenizer, template, servicer.latency.registry)
+            app = create_app(servicer, registry, model_config, tokenizer, servicer.latency.registry)
             http = await HttpServer.start(app, host, http_port)
     except BaseException:
         if server is not None:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from nanocp.model_config import ModelConfig
 from nanocp.router.errors import InvalidRequest, RequestError
 from nanocp.router.http.chat_template import ChatTemplate
 from nanocp.router.http.choices import Choices, Delta, Failed
@@ -159,11 +160,13 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
 def create_app(
     servicer: RouterServicer,
     registry: WorkerRegistry,
-    model: str,
+    model_config: ModelConfig,
     tokenizer: Tokenizer | None,
-    template: ChatTemplate | None,
     metrics: CollectorRegistry,
 ) -> FastAPI:
+    """The API of `servicer`'s request path; `metrics` is served on /metrics."""
+    model = model_config.name
+    template = ChatTemplate.load(model_config)
     api = Api(servicer, model, tokenizer)
     app = FastAPI(title="nanocp", summary="OpenAI-compatible API of the nanocp router")
     app.add_exception_handler(RequestValidationError, _validation_error)
