@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import Cluster, StartCluster
+from conftest import Cluster, StartCluster, write_model_config
 
+from nanocp.model_config import load_model_config
 from nanocp.router.http.chat_template import BUILT_IN, ChatTemplate
+from nanocp.router.http.choices import StopStrings
 from nanocp.router.http.schema import ChatMessage
+from nanocp.router.server import serve_router
 
 LONG = {"ignore_eos": True}  # random weights may sample EOS early: these tests want the length they ask for
 
@@ -73,6 +77,22 @@ async def test_chat_uses_the_template_and_streams_role_then_content(client: open
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "emitted", "stopped"),
+    [
+        pytest.param(["ab", "c"], ["ab", "c"], False, id="no_stop_string"),
+        pytest.param(["abE", "ND", "x"], ["ab", ""], True, id="held_back_then_matched"),
+        pytest.param(["xE", "Y"], ["x", "EY"], False, id="held_back_then_released"),
+        pytest.param(["a##b"], ["a"], True, id="the_earliest_of_two"),
+    ],
+)
+def test_stop_strings_hold_back_what_may_start_one(pieces: list[str], emitted: list[str], stopped: bool) -> None:
+    strings = StopStrings(["END", "##"])
+    results = [strings.push(piece) for piece in pieces[: len(emitted)]]
+    assert [text for text, _ in results] == emitted
+    assert results[-1][1] is stopped
 
 
 def test_built_in_template_renders_role_tagged_turns_and_opens_the_reply() -> None:
@@ -146,3 +166,31 @@ async def test_sse_wire_format_is_data_events_ending_in_done(http_cluster: Clust
     assert {p["object"] for p in payloads} == {"text_completion"}
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
     assert "usage" not in payloads[0]  # only with stream_options.include_usage
+
+
+QWEN_STYLE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_checkpoint_template_comes_from_tokenizer_config_with_its_special_tokens(tmp_path: Path) -> None:
+    write_model_config(tmp_path)
+    config = {"chat_template": QWEN_STYLE + "{{ bos_token }}", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    template = ChatTemplate.load(load_model_config(str(tmp_path)))
+    assert template is not None
+    rendered = template.render([ChatMessage(role="user", content="Hi")])
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<s>"
+
+
+async def test_chat_on_a_checkpoint_without_a_template_is_400_pointing_to_completions(tmp_path: Path) -> None:
+    write_model_config(tmp_path)
+    router = await serve_router(str(tmp_path), [], "127.0.0.1", 0, http_port=0)
+    try:
+        base = f"http://127.0.0.1:{router.http_port}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0) as client:
+            with pytest.raises(openai.BadRequestError, match=r"no chat template .*use /v1/completions"):
+                await client.chat.completions.create(model=tmp_path.name, messages=[{"role": "user", "content": "x"}])
+    finally:
+        await router.stop()
