@@ -5,6 +5,7 @@ trace context carried from HTTP headers into the router's span."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -188,3 +189,18 @@ async def test_traceparent_header_makes_the_router_span_a_child_of_the_caller(
     assert format(router.context.trace_id, "032x") == trace_id
     assert router.parent is not None and format(router.parent.span_id, "016x") == parent_id
     assert router.attributes is not None and router.attributes["gen_ai.operation.name"] == "chat"
+
+
+async def test_failure_after_the_stream_began_is_an_error_event_then_done(http_cluster: Cluster) -> None:
+    body = {"model": "tiny", "prompt": [1, 2, 3], "stream": True, **BIG}
+    async with (
+        httpx.AsyncClient(base_url=http_cluster.http_url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: {")
+        await http_cluster.kill_worker("w0")  # the only one: nowhere else to go
+        events = [line async for line in lines if line]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert events[-1] == "data: [DONE]"
+    assert error["code"] == "unavailable" and "instance" in error["message"]
