@@ -60,6 +60,7 @@ async def test_bad_request_is_400_with_the_grpc_message(
         pytest.param({"n": 65}, "at most 64", id="too_many_choices"),
         pytest.param({"best_of": 3}, "best_of: not supported", id="best_of"),
         pytest.param({"stop": [""]}, "stop: a stop string must not be empty", id="empty_stop"),
+        pytest.param({"stop": ["x"] * 17}, "stop: at most 16 strings", id="too_many_stops"),
         pytest.param({"seed": -1}, "seed must be in", id="negative_seed"),
         pytest.param({"max_tokens": 2**40}, "max_tokens: 1099511627776 is out of range", id="beyond_int32"),
         pytest.param({"max_tokens": "many"}, "max_tokens: Input should be a valid integer", id="wrong_type"),

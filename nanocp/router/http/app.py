@@ -59,22 +59,24 @@ class Api:
         operation = "chat" if chat else "text_completion"
         choices = Choices(self.servicer, planned.choices, planned.stop, parent, operation, self.prompt_tokens)
         shape = Shape(chat, planned.id, self.model)
+        streaming = False
         try:
             first = await _until_disconnected(http, _first_events(choices, len(planned.choices), planned.stream))
+            if first is None:
+                return Response(status_code=CLIENT_CLOSED)
+            if planned.stream:  # from here on the stream's own generator aborts the choices when it ends
+                streaming = True
+                events = _sse(choices, first, planned, shape)
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            answers = [Answer() for _ in planned.choices]
+            for event in first:
+                answers[event.index].add(event)
+            return JSONResponse(shape.whole(answers, planned.n))
         except RequestError as exc:
-            choices.cancel()
             return error_response(exc)
-        if first is None:
-            choices.cancel()
-            return Response(status_code=CLIENT_CLOSED)
-        if planned.stream:
-            events = _sse(choices, first, planned, shape)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices.cancel()  # all finished: a no-op
-        answers = [Answer() for _ in planned.choices]
-        for event in first:
-            answers[event.index].add(event)
-        return JSONResponse(shape.whole(answers, planned.n))
+        finally:
+            if not streaming:  # a failure, a client gone, or this handler cancelled (shutdown): abort the rest
+                choices.cancel()
 
 
 async def _first_events(choices: Choices, count: int, stream: bool) -> list[Delta]:

@@ -18,6 +18,7 @@ from nanocp.router.http.schema import ChatCompletionRequest, CompletionRequest, 
 from nanocp.v1 import common_pb2, router_pb2
 
 MAX_CHOICES = 64  # prompts x n in one body: each is a request of its own, admitted and placed apart
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # matching costs text x stop strings at every token
 
 # Fields that would change the result and that nanocp does not implement, with the value that means "off".
 _UNSUPPORTED: dict[str, Any] = {
@@ -108,6 +109,8 @@ def _plan(body: SamplingFields, prompts: list[router_pb2.GenerateRequest], kind:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise InvalidRequest("stop: a stop string must not be empty")
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidRequest(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each")
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     choices = _choices(prompts, body, sampling)
     return Plan(f"{kind}-{uuid.uuid4().hex}", choices, body.n, stop, body.stream, include_usage)
