@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -99,14 +99,14 @@ class Choices:
     async def _pump(
         self,
         index: int,
-        responses: AsyncIterator[router_pb2.GenerateResponse],
+        responses: AsyncGenerator[router_pb2.GenerateResponse],
         request: router_pb2.GenerateRequest,
         stop: Sequence[str],
     ) -> None:
         strings = StopStrings(stop)
         tokens = 0
         try:
-            async with aclosing(responses) as stream:  # type: ignore[type-var]
+            async with aclosing(responses) as stream:
                 async for response in stream:
                     tokens += len(response.token_ids)
                     text, stopped = strings.push(response.text)
