@@ -27,6 +27,6 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. $(fin
 RUN useradd --create-home --uid 10001 nanocp
 USER nanocp
 ENV HOME=/home/nanocp
-EXPOSE 50051 50061 29500
+EXPOSE 50051 8000 50061 29500
 ENTRYPOINT ["nanocp"]
 CMD ["--help"]

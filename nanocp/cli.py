@@ -128,6 +128,7 @@ def _router(args: argparse.Namespace) -> None:
             args.queue_size,
             reserve_output_tokens=args.reserve_output_tokens,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
             discovery=discovery,
         )
     )
@@ -137,7 +138,20 @@ def _run(args: argparse.Namespace) -> None:
     from nanocp.embedded import run
 
     router_args = ["--policy", args.policy, "--shard-tokens", str(args.shard_tokens)]
-    run(args.model, args.workers, args.requests, args.long_every, args.long_tokens, args.interval, router_args)
+    http_port = args.http_port or None
+    if http_port is not None:
+        router_args += ["--http-port", str(http_port)]
+    run(
+        args.model,
+        args.workers,
+        args.requests,
+        args.long_every,
+        args.long_tokens,
+        args.interval,
+        router_args,
+        http_port,
+        args.serve,
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -199,6 +213,10 @@ def _add_run(commands: Commands) -> None:
     run.add_argument(
         "--shard-tokens", type=int, default=512, help="dcp: KV tokens a shard should hold at most (default 512)"
     )
+    run.add_argument(
+        "--http-port", type=int, default=8000, help="the router's OpenAI-compatible HTTP API (default 8000; 0: off)"
+    )
+    run.add_argument("--serve", action="store_true", help="after the workload, keep the cluster serving until Ctrl-C")
     run.set_defaults(func=_run)
 
 
@@ -289,6 +307,13 @@ def _add_router(commands: Commands) -> None:
     router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
     router.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
+    )
+    router.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics) on this port (default: off)",
     )
     router.add_argument(
         "--reserve-output-tokens",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -263,6 +265,21 @@ def trace_table(spans: list[ReceivedSpan], streams: list[Stream], shown: int = 6
     return table
 
 
+def serve_until_signalled(router: str, http_port: int | None, console: Console) -> None:
+    """Keeps the cluster up for the user's own clients until Ctrl-C (SIGINT) or SIGTERM."""
+    stop = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
+    http = f", OpenAI-compatible HTTP on http://127.0.0.1:{http_port}/v1" if http_port else ""
+    console.print(f"serving: gRPC on {router}{http}; Ctrl-C stops", highlight=False)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(
     model: str,
     num_workers: int,
@@ -271,8 +288,11 @@ def run(
     long_tokens: int,
     interval: float,
     router_args: list[str],
+    http_port: int | None = None,
+    serve: bool = False,
 ) -> None:
-    """`router_args` pass through to `nanocp router` (policy and its settings)."""
+    """`router_args` pass through to `nanocp router` (policy and its settings; the HTTP API on `http_port`).
+    `serve`: after the workload, keep the cluster serving until SIGINT or SIGTERM."""
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables
     streams = workload(num_requests, long_every, long_tokens)
     # Traces go to a receiver of our own, unless the OTEL_* variables send them elsewhere (or turn them off).
@@ -288,10 +308,12 @@ def run(
             peaks = asyncio.run(drive(cluster.router, streams, console, interval, random_weights))
             wall = time.perf_counter() - start
             logs = asyncio.run(step_logs(cluster.workers))
-        for table in summary(streams, peaks, wall):
-            console.print(table)
-        if num_workers > 1:
-            console.print(straggler_table(logs, [f"w{i}" for i in range(num_workers)]))
+            for table in summary(streams, peaks, wall):
+                console.print(table)
+            if num_workers > 1:
+                console.print(straggler_table(logs, [f"w{i}" for i in range(num_workers)]))
+            if serve:
+                serve_until_signalled(cluster.router, http_port, console)
         if receiver is not None:  # every process sent its last spans as it stopped
             console.print(trace_table(receiver.spans(), streams))
             console.print(

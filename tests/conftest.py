@@ -68,6 +68,10 @@ class Cluster:
     def address(self) -> str:
         return f"{HOST}:{self.router.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.router.http_port}"
+
     def worker_address(self, instance_id: str) -> str:
         return f"{HOST}:{self.workers[instance_id].port}"
 
@@ -110,7 +114,9 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
         queue_size: int = 8,
         tracer_provider: TracerProvider | None = None,
         step_spans_every: int = STEP_SPANS_EVERY,
+        http: bool = False,
     ) -> Cluster:
+        """`http`: the router serves its OpenAI-compatible HTTP API too (Cluster.http_url)."""
         config = EngineConfig(page_size=16, num_pages=num_pages, max_step_tokens=64, max_running=8)
         servers = {
             f"w{i}": await serve_worker(
@@ -126,6 +132,7 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
             queue_size=queue_size,
             heartbeat_s=HEARTBEAT_S,
             tracer_provider=tracer_provider,
+            http_port=0 if http else None,
         )
         cluster = Cluster(router, servers, AsyncClient(f"{HOST}:{router.port}"), config, tracer_provider)
         clusters.append(cluster)

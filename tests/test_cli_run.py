@@ -15,6 +15,7 @@ from nanocp.embedded import Stream, has_random_weights, latest_output
 
 def test_nanocp_run_streams_a_mixed_workload_and_leaves_no_process_behind() -> None:
     command = [sys.executable, "-m", "nanocp", "run", "--requests", "4", "--long-every", "2", "--long-tokens", "600"]
+    command += ["--http-port", "0"]  # no HTTP API: port 8000 may be taken here (tests/test_http_run.py serves it)
     # Its own process group, so anything it leaves behind can be found afterwards.
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # traces go to the run's own receiver
     with subprocess.Popen(

@@ -1,17 +1,23 @@
 """The Helm chart, checked by the real helm binary (installed by `make test`, see scripts/install_helm.py).
 
 Every values file in helm/nanocp/ci is linted and rendered; the rendered manifests are validated offline against the
-Kubernetes OpenAPI schemas (kubernetes-validate, strict) and their key properties asserted. Bad values must fail
-with a message that names the problem.
+Kubernetes OpenAPI schemas (kubernetes-validate, strict) and their key properties asserted. Custom resources of the
+Gateway API and its Inference Extension (InferencePool, HTTPRoute) are validated against their CRDs' schemas, kept in
+tests/crds (each names the release it was taken from), with jsonschema and a strict check for unknown fields; their
+CEL rules (x-kubernetes-validations) are left to the API server. Bad values must fail with a message that names the
+problem.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -25,6 +31,32 @@ HELM = shutil.which("helm", path=str(ROOT / ".venv" / "bin")) or shutil.which("h
 pytestmark = pytest.mark.skipif(HELM is None, reason="no helm binary: `make test` installs it into .venv/bin")
 
 Manifest = dict[str, Any]
+CRD_SCHEMAS = {
+    (f"{crd['group']}/{crd['version']}", crd["kind"]): crd["openAPIV3Schema"]
+    for crd in (json.loads(path.read_text()) for path in (ROOT / "tests" / "crds").glob("*.json"))
+}
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> Iterator[str]:
+    """Fields the schema does not define: the API server would prune them silently, so a typo would go unseen."""
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            yield from unknown_fields(item, schema["items"], f"{path}[{i}]")
+    elif isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        properties, others = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():
+            if properties is not None and key in properties:
+                yield from unknown_fields(item, properties[key], f"{path}.{key}")
+            elif isinstance(others, dict):
+                yield from unknown_fields(item, others, f"{path}.{key}")
+            elif properties is not None:
+                yield f"{path}.{key}"
+
+
+def validate_custom_resource(manifest: Manifest) -> None:
+    schema = CRD_SCHEMAS[(manifest["apiVersion"], manifest["kind"])]
+    jsonschema.validate(manifest, schema)
+    assert list(unknown_fields(manifest, schema)) == []
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +97,10 @@ def test_chart_lints_renders_and_validates(values: Path) -> None:
     for manifest in manifests:
         if manifest["kind"] == "LeaderWorkerSet":  # a CRD: not in the core schemas
             continue
-        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        if (manifest["apiVersion"], manifest["kind"]) in CRD_SCHEMAS:
+            validate_custom_resource(manifest)
+        else:
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
     for pod in worker_pods(manifests):
         (container,) = pod["spec"]["containers"]
         resources = container["resources"]
@@ -181,6 +216,12 @@ def test_lws_kueue_rdma_tracing_and_network_policy_options() -> None:
         (["workers.shm.sizeLimit=lots"], "at '/workers/shm/sizeLimit'"),
         (["numExperts=7"], "numExperts (7) must be divisible by workers.groupSize (2)"),
         (["policy.cpDegree=4"], "policy.cpDegree (4) can not exceed workers.groupSize (2)"),
+        (["inferencePool.enabled=true", "router.httpPort=null"], "inferencePool.enabled needs router.httpPort"),
+        (
+            ["inferencePool.enabled=true", "inferencePool.httpRoute.enabled=true"],
+            "needs inferencePool.httpRoute.parentRefs",
+        ),
+        (["inferencePool.endpointPicker.failureMode=Maybe"], "at '/inferencePool/endpointPicker/failureMode'"),
     ],
 )
 def test_bad_values_are_rejected_with_a_clear_message(values: list[str], message: str) -> None:
@@ -195,3 +236,43 @@ def test_notes_tell_how_to_reach_the_router() -> None:
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward svc/r-nanocp-router 50051:50051" in notes
     assert "nanocp generate --router 127.0.0.1:50051" in notes
+    assert "port-forward svc/r-nanocp-router 8000:8000" in notes and '"model": "tiny"' in notes
+
+
+def test_router_serves_http_and_the_inference_pool_routes_a_gateway_to_it() -> None:
+    default = render_file("default-values.yaml")
+    (router,) = of_kind(default, "Deployment")
+    container = router["spec"]["template"]["spec"]["containers"][0]
+    assert "--http-port=8000" in container["args"]
+    assert {"name": "http", "containerPort": 8000} in container["ports"]
+    service = next(s for s in of_kind(default, "Service") if s["metadata"]["name"] == router["metadata"]["name"])
+    assert {"name": "http", "port": 8000, "targetPort": "http"} in service["spec"]["ports"]
+    assert not of_kind(default, "InferencePool") and not of_kind(default, "HTTPRoute")
+
+    manifests = render_file("inferencepool-values.yaml")
+    (pool,) = of_kind(manifests, "InferencePool")
+    router_labels = of_kind(manifests, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= router_labels.items()
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+    assert pool["spec"]["endpointPickerRef"] == {
+        "name": "nanocp-epp",
+        "port": {"number": 9002},
+        "failureMode": "FailOpen",
+    }
+    (route,) = of_kind(manifests, "HTTPRoute")
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "r-nanocp"}
+    ]
+    assert route["spec"]["parentRefs"] == [{"name": "inference-gateway", "sectionName": "http"}]
+
+    policies = of_kind(render_file("networkpolicy-values.yaml"), "NetworkPolicy")
+    (router_policy,) = [p for p in policies if p["metadata"]["name"] == "r-nanocp-router"]
+    assert {"port": 8000} in router_policy["spec"]["ingress"][0]["ports"]
+
+
+def test_custom_resources_are_checked_for_unknown_fields() -> None:
+    (pool,) = of_kind(render_file("inferencepool-values.yaml"), "InferencePool")
+    pool["spec"]["targetPort"] = 8000  # a typo of targetPorts
+    with pytest.raises(AssertionError, match=r"'\.spec\.targetPort'"):
+        validate_custom_resource(pool)

@@ -20,33 +20,35 @@ from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
 TINY = PRESETS["tiny"]  # vocab 384, context 4096
 
 
-@pytest.mark.parametrize(
-    ("prompt", "params", "field"),
-    [
-        pytest.param("", {}, "prompt is empty", id="empty_text"),
-        pytest.param([], {}, "prompt is empty", id="empty_token_ids"),
-        pytest.param([1, 384], {}, "token_ids[1] = 384", id="token_id_at_vocab_size"),
-        pytest.param([-1], {}, "token_ids[0] = -1", id="negative_token_id"),
-        pytest.param([1] * 4096, {}, "prompt: 4096 tokens", id="prompt_fills_the_context"),
-        pytest.param([1] * 5000, {}, "prompt: 5000 tokens", id="prompt_beyond_the_context"),
-        pytest.param([1], {"max_tokens": 0}, "sampling.max_tokens must be at least 1", id="zero_max_tokens"),
-        pytest.param([1], {"max_tokens": -5}, "sampling.max_tokens must be at least 1", id="negative_max_tokens"),
-        pytest.param([1] * 100, {"max_tokens": 4000}, "sampling.max_tokens: prompt (100)", id="beyond_context"),
-        pytest.param(
-            [1], {"temperature": -0.5}, "sampling.temperature must be 0 (greedy) or in", id="negative_temperature"
-        ),
-        pytest.param([1], {"temperature": 1e-40}, "in [0.01, 100], got 9.99995e-41", id="subnormal_temperature"),
-        pytest.param([1], {"temperature": 0.0099}, "in [0.01, 100], got 0.0099", id="temperature_below_the_floor"),
-        pytest.param([1], {"temperature": 1e30}, "in [0.01, 100], got 1e+30", id="huge_temperature"),
-        pytest.param([1], {"temperature": float("inf")}, "in [0.01, 100], got inf", id="infinite_temperature"),
-        pytest.param([1], {"temperature": float("nan")}, "in [0.01, 100], got nan", id="nan_temperature"),
-        pytest.param([1], {"top_p": float("nan")}, "sampling.top_p must be in (0, 1]", id="nan_top_p"),
-        pytest.param([1], {"top_p": 0.0}, "sampling.top_p must be in (0, 1]", id="zero_top_p"),
-        pytest.param([1], {"top_p": 1.5}, "sampling.top_p must be in (0, 1]", id="top_p_above_one"),
-        pytest.param([1], {"top_k": -1}, "sampling.top_k must be >= 0", id="negative_top_k"),
-        pytest.param([1], {"stop_token_ids": [999]}, "sampling.stop_token_ids[0] = 999", id="stop_token_outside"),
-    ],
-)
+# Bad inputs and the words their message must hold: the HTTP API is checked against the same table
+# (tests/test_http_errors.py), since both faces run the one validation.
+BAD_REQUESTS = [
+    pytest.param("", {}, "prompt is empty", id="empty_text"),
+    pytest.param([], {}, "prompt is empty", id="empty_token_ids"),
+    pytest.param([1, 384], {}, "token_ids[1] = 384", id="token_id_at_vocab_size"),
+    pytest.param([-1], {}, "token_ids[0] = -1", id="negative_token_id"),
+    pytest.param([1] * 4096, {}, "prompt: 4096 tokens", id="prompt_fills_the_context"),
+    pytest.param([1] * 5000, {}, "prompt: 5000 tokens", id="prompt_beyond_the_context"),
+    pytest.param([1], {"max_tokens": 0}, "sampling.max_tokens must be at least 1", id="zero_max_tokens"),
+    pytest.param([1], {"max_tokens": -5}, "sampling.max_tokens must be at least 1", id="negative_max_tokens"),
+    pytest.param([1] * 100, {"max_tokens": 4000}, "sampling.max_tokens: prompt (100)", id="beyond_context"),
+    pytest.param(
+        [1], {"temperature": -0.5}, "sampling.temperature must be 0 (greedy) or in", id="negative_temperature"
+    ),
+    pytest.param([1], {"temperature": 1e-40}, "in [0.01, 100], got 9.99995e-41", id="subnormal_temperature"),
+    pytest.param([1], {"temperature": 0.0099}, "in [0.01, 100], got 0.0099", id="temperature_below_the_floor"),
+    pytest.param([1], {"temperature": 1e30}, "in [0.01, 100], got 1e+30", id="huge_temperature"),
+    pytest.param([1], {"temperature": float("inf")}, "in [0.01, 100], got inf", id="infinite_temperature"),
+    pytest.param([1], {"temperature": float("nan")}, "in [0.01, 100], got nan", id="nan_temperature"),
+    pytest.param([1], {"top_p": float("nan")}, "sampling.top_p must be in (0, 1]", id="nan_top_p"),
+    pytest.param([1], {"top_p": 0.0}, "sampling.top_p must be in (0, 1]", id="zero_top_p"),
+    pytest.param([1], {"top_p": 1.5}, "sampling.top_p must be in (0, 1]", id="top_p_above_one"),
+    pytest.param([1], {"top_k": -1}, "sampling.top_k must be >= 0", id="negative_top_k"),
+    pytest.param([1], {"stop_token_ids": [999]}, "sampling.stop_token_ids[0] = 999", id="stop_token_outside"),
+]
+
+
+@pytest.mark.parametrize(("prompt", "params", "field"), BAD_REQUESTS)
 async def test_bad_request_is_invalid_argument_naming_the_field(
     cluster: Cluster, prompt: str | list[int], params: dict[str, Any], field: str
 ) -> None:

@@ -19,7 +19,7 @@ import grpc
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.accounting import Ledger
-from nanocp.router.errors import RequestError
+from nanocp.router.errors import NeverFits, RequestError
 from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.registry import WorkerRegistry
 
@@ -186,7 +186,7 @@ class Admission:
         instances = [self._ledger.load(i) for i in self._registry.instances() if i.info is not None]
         problem = self.queue.never_fits(footprint, instances)
         if problem is not None:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+            raise NeverFits(problem)
         if not self._registry.placeable():
             described = "; ".join(f"{i.name}: {self._registry.problem(i)}" for i in self._registry.instances())
             raise RequestError(

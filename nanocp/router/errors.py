@@ -15,3 +15,11 @@ class RequestError(Exception):
 class InvalidRequest(RequestError):
     def __init__(self, message: str) -> None:
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class NeverFits(RequestError):
+    """RESOURCE_EXHAUSTED for a request too large for the cluster even when idle: retrying cannot help (HTTP 400),
+    unlike a full admission queue or a placement that cannot grow (HTTP 429)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

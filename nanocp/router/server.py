@@ -1,4 +1,5 @@
-"""Wires the router together and serves it: registry, ledger, policy, admission queue and the gRPC API."""
+"""Wires the router together and serves it: registry, ledger, policy, admission queue, the gRPC API and the
+OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
+from nanocp.router.http.app import create_app
+from nanocp.router.http.pool_metrics import PoolMetrics
+from nanocp.router.http.server import HttpServer
 from nanocp.router.metrics import RouterCollector
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
@@ -29,8 +33,10 @@ class RouterServer:
         server: GrpcServer,
         registry: WorkerRegistry,
         discovery: asyncio.Task[None] | None = None,
+        http: HttpServer | None = None,
     ) -> None:
         self._server = server
+        self._http = http
         self._registry = registry
         self._discovery = discovery
 
@@ -42,7 +48,13 @@ class RouterServer:
     def port(self) -> int:
         return self._server.port
 
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
     async def stop(self, grace: float | None = None) -> None:
+        if self._http is not None:
+            await self._http.stop(grace)
         await self._server.stop(grace)
         await _cancel(self._discovery)
         await self._registry.stop()
@@ -61,6 +73,7 @@ async def serve_router(
     *,
     reserve_output_tokens: int | None = None,
     metrics_port: int | None = None,
+    http_port: int | None = None,
     heartbeat_s: float = 1.0,
     tracer_provider: trace.TracerProvider | None = None,
     discovery: Discovery | None = None,
@@ -69,7 +82,8 @@ async def serve_router(
 
     `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
     A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
-    `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
+    `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port. `http_port` serves the
+    OpenAI-compatible HTTP API (nanocp.router.http) on the same host; None: gRPC only.
     """
     model_config = load_model_config(model)
     placement_policy = policy or make_policy("static")
@@ -82,9 +96,10 @@ async def serve_router(
         admission.pump()  # an instance that came back may take waiting requests
 
     registry.on_load = on_load
+    tokenizer = load_tokenizer(model_config)
     servicer = RouterServicer(
         model_config,
-        load_tokenizer(model_config),
+        tokenizer,
         registry,
         ledger,
         admission,
@@ -97,15 +112,23 @@ async def serve_router(
         await StaticDiscovery(workers).run(registry)
     else:
         discovering = asyncio.create_task(discovery.run(registry), name="discovery")
+    # The Inference Extension's model-server gauges: on the HTTP port's /metrics, and on the metrics port
+    servicer.latency.registry.register(PoolMetrics(model_config.name, registry, ledger, admission, servicer.placements))
     metrics = None
     if metrics_port is not None:
         servicer.latency.registry.register(RouterCollector(registry, ledger, admission, servicer.placements))
         metrics = (servicer.latency.registry, metrics_port)
+    server = http = None
     try:
         server = await GrpcServer.start(
             host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)], metrics
         )
+        if http_port is not None:
+            app = create_app(servicer, registry, model_config, tokenizer, servicer.latency.registry)
+            http = await HttpServer.start(app, host, http_port)
     except BaseException:
+        if server is not None:
+            await server.stop()
         await _cancel(discovering)
         await registry.stop()
         raise
@@ -119,7 +142,7 @@ async def serve_router(
         ready,
         len(registry.instances()),
     )
-    return RouterServer(server, registry, discovering)
+    return RouterServer(server, registry, discovering, http)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

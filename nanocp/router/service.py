@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
 
 from nanocp.internal.v1 import worker_pb2
@@ -99,23 +100,44 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        try:
+            parent = extract_context(context.invocation_metadata())
+            async with aclosing(self.generate(request, context, parent)) as responses:
+                async for response in responses:
+                    yield response
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def generate(
+        self,
+        request: router_pb2.GenerateRequest,
+        deadline: Any,
+        parent: Context,
+        operation: str = "text_completion",
+    ) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        """The one request path of every face (gRPC Generate, the HTTP API in nanocp.router.http): validation,
+        admission, placement, the relay, tracing and metrics. Raises RequestError.
+
+        `deadline` answers time_remaining() (a grpc context does; None: no deadline); `parent` is the caller's trace
+        context; `operation` the GenAI operation name (text_completion, chat).
+        """
         # Follows the OpenTelemetry GenAI conventions; the worker's span becomes its child through the call metadata.
         span = self._tracer.start_span(
-            f"text_completion {self._model.name}",
-            context=extract_context(context.invocation_metadata()),
+            f"{operation} {self._model.name}",
+            context=parent,
             kind=trace.SpanKind.SERVER,
-            attributes={"gen_ai.operation.name": "text_completion", "gen_ai.request.model": self._model.name},
+            attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": self._model.name},
         )
         # Ended by hand, never made current: grpc may close this generator from another context. The inner
         # generators are closed explicitly (aclosing) so their cleanup runs now, whichever way the stream ends.
         try:
-            async with aclosing(self._generate(request, context, span)) as responses:
+            async with aclosing(self._generate(request, deadline, span)) as responses:
                 async for response in responses:
                     yield response
         except RequestError as exc:
             span.set_attribute("error.type", exc.code.name)
             span.set_status(trace.StatusCode.ERROR, exc.message)
-            await context.abort(exc.code, exc.message)
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             span.set_attribute("error.type", "CANCELLED")
             span.set_status(trace.StatusCode.ERROR, "cancelled by the client or its deadline")

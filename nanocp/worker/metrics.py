@@ -75,3 +75,8 @@ class LoadCollector(Collector):
         yield GaugeMetricFamily("nanocp_kv_pages_total", "KV pages of this instance", value=load.pages_total)
         yield GaugeMetricFamily("nanocp_requests_running", "home requests in the running batch", value=load.running)
         yield GaugeMetricFamily("nanocp_requests_waiting", "home requests waiting to run", value=load.waiting)
+        # The same load under the names of the Gateway API Inference Extension's model-server protocol (vLLM's).
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "home requests waiting to run", value=load.waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "home requests running", value=load.running)
+        usage = load.pages_in_use / load.pages_total if load.pages_total else 0.0
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV pages in use over all (1 is full)", value=usage)
