@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 
 from nanocp.client import AsyncClient
 from nanocp.harness.offline_group import free_port
+from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.server import RouterServer, serve_router
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.v1 import router_pb2
@@ -110,6 +111,7 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
         queue_size: int = 8,
         tracer_provider: TracerProvider | None = None,
         step_spans_every: int = STEP_SPANS_EVERY,
+        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
     ) -> Cluster:
         config = EngineConfig(page_size=16, num_pages=num_pages, max_step_tokens=64, max_running=8)
         servers = {
@@ -126,6 +128,7 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
             queue_size=queue_size,
             heartbeat_s=HEARTBEAT_S,
             tracer_provider=tracer_provider,
+            max_migrations=max_migrations,
         )
         cluster = Cluster(router, servers, AsyncClient(f"{HOST}:{router.port}"), config, tracer_provider)
         clusters.append(cluster)
