@@ -111,7 +111,9 @@ class Migrator:
         when it is aborted while waiting for room. Takes over `failed`: held, or released when it does not move."""
         if progress.migrations >= self.max_migrations:
             self._admission.release(failed)  # nothing moves: its stream ends now, as without migration
-            raise lost.but(f"it moved {progress.migrations} times already") if progress.migrations else lost
+            if progress.migrations:
+                raise lost.but(f"it moved {progress.migrations} time(s) already, as often as --max-migrations allows")
+            raise lost
         self._held.append(failed)
         if not self._registry.placeable():
             raise lost.but("no healthy decode group is left to take it")
