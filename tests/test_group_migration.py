@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +39,13 @@ REQUESTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Groups:
-    """Groups a (instances a0, a1) and b (b0, b1); a is the one that fails."""
+    """Groups a (instances a0, a1) and b (b0, b1), by name."""
 
-    a: ProcessGroup
-    b: ProcessGroup
+    groups: dict[str, ProcessGroup]
+
+    @classmethod
+    def start(cls) -> Groups:
+        return cls({name: cls.start_group(name, [free_port(), free_port()]) for name in "ab"})
 
     @staticmethod
     def start_group(name: str, ports: list[int]) -> ProcessGroup:
@@ -49,30 +53,36 @@ class Groups:
 
     @property
     def addresses(self) -> list[str]:
-        return [f"{HOST}:{p}" for p in self.a.ports + self.b.ports]
+        return [f"{HOST}:{port}" for group in self.groups.values() for port in group.ports]
 
-    def restart_a(self) -> None:
-        for process in self.a.processes:
+    def process(self, instance_id: str) -> subprocess.Popen[bytes]:
+        return self.groups[instance_id[0]].processes[int(instance_id[1:])]
+
+    def restart(self, name: str) -> None:
+        group = self.groups[name]
+        for process in group.processes:
             if process.poll() is None:
                 os.kill(process.pid, signal.SIGCONT)  # a stalled member must be able to die
-        self.a.kill()
-        self.a = self.start_group("a", self.a.ports)
+        group.kill()
+        self.groups[name] = self.start_group(name, group.ports)
+
+    def kill(self) -> None:
+        for group in self.groups.values():
+            group.kill()
 
 
 @pytest.fixture(scope="module")
 def groups() -> Iterator[Groups]:
-    started = Groups(
-        Groups.start_group("a", [free_port(), free_port()]), Groups.start_group("b", [free_port(), free_port()])
-    )
+    started = Groups.start()
     yield started
-    started.a.kill()
-    started.b.kill()
+    started.kill()
 
 
 @pytest.fixture
 async def client(groups: Groups) -> AsyncIterator[AsyncClient]:
-    if any(p.poll() is not None for p in groups.a.processes):  # a test before failed it
-        groups.restart_a()
+    for name, group in groups.groups.items():
+        if any(p.poll() is not None for p in group.processes):  # a test before failed it
+            groups.restart(name)
     policy = make_policy("dcp", shard_tokens=128, max_degree=2)
     router = await serve_router("tiny", groups.addresses, HOST, 0, policy, heartbeat_s=HEARTBEAT_S)
     client = AsyncClient(f"{HOST}:{router.port}", max_retries=0)
@@ -97,9 +107,17 @@ class Stream:
     def homes(self) -> list[str]:
         return [c.placement.home for c in self.chunks if c.placement is not None]
 
+    def holder_not_home(self) -> str:
+        """The instance that holds a shard of a CP request's KV but is not its home."""
+        placement = self.chunks[0].placement
+        assert placement is not None and len(placement.shards) == 2, "a long request is placed at CP degree 2"
+        return next(s.instance for s in placement.shards if s.instance != placement.home)
 
-async def generate(client: AsyncClient, disturb: Any = None) -> dict[str, Stream]:
-    """Streams every request at once; `disturb()` is awaited once every stream has its first token."""
+
+async def generate(
+    client: AsyncClient, disturb: Callable[[dict[str, Stream]], Awaitable[None]] | None = None
+) -> dict[str, Stream]:
+    """Streams every request at once; `disturb(streams)` is awaited once every stream has its first token."""
     streams = {name: Stream() for name in REQUESTS}
     started = {name: asyncio.Event() for name in REQUESTS}
 
@@ -113,7 +131,7 @@ async def generate(client: AsyncClient, disturb: Any = None) -> dict[str, Stream
     tasks = [asyncio.create_task(one(name)) for name in REQUESTS]
     if disturb is not None:
         await asyncio.gather(*(e.wait() for e in started.values()))
-        await disturb()
+        await disturb(streams)
     await asyncio.gather(*tasks)
     return streams
 
@@ -136,34 +154,37 @@ async def test_every_stream_survives_a_lost_member_and_the_restarted_group_serve
     groups: Groups, client: AsyncClient, how: str
 ) -> None:
     undisturbed = await generate(client)
-    assert {len(s.chunks[0].placement.shards) for s in undisturbed.values() if s.chunks[0].placement} == {1, 2}
+    victim = ""
 
-    async def lose_a1() -> None:
-        groups.a.processes[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    async def lose_a_holder(streams: dict[str, Stream]) -> None:
+        nonlocal victim  # a long request's shard holder, not its home: its home's stream fails through the group
+        victim = streams["greedy-long-0"].holder_not_home()
+        groups.process(victim).send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
-    streams = await generate(client, lose_a1)
+    streams = await generate(client, lose_a_holder)
     assert_undisturbed(streams, undisturbed)
-    on_a = [name for name, s in streams.items() if s.homes[0].startswith("a")]
-    assert on_a, "group a was the home of at least one stream"
-    for name in on_a:
-        assert len(streams[name].homes) == 2 and streams[name].homes[1].startswith("b"), f"{name} moved to b"
-    assert (await client.list_instances()).migrations_total == len(on_a)
-    await wait_until(lambda: group_idle(client, "b"), "every page of the surviving group to be released")
+    failed, survivor = victim[0], "b" if victim[0] == "a" else "a"
+    moved = [name for name, s in streams.items() if s.homes[0].startswith(failed)]
+    assert "greedy-long-0" in moved
+    for name in moved:
+        assert len(streams[name].homes) == 2 and streams[name].homes[1].startswith(survivor), f"{name} moved"
+    assert (await client.list_instances()).migrations_total == len(moved)
+    await wait_until(lambda: group_idle(client, survivor), "every page of the surviving group to be released")
 
-    groups.restart_a()
+    groups.restart(failed)
     await wait_until(lambda: all_ready(client, True), "the restarted group to be picked up", timeout=120)
-    await wait_until(lambda: group_idle(client, "a"), "the failed placements on group a to be released")
+    await wait_until(lambda: group_idle(client, failed), "the failed group's held placements to be released")
     again = await generate(client)
-    assert any(s.homes[0].startswith("a") for s in again.values()), "the restarted group takes requests"
+    assert any(s.homes[0].startswith(failed) for s in again.values()), "the restarted group takes requests"
 
 
 async def test_a_stall_shorter_than_the_collective_timeout_ends_no_stream(groups: Groups, client: AsyncClient) -> None:
     undisturbed = await generate(client)
     resumed = 0.0
 
-    async def stall_a1() -> None:
+    async def stall_a1(streams: dict[str, Stream]) -> None:
         nonlocal resumed
-        victim = groups.a.processes[1]
+        victim = groups.process("a1")
         victim.send_signal(signal.SIGSTOP)
         await asyncio.sleep(3.0)
         victim.send_signal(signal.SIGCONT)
@@ -176,4 +197,4 @@ async def test_a_stall_shorter_than_the_collective_timeout_ends_no_stream(groups
     listing = await client.list_instances()
     assert listing.migrations_total == 0
     assert all(i.state == router_pb2.INSTANCE_STATE_READY for i in listing.instances)
-    assert all(p.poll() is None for p in groups.a.processes), "the group survived"
+    assert all(p.poll() is None for p in groups.groups["a"].processes), "the group survived"

@@ -1,11 +1,11 @@
-"""Request migration: a request whose decode group fails goes on on a healthy group, on the same client stream.
+"""Request migration: a request whose decode group fails continues on a healthy group, on the same client stream.
 
 The router knows each request's prompt and every token it has streamed. When the request's group fails (a member is
 unreachable, answers nothing past the group's collective timeout, is removed, or the home's stream fails), the
 request is placed again as a new one would be, with prompt + streamed tokens as its prompt and the remaining
-max_tokens, and submitted with the count of tokens it already generated: its sampler draws token i with the uniform
-number of (seed, i) wherever it runs, so greedy and seeded requests go on with exactly the tokens an undisturbed run
-gives. The client sees a pause, then the next token.
+max_tokens, and submitted (by the service, nanocp.router.service) with the count of tokens it already generated: its
+sampler draws token i with the uniform number of (seed, i) wherever it runs, so greedy and seeded requests go on
+with exactly the tokens an undisturbed run gives. The client sees a pause, then the next token.
 
 Bounded: at most `max_migrations` moves per request. Past that, with no healthy instance left, or with no room on
 one before the request's deadline, the stream ends UNAVAILABLE naming the lost instance, as without migration.
@@ -17,19 +17,16 @@ no requests meanwhile, and a group that only stalled still holds the pages until
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
 
-from nanocp.internal.v1 import worker_pb2
 from nanocp.placement import Footprint, Placement
 from nanocp.router.admission import Admission
 from nanocp.router.errors import RequestError
 from nanocp.router.metrics import MigrationMetrics
 from nanocp.router.registry import LossReason, WorkerRegistry
-from nanocp.v1 import common_pb2
-from nanocp.wire import placement_to_proto
 
 # A move that waits for room gives up this long before the request's deadline, so the client learns why.
 _DEADLINE_MARGIN_S = 0.2
@@ -48,34 +45,20 @@ class GroupLost(RequestError):
         return GroupLost(self.instance, self.reason, f"{self.message}; {why}")
 
 
-@dataclass
-class Progress:
-    """A request as the router resumes it: what it asked, what it streamed, how often it moved."""
+class Moving(Protocol):
+    """A request as a move sees it (the service's live request, which builds the resumed Submit itself)."""
 
-    prompt: list[int]
-    sampling: common_pb2.SamplingParams  # every field resolved
-    generated: list[int] = field(default_factory=list)
-    migrations: int = 0
-    migrated_from: str = ""  # the home it last moved away from
+    request_id: str
+    migrations: int  # moves so far
+    migrated_from: str  # the home it last moved away from
 
     @property
     def footprint(self) -> Footprint:
-        """What the rest of the request needs: the same positions as the whole request."""
-        done = len(self.generated)
-        return Footprint(len(self.prompt) + done, self.sampling.max_tokens - done)
+        """What the rest of it needs: prompt + tokens streamed so far, and the rest of max_tokens."""
+        ...
 
-    def submit(self, request_id: str, placement: Placement) -> worker_pb2.SubmitRequest:
-        """The home's Submit for the rest of the request (all of it before the first token)."""
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(self.sampling)
-        sampling.max_tokens = self.footprint.max_tokens
-        return worker_pb2.SubmitRequest(
-            request_id=request_id,
-            prompt_token_ids=self.prompt + self.generated,
-            sampling=sampling,
-            placement=placement_to_proto(placement),
-            tokens_generated=len(self.generated),
-        )
+    @property
+    def completion_tokens(self) -> int: ...
 
 
 class Migrator:
@@ -99,33 +82,27 @@ class Migrator:
         self.total = 0  # moves since the router started
 
     async def move(
-        self,
-        request_id: str,
-        progress: Progress,
-        failed: Placement,
-        lost: GroupLost,
-        time_remaining: float | None,
-        span: trace.Span,
+        self, request: Moving, failed: Placement, lost: GroupLost, time_remaining: float | None, span: trace.Span
     ) -> Placement:
         """The request's new placement, committed; raises `lost` (with why) when it may not move, and Withdrawn
         when it is aborted while waiting for room. Takes over `failed`: held, or released when it does not move."""
-        if progress.migrations >= self.max_migrations:
+        if request.migrations >= self.max_migrations:
             self._admission.release(failed)  # nothing moves: its stream ends now, as without migration
-            if progress.migrations:
-                raise lost.but(f"it moved {progress.migrations} time(s) already, as often as --max-migrations allows")
+            if request.migrations:
+                raise lost.but(f"it moved {request.migrations} time(s) already, as often as --max-migrations allows")
             raise lost
         self._held.append(failed)
         if not self._registry.placeable():
             raise lost.but("no healthy decode group is left to take it")
         try:
             async with asyncio.timeout(None if time_remaining is None else time_remaining - _DEADLINE_MARGIN_S):
-                placement = await self._admission.admit(request_id, progress.footprint.reserved(self._reserve))
+                placement = await self._admission.admit(request.request_id, request.footprint.reserved(self._reserve))
         except TimeoutError:
             raise lost.but("no healthy decode group had room for it before its deadline") from None
         except RequestError as exc:
             raise lost.but(f"no healthy decode group can take it ({exc.message})") from None
-        progress.migrations += 1
-        progress.migrated_from = failed.home
+        request.migrations += 1
+        request.migrated_from = failed.home
         self.total += 1
         self._metrics.migrated(lost.reason)
         span.add_event(
@@ -135,7 +112,7 @@ class Migrator:
                 "nanocp.migration.lost_instance": lost.instance,
                 "nanocp.migration.from_home": failed.home,
                 "nanocp.migration.to_home": placement.home,
-                "nanocp.migration.tokens_generated": len(progress.generated),
+                "nanocp.migration.tokens_generated": request.completion_tokens,
             },
         )
         return placement

@@ -33,7 +33,7 @@ from nanocp.router.admission import Admission, Withdrawn
 from nanocp.router.errors import RequestError
 from nanocp.router.growth import grow
 from nanocp.router.metrics import LatencyMetrics, MigrationMetrics
-from nanocp.router.migration import GroupLost, Migrator, Progress
+from nanocp.router.migration import GroupLost, Migrator
 from nanocp.router.registry import Instance, LossReason, WorkerRegistry
 from nanocp.router.validation import validate
 from nanocp.telemetry import extract_context, inject_metadata
@@ -60,8 +60,12 @@ class _Live:
     """A request between validation and its last message."""
 
     request_id: str
-    progress: Progress  # what it asked and what it streamed so far
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams  # every field resolved
     decoder: IncrementalDecoder | None  # its text so far, across moves
+    generated: list[int] = field(default_factory=list)  # the tokens streamed so far
+    migrations: int = 0  # moves to another group after its group failed
+    migrated_from: str = ""  # the home it last moved away from
     placement: Placement | None = None  # None while it waits for KV memory
     placement_changed: bool = False  # the next message tells the client its placement (it grew or moved)
     arrived: float = field(default_factory=time.perf_counter)
@@ -72,16 +76,33 @@ class _Live:
 
     @property
     def footprint(self) -> Footprint:
-        """Everything the rest of it may need (the whole request before its first token)."""
-        return self.progress.footprint
+        """What the rest of it needs (all of it before the first token): prompt + tokens streamed so far, and the
+        rest of max_tokens; the same positions as the whole request."""
+        done = len(self.generated)
+        return Footprint(len(self.prompt) + done, self.sampling.max_tokens - done)
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.progress.generated)
+        return len(self.generated)
+
+    def submit(self) -> worker_pb2.SubmitRequest:
+        """The home's Submit for the rest of the request: after a move, the tokens streamed so far end its prompt,
+        and their count tells the worker where its sampler's draws go on (nanocp.router.migration)."""
+        assert self.placement is not None
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        sampling.max_tokens = self.footprint.max_tokens
+        return worker_pb2.SubmitRequest(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt + self.generated,
+            sampling=sampling,
+            placement=placement_to_proto(self.placement),
+            tokens_generated=len(self.generated),
+        )
 
     def finish(self, reason: common_pb2.FinishReason.ValueType) -> router_pb2.GenerateResponse:
         response = router_pb2.GenerateResponse(request_id=self.request_id, finish_reason=reason)
-        response.usage.prompt_tokens = len(self.progress.prompt)
+        response.usage.prompt_tokens = len(self.prompt)
         response.usage.completion_tokens = self.completion_tokens
         return response
 
@@ -159,7 +180,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             }
         )
         decoder = IncrementalDecoder(self._tokenizer) if self._tokenizer is not None else None
-        live = self._live[request_id] = _Live(request_id, Progress(valid.prompt, valid.sampling), decoder)
+        live = self._live[request_id] = _Live(request_id, valid.prompt, valid.sampling, decoder)
         first = valid.footprint.reserved(self._reserve)
         try:
             try:
@@ -191,7 +212,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finish and usage last. Raises GroupLost when the home's group fails under it."""
         assert live.placement is not None
         home = self._registry.get(live.placement.home)
-        submit = live.progress.submit(live.request_id, live.placement)
+        submit = live.submit()
         metadata = inject_metadata(trace.set_span_in_context(span))
         live.call = home.stub.Submit(submit, timeout=context.time_remaining(), metadata=metadata)
         try:
@@ -210,7 +231,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     growth = asyncio.create_task(self._grow(live, home, span))
                     self._growths.add(growth)
                     growth.add_done_callback(self._growths.discard)
-                live.progress.generated.extend(output.token_ids)
+                live.generated.extend(output.token_ids)
                 if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                     self.latency.finished(time.perf_counter() - live.first_token_at, live.completion_tokens, span)
                     response.MergeFrom(self._finished(live, output.finish_reason, span))
@@ -238,9 +259,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         failed, live.placement, live.call, live.lost = live.placement, None, None, None
         assert failed is not None
         try:
-            live.placement = await self.migrator.move(
-                live.request_id, live.progress, failed, lost, context.time_remaining(), span
-            )
+            live.placement = await self.migrator.move(live, failed, lost, context.time_remaining(), span)
         except Withdrawn:  # aborted while it waited for room
             live.aborted = True
             return
@@ -344,10 +363,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 response.requests.add(
                     request_id=live.request_id,
                     placement=placement_to_proto(live.placement),
-                    prompt_tokens=len(live.progress.prompt),  # as asked, also once it moved
-                    max_tokens=live.progress.sampling.max_tokens,
-                    migrations=live.progress.migrations,
-                    migrated_from=live.progress.migrated_from,
+                    prompt_tokens=len(live.prompt),  # as asked, also once it moved
+                    max_tokens=live.sampling.max_tokens,
+                    migrations=live.migrations,
+                    migrated_from=live.migrated_from,
                 )
         return response
 
