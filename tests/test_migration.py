@@ -7,6 +7,7 @@ groups of worker processes, killed and stalled, are tests/test_group_migration.p
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_metrics import scrape
+from test_top import rows_of, text_of
 
 from nanocp.client import AsyncClient, Chunk, Unavailable
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.router.server import RouterServer, serve_router
+from nanocp.top import Top, placement_table
+from nanocp.v1 import common_pb2, router_pb2
 from nanocp.worker.engine import EngineConfig
 from nanocp.worker.server import WorkerServer, serve_worker
 
@@ -234,3 +238,17 @@ async def test_a_worker_refuses_a_resumption_whose_generated_tokens_are_not_in_i
         assert "tokens_generated must be from 0 to the prompt's length - 1 (2)" in (refused.value.details() or "")
     finally:
         await worker.stop()
+
+
+async def test_nanocp_top_shows_how_often_a_request_moved_and_from_where() -> None:
+    request = router_pb2.LiveRequest(
+        request_id="r", placement=common_pb2.Placement(home="w1"), migrations=1, migrated_from="w0"
+    )
+    rows = rows_of(text_of(placement_table(OrderedDict([("r", (request, True))]))))
+    assert rows["r"][-1] == "live, moved 1x from w0"
+    top = Top("127.0.0.1:1")
+    try:
+        top.listing = router_pb2.ListInstancesResponse(migrations_total=3)
+        assert "3 moved after a group failed" in text_of(top.render())
+    finally:
+        await top.close()
