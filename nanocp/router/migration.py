@@ -10,8 +10,9 @@ with exactly the tokens an undisturbed run gives. The client sees a pause, then 
 Bounded: at most `max_migrations` moves per request. Past that, with no healthy instance left, or with no room on
 one before the request's deadline, the stream ends UNAVAILABLE naming the lost instance, as without migration.
 
-The failed placement stays committed in the ledger until every instance it used answers again: its instances take
-no requests meanwhile, and a group that only stalled still holds the pages until it sees the cancelled stream.
+The failed placement stays committed in the ledger until every instance it used answers again (or discovery removed
+it): its instances take no requests meanwhile, and a group that only stalled holds the pages until it sees the
+cancelled stream, so they are never granted twice.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ class Migrator:
         return placement
 
     def release_recovered(self) -> None:
-        """Releases the held placements whose instances all answer again (called after every load report)."""
+        """Releases the held placements whose instances all answer again, or went away for good (discovery removed
+        them: a new worker of the same id starts empty). Called after every load report."""
         if not self._held:
             return
-        ready = {i.id for i in self._registry.instances() if i.ready}
-        recovered = [p for p in self._held if {p.home, *(s.instance for s in p.shards)} <= ready]
+        held_back = {i.id for i in self._registry.instances() if not i.ready}
+        recovered = [p for p in self._held if not held_back & {p.home, *(s.instance for s in p.shards)}]
         for placement in recovered:
             self._held.remove(placement)
             self._admission.release(placement)

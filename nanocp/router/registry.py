@@ -150,7 +150,7 @@ class WorkerRegistry:
         if was_ready:
             self.on_lost(instance, problem, reason)
 
-    def liveness_s(self, instance: Instance) -> float:
+    def _liveness_s(self, instance: Instance) -> float:
         """How long a ready instance may answer nothing before it is lost: its group's collective timeout (one
         probe's wait for a worker that does not report one)."""
         reported = instance.info.collective_timeout_s if instance.info is not None else 0.0
@@ -204,7 +204,7 @@ class WorkerRegistry:
             self.mark_unavailable(instance, problem)
             return
         silent = time.monotonic() - instance.answered_at
-        deadline = self.liveness_s(instance)
+        deadline = self._liveness_s(instance)
         if silent >= deadline:
             why = f"no answer for {silent:.1f} s, past its group's collective timeout of {deadline:g} s ({problem})"
             self.mark_unavailable(instance, why, "unresponsive")
