@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
+from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.policies.names import POLICY_NAMES
 from nanocp.sim.cli import add_sim_parser
 from nanocp.telemetry import STEP_SPANS_EVERY
@@ -130,6 +131,7 @@ def _router(args: argparse.Namespace) -> None:
             metrics_port=args.metrics_port,
             http_port=args.http_port,
             discovery=discovery,
+            max_migrations=args.max_migrations,
         )
     )
 
@@ -185,6 +187,13 @@ def _top(args: argparse.Namespace) -> None:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps))
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
 
 
 # What `--model` takes, in every command that has it.
@@ -326,6 +335,13 @@ def _add_router(commands: Commands) -> None:
         "--cost-model", type=Path, default=None, help="dcp: JSON of step-time coefficients (nanocp.router.cost)"
     )
     router.add_argument("--queue-size", type=int, default=256, help="requests that may wait for KV memory")
+    router.add_argument(
+        "--max-migrations",
+        type=_non_negative,
+        default=DEFAULT_MAX_MIGRATIONS,
+        help="how often a request whose decode group fails may move to a healthy group and go on there; 0: its "
+        f"stream ends UNAVAILABLE (default {DEFAULT_MAX_MIGRATIONS})",
+    )
     router.set_defaults(func=_router)
 
 

@@ -1,6 +1,7 @@
 """`nanocp top`: a live view of a cluster in the terminal, refreshed in place (rich).
 
-It polls the router's ListInstances (per-instance KV pages and home batch, live placements) and every worker's
+It polls the router's ListInstances (per-instance KV pages and home batch, live placements and the requests that
+moved to another group after theirs failed) and every worker's
 GetSteps (recent step times and the group's straggler verdicts), so it must reach the workers' addresses as the
 router lists them: run it where the router runs (in Kubernetes, `kubectl exec` into the router pod).
 """
@@ -79,7 +80,7 @@ class Top:
         header = Text(f"nanocp top · router {self.router}", style="bold")
         header.append(
             f" · {len(listing.instances)} instances · {len(listing.requests)} live requests"
-            f" · {listing.queued} waiting for KV memory"
+            f" · {listing.queued} waiting for KV memory · {listing.migrations_total} moved after a group failed"
         )
         if self.error:
             header.append(f" · router unreachable: {self.error}", style="red")
@@ -147,9 +148,16 @@ def placement_table(placements: OrderedDict[str, tuple[router_pb2.LiveRequest, b
             str(len(request.placement.shards)),
             shards,
             str(request.prompt_tokens),
-            "live" if live else "ended",
+            _state(request, live),
         )
     return table
+
+
+def _state(request: router_pb2.LiveRequest, live: bool) -> Text:
+    state = Text("live" if live else "ended")
+    if request.migrations:
+        state.append(f", moved {request.migrations}x from {request.migrated_from}", style="yellow")
+    return state
 
 
 async def run_top(router: str, interval: float, once: bool, console: Console, window: int = 200) -> None:

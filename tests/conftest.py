@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 
 from nanocp.client import AsyncClient
 from nanocp.harness.offline_group import free_port
+from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.server import RouterServer, serve_router
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.v1 import router_pb2
@@ -115,6 +116,7 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
         tracer_provider: TracerProvider | None = None,
         step_spans_every: int = STEP_SPANS_EVERY,
         http: bool = False,
+        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
     ) -> Cluster:
         """`http`: the router serves its OpenAI-compatible HTTP API too (Cluster.http_url)."""
         config = EngineConfig(page_size=16, num_pages=num_pages, max_step_tokens=64, max_running=8)
@@ -133,6 +135,7 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
             heartbeat_s=HEARTBEAT_S,
             tracer_provider=tracer_provider,
             http_port=0 if http else None,
+            max_migrations=max_migrations,
         )
         cluster = Cluster(router, servers, AsyncClient(f"{HOST}:{router.port}"), config, tracer_provider)
         clusters.append(cluster)

@@ -115,10 +115,10 @@ async def test_list_instances_shows_each_instance_home_batch_committed_and_used_
     await cluster.wait_all_pages_free()
 
 
-async def test_worker_killed_mid_stream_is_unavailable_naming_it_and_is_marked_unavailable(
+async def test_without_migration_a_worker_killed_mid_stream_is_unavailable_naming_it_and_is_marked_unavailable(
     start_cluster: StartCluster,
 ) -> None:
-    cluster = await start_cluster(workers=2)
+    cluster = await start_cluster(workers=2, max_migrations=0)
     stream = cluster.client.generate([1, 2, 3], **LONG)  # type: ignore[arg-type]
     first = await anext(stream)
     assert first.placement is not None

@@ -4,15 +4,18 @@ Load is read at scrape time from the counts the router keeps anyway (no second b
 committed and total, home batch, routed rows, readiness; live requests per CP degree; the admission queue. Latency
 is observed as it happens, with the OpenTelemetry GenAI names and bucket boundaries: time to first token and time
 per output token, each with the request's trace id as an exemplar when its span is sampled (shown in the OpenMetrics
-exposition); and the CP degree each request ended with. Served over HTTP on the router's --metrics-port.
+exposition); and the CP degree each request ended with. Requests moved to another group after theirs failed are
+counted by why it failed. Served over HTTP on the router's --metrics-port.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import get_args
 
 from opentelemetry import trace
+from prometheus_client import Counter as CounterMetric
 from prometheus_client import Histogram
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,7 +23,7 @@ from prometheus_client.registry import Collector
 from nanocp.placement import Placement
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
-from nanocp.router.registry import WorkerRegistry
+from nanocp.router.registry import LossReason, WorkerRegistry
 
 
 class RouterCollector(Collector):
@@ -116,6 +119,23 @@ class LatencyMetrics:
 
     def placed(self, cp_degree: int) -> None:
         self._degree.observe(cp_degree)
+
+
+class MigrationMetrics:
+    """nanocp_request_migrations_total{reason}: requests moved to another group, by why their group was lost."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._moves = CounterMetric(
+            "nanocp_request_migrations",
+            "requests placed again on another decode group after theirs failed, by why it was lost",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in get_args(LossReason):  # every reason shows, at 0 until it happens
+            self._moves.labels(reason)
+
+    def migrated(self, reason: LossReason) -> None:
+        self._moves.labels(reason).inc()
 
 
 def _exemplar(span: trace.Span) -> dict[str, str] | None:

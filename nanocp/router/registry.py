@@ -2,9 +2,14 @@
 
 Discovery names worker addresses (a static list, or worker pods watched in Kubernetes: nanocp.router.discovery) and
 removes those that go away. The registry asks each new worker what it serves (GetInfo) and refuses one whose model
-differs from the router's, then polls GetLoad as a heartbeat. A worker that fails a heartbeat, or a stream, is
+differs from the router's, then polls GetLoad as a heartbeat. A worker that refuses a heartbeat (its connection
+fails, or it says its group failed), fails a stream, or answers nothing for longer than its liveness deadline is
 UNAVAILABLE and gets no new requests; it is checked again from GetInfo on (it may have restarted) and is READY once it
 answers.
+
+The liveness deadline is the group's own collective timeout, which each worker reports: a stall its group survives
+(its peers wait that long in a collective) does not end the group's streams, and a stall past it fails the group on
+both sides at about the same time.
 
 Instances of one decode group step together, so they take requests only while the whole group is ready: a ready
 worker whose group lacks a member is not placeable.
@@ -15,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import grpc
 
@@ -25,6 +31,10 @@ from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+# Why an instance was lost: its connection failed or it said its group failed, it answered nothing within its
+# liveness deadline, discovery removed it, or a request stream on it failed.
+LossReason = Literal["unreachable", "unresponsive", "removed", "stream_failed"]
 
 
 @dataclass(eq=False)
@@ -36,6 +46,7 @@ class Instance:
     ready: bool = False
     problem: str = "not contacted yet"  # why it is not ready
     pages_in_use: int = 0  # the worker's own count at its last load report
+    answered_at: float = 0.0  # time.monotonic() of its last answer to a probe
 
     @property
     def id(self) -> str:
@@ -65,12 +76,12 @@ class WorkerRegistry:
     def __init__(self, model: ModelConfig, heartbeat_s: float = 1.0) -> None:
         self._model = model
         self._heartbeat_s = heartbeat_s
-        # A worker busy with a long step answers late; that alone must not make it unavailable.
+        # One probe's wait; a worker whose probes time out stays ready until its liveness deadline passes.
         self._probe_timeout_s = max(heartbeat_s, 1.0)
         # Runs after every load report of a ready instance: capacity may have appeared.
         self.on_load: Callable[[Instance], None] = lambda instance: None
-        # Runs when a ready instance stops answering: its group can no longer step.
-        self.on_lost: Callable[[Instance, str], None] = lambda instance, problem: None
+        # Runs when a ready instance is lost: its group can no longer step.
+        self.on_lost: Callable[[Instance, str, LossReason], None] = lambda instance, problem, reason: None
         self._instances: dict[str, Instance] = {}  # by address
         self._heartbeats: dict[str, asyncio.Task[None]] = {}  # by address
 
@@ -122,7 +133,7 @@ class WorkerRegistry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.mark_unavailable(instance, "it was removed by discovery")
+        self.mark_unavailable(instance, "it was removed by discovery", "removed")
         del self._instances[address]
         await instance.channel.close()
 
@@ -130,14 +141,20 @@ class WorkerRegistry:
         """Asks every ready instance for its load now, so a caller sees current numbers, not a heartbeat-old one."""
         await asyncio.gather(*(self._check(i) for i in self._instances.values() if i.ready))
 
-    def mark_unavailable(self, instance: Instance, problem: str) -> None:
+    def mark_unavailable(self, instance: Instance, problem: str, reason: LossReason = "unreachable") -> None:
         was_ready = instance.ready
         if was_ready or problem != instance.problem:
             log.warning("worker %s is unavailable: %s", instance.name, problem)
         instance.ready = False
         instance.problem = problem
         if was_ready:
-            self.on_lost(instance, problem)
+            self.on_lost(instance, problem, reason)
+
+    def _liveness_s(self, instance: Instance) -> float:
+        """How long a ready instance may answer nothing before it is lost: its group's collective timeout (one
+        probe's wait for a worker that does not report one)."""
+        reported = instance.info.collective_timeout_s if instance.info is not None else 0.0
+        return max(reported, self._probe_timeout_s)
 
     def group_of(self, instance: Instance) -> list[Instance]:
         """The instances that step with this one (itself included)."""
@@ -170,14 +187,27 @@ class WorkerRegistry:
                 instance.info = info
             load = await instance.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self._probe_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            self.mark_unavailable(instance, f"{exc.code().name}: {exc.details()}")
+            self._unanswered(instance, exc)
             return
+        instance.answered_at = time.monotonic()
         instance.pages_in_use = load.kv_pages_in_use
         if not instance.ready:
             log.info("worker %s is ready (%d KV pages)", instance.name, load.kv_pages_total)
             instance.ready = True
             instance.problem = ""
         self.on_load(instance)
+
+    def _unanswered(self, instance: Instance, exc: grpc.aio.AioRpcError) -> None:
+        """A failed probe: a ready instance that is only slow stays ready until its liveness deadline passes."""
+        problem = f"{exc.code().name}: {exc.details()}"
+        if not instance.ready or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.mark_unavailable(instance, problem)
+            return
+        silent = time.monotonic() - instance.answered_at
+        deadline = self._liveness_s(instance)
+        if silent >= deadline:
+            why = f"no answer for {silent:.1f} s, past its group's collective timeout of {deadline:g} s ({problem})"
+            self.mark_unavailable(instance, why, "unresponsive")
 
     def _mismatch(self, instance: Instance, info: worker_pb2.GetInfoResponse) -> str | None:
         """Why the router must not place on this worker, or None."""

@@ -11,6 +11,7 @@ from opentelemetry import trace
 
 from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
+from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission
 from nanocp.router.http.app import create_app
@@ -75,6 +76,7 @@ async def serve_router(
     metrics_port: int | None = None,
     http_port: int | None = None,
     heartbeat_s: float = 1.0,
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS,
     tracer_provider: trace.TracerProvider | None = None,
     discovery: Discovery | None = None,
 ) -> RouterServer:
@@ -83,7 +85,8 @@ async def serve_router(
     `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
     A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port. `http_port` serves the
-    OpenAI-compatible HTTP API (nanocp.router.http) on the same host; None: gRPC only.
+    OpenAI-compatible HTTP API (nanocp.router.http) on the same host; None: gRPC only. A request whose group fails
+    moves to a healthy group at most `max_migrations` times (nanocp.router.migration).
     """
     model_config = load_model_config(model)
     placement_policy = policy or make_policy("static")
@@ -91,11 +94,6 @@ async def serve_router(
     registry = WorkerRegistry(model_config, heartbeat_s)
     admission = Admission(placement_policy, registry, ledger, queue_size)
 
-    def on_load(instance: Instance) -> None:
-        ledger.reconcile(instance)
-        admission.pump()  # an instance that came back may take waiting requests
-
-    registry.on_load = on_load
     tokenizer = load_tokenizer(model_config)
     servicer = RouterServicer(
         model_config,
@@ -105,7 +103,15 @@ async def serve_router(
         admission,
         trace.get_tracer(__name__, tracer_provider=tracer_provider),
         reserve_output_tokens,
+        max_migrations,
     )
+
+    def on_load(instance: Instance) -> None:
+        ledger.reconcile(instance)
+        servicer.migrator.release_recovered()  # a failed group's placements, once their instances answer again
+        admission.pump()  # an instance that came back may take waiting requests
+
+    registry.on_load = on_load
     registry.on_lost = servicer.lose_group
     discovering = None
     if discovery is None:

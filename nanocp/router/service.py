@@ -4,6 +4,9 @@ Whatever ends a Generate (the last token, an error, the client cancelling or its
 home's Submit call is cancelled if still open, which makes the worker abort the request and free its pages, and the
 router releases what it committed. An aborted request's stream ends cleanly: a last message with
 FINISH_REASON_ABORT and the usage so far (no error status), so the caller keeps the tokens it already has.
+
+When the home's group fails mid-stream, the request moves to a healthy group and the stream goes on
+(nanocp.router.migration); it ends UNAVAILABLE only when it may not move.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from opentelemetry.util.types import AttributeValue
 from nanocp.internal.v1 import worker_pb2
 from nanocp.model_config import ModelConfig
 from nanocp.placement import Footprint, Placement, growth_pages
+from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
 from nanocp.router.errors import RequestError
 from nanocp.router.growth import grow
-from nanocp.router.metrics import LatencyMetrics
-from nanocp.router.registry import Instance, WorkerRegistry
-from nanocp.router.validation import ValidRequest, validate
+from nanocp.router.metrics import LatencyMetrics, MigrationMetrics
+from nanocp.router.migration import GroupLost, Migrator
+from nanocp.router.registry import Instance, LossReason, WorkerRegistry
+from nanocp.router.validation import validate
 from nanocp.telemetry import extract_context, inject_metadata
 from nanocp.tokenizer import IncrementalDecoder, Tokenizer
 from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -56,19 +61,49 @@ class _Live:
     """A request between validation and its last message."""
 
     request_id: str
-    footprint: Footprint  # everything it may need
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams  # every field resolved
+    decoder: IncrementalDecoder | None  # its text so far, across moves
+    generated: list[int] = field(default_factory=list)  # the tokens streamed so far
+    migrations: int = 0  # moves to another group after its group failed
+    migrated_from: str = ""  # the home it last moved away from
     placement: Placement | None = None  # None while it waits for KV memory
-    placement_grew: bool = False  # the next message tells the client its grown placement
+    placement_changed: bool = False  # the next message tells the client its placement (it grew or moved)
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
     call: Any = None  # the home's Submit call, once placed
-    completion_tokens: int = 0
     aborted: bool = False
-    lost: str | None = None  # why the router gave up on the home's group mid-stream
+    lost: GroupLost | None = None  # why the router gave up on the home's group mid-stream
+
+    @property
+    def footprint(self) -> Footprint:
+        """What the rest of it needs (all of it before the first token): prompt + tokens streamed so far, and the
+        rest of max_tokens; the same positions as the whole request."""
+        done = len(self.generated)
+        return Footprint(len(self.prompt) + done, self.sampling.max_tokens - done)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+    def submit(self) -> worker_pb2.SubmitRequest:
+        """The home's Submit for the rest of the request: after a move, the tokens streamed so far end its prompt,
+        and their count tells the worker where its sampler's draws go on (nanocp.router.migration)."""
+        assert self.placement is not None
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        sampling.max_tokens = self.footprint.max_tokens
+        return worker_pb2.SubmitRequest(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt + self.generated,
+            sampling=sampling,
+            placement=placement_to_proto(self.placement),
+            tokens_generated=len(self.generated),
+        )
 
     def finish(self, reason: common_pb2.FinishReason.ValueType) -> router_pb2.GenerateResponse:
         response = router_pb2.GenerateResponse(request_id=self.request_id, finish_reason=reason)
-        response.usage.prompt_tokens = self.footprint.prompt_tokens
+        response.usage.prompt_tokens = len(self.prompt)
         response.usage.completion_tokens = self.completion_tokens
         return response
 
@@ -83,11 +118,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         admission: Admission,
         tracer: trace.Tracer,
         reserve_output_tokens: int | None = None,
+        max_migrations: int = DEFAULT_MAX_MIGRATIONS,
     ) -> None:
         """`reserve_output_tokens`: place each request for its prompt and this many new tokens (not max_tokens),
-        and grow its placement as it decodes; None places every request for max_tokens at once."""
+        and grow its placement as it decodes; None places every request for max_tokens at once.
+        `max_migrations`: how often a request may move to another group after its group failed (0: never)."""
         self._reserve = reserve_output_tokens
         self.latency = LatencyMetrics(model.name)
+        metrics = MigrationMetrics(self.latency.registry)
+        self.migrator = Migrator(max_migrations, admission, registry, metrics, reserve_output_tokens)
         self._model = model
         self._tokenizer = tokenizer
         self._registry = registry
@@ -162,7 +201,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 "gen_ai.usage.input_tokens": len(valid.prompt),
             }
         )
-        live = self._live[request_id] = _Live(request_id, valid.footprint)
+        decoder = IncrementalDecoder(self._tokenizer) if self._tokenizer is not None else None
+        live = self._live[request_id] = _Live(request_id, valid.prompt, valid.sampling, decoder)
         first = valid.footprint.reserved(self._reserve)
         try:
             try:
@@ -173,9 +213,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
                 return
             span.set_attributes(_placement_attributes(live.placement))
-            async with aclosing(self._relay(live, valid, context, span)) as responses:
-                async for response in responses:
-                    yield response
+            while not live.aborted:
+                try:
+                    async with aclosing(self._relay(live, context, span)) as responses:
+                        async for response in responses:
+                            yield response
+                    return
+                except GroupLost as lost:
+                    await self._move(live, lost, context, span)
+            yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)  # aborted while it moved
         finally:
             span.set_attribute("gen_ai.usage.output_tokens", live.completion_tokens)
             del self._live[request_id]
@@ -183,29 +229,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 self.latency.placed(live.placement.cp_degree)  # the degree it ended with, after any growth
                 self._admission.release(live.placement)
 
-    async def _relay(
-        self, live: _Live, valid: ValidRequest, context: Any, span: trace.Span
-    ) -> AsyncGenerator[router_pb2.GenerateResponse]:
-        """The home worker's stream as GenerateResponses: placement first, text deltas, finish and usage last."""
+    async def _relay(self, live: _Live, context: Any, span: trace.Span) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        """The home worker's stream as GenerateResponses: placement first (again when it changed), text deltas,
+        finish and usage last. Raises GroupLost when the home's group fails under it."""
         assert live.placement is not None
         home = self._registry.get(live.placement.home)
-        submit = worker_pb2.SubmitRequest(
-            request_id=live.request_id,
-            prompt_token_ids=valid.prompt,
-            sampling=valid.sampling,
-            placement=placement_to_proto(live.placement),
-        )
+        submit = live.submit()
         metadata = inject_metadata(trace.set_span_in_context(span))
         live.call = home.stub.Submit(submit, timeout=context.time_remaining(), metadata=metadata)
-        decoder = IncrementalDecoder(self._tokenizer) if self._tokenizer is not None else None
         try:
             async for output in live.call:
                 response = router_pb2.GenerateResponse(request_id=live.request_id, token_ids=output.token_ids)
-                if decoder is not None:
-                    response.text = decoder.push(list(output.token_ids))
-                if live.completion_tokens == 0 or live.placement_grew:
+                if live.decoder is not None:
+                    response.text = live.decoder.push(list(output.token_ids))
+                if live.completion_tokens == 0 or live.placement_changed:
                     response.placement.CopyFrom(placement_to_proto(live.placement))
-                    live.placement_grew = False
+                    live.placement_changed = False
                 if live.completion_tokens == 0 and output.token_ids:
                     span.add_event("first_token")
                     live.first_token_at = time.perf_counter()
@@ -214,7 +253,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     growth = asyncio.create_task(self._grow(live, home, span))
                     self._growths.add(growth)
                     growth.add_done_callback(self._growths.discard)
-                live.completion_tokens += len(output.token_ids)
+                live.generated.extend(output.token_ids)
                 if output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                     self.latency.finished(time.perf_counter() - live.first_token_at, live.completion_tokens, span)
                     response.MergeFrom(self._finished(live, output.finish_reason, span))
@@ -228,10 +267,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if (task is not None and task.cancelling()) or not (live.aborted or live.lost):
                 raise
             if live.lost is not None:
-                raise RequestError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"instance {home.name} became unavailable mid-stream ({live.lost}); the request did not finish",
-                ) from None
+                raise live.lost from None
             yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
             return
         except grpc.aio.AioRpcError as exc:
@@ -240,17 +276,29 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             live.call.cancel()  # a no-op once the stream ended; otherwise the worker aborts and frees the pages
         raise self._worker_failure(home, None)
 
+    async def _move(self, live: _Live, lost: GroupLost, context: Any, span: trace.Span) -> None:
+        """Places a request whose group failed on a healthy group; raises `lost` when it may not move."""
+        failed, live.placement, live.call, live.lost = live.placement, None, None, None
+        assert failed is not None
+        try:
+            live.placement = await self.migrator.move(live, failed, lost, context.time_remaining(), span)
+        except Withdrawn:  # aborted while it waited for room
+            live.aborted = True
+            return
+        live.placement_changed = True
+        span.set_attributes(_placement_attributes(live.placement))
+
     async def _grow(self, live: _Live, home: Instance, span: trace.Span) -> None:
         """Grows a request's placement when its home asks; tells the home, which ends it if there is no room."""
-        if live.placement is None or home.info is None:
-            return
+        if live.placement is None or home.info is None or live.placement.home != home.id:
+            return  # it ended, or moved away from the home that asked
         page_size = home.info.page_size
         loads = [self._ledger.load(i) for i in self._registry.placeable()]
         pages = growth_pages(live.placement.shards, live.footprint, page_size, self._reserve)
         grown = grow(self._admission.policy, live.placement, live.footprint, self._reserve, loads, page_size)
         if grown is not None:
             self._ledger.swap(live.placement, grown)
-            live.placement, live.placement_grew = grown, True
+            live.placement, live.placement_changed = grown, True
             span.add_event("placement_grown", {"nanocp.cp_degree": grown.cp_degree, "nanocp.pages": pages})
             span.set_attributes(_placement_attributes(grown))
         extend = worker_pb2.ExtendRequest(request_id=live.request_id)
@@ -269,9 +317,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if exc is not None and exc.code() in _REQUEST_STATUSES:
             return RequestError(exc.code(), f"instance {home.id}: {exc.details()}")
         problem = f"{exc.code().name}: {exc.details()}" if exc is not None else "the stream ended without a finish"
-        self._registry.mark_unavailable(home, f"a request stream failed ({problem})")
-        return RequestError(
-            grpc.StatusCode.UNAVAILABLE,
+        self._registry.mark_unavailable(home, f"a request stream failed ({problem})", "stream_failed")
+        return GroupLost(
+            home.name,
+            "stream_failed",
             f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
         )
 
@@ -279,12 +328,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         """The live requests' placements (queued ones have none yet)."""
         return [live.placement for live in self._live.values() if live.placement is not None]
 
-    def lose_group(self, instance: Instance, problem: str) -> None:
-        """Ends the streams homed on the lost instance's group: a stalled home would never end them itself."""
-        homes = {i.id for i in self._registry.group_of(instance)}
+    def lose_group(self, instance: Instance, problem: str, reason: LossReason) -> None:
+        """Ends the relays of the streams homed on the lost instance's group (a stalled home would never end them
+        itself); each moves to another group if it may."""
+        homes = {i.id: i for i in self._registry.group_of(instance)}
         for live in self._live.values():
             if live.call is not None and live.placement is not None and live.placement.home in homes:
-                live.lost = f"{instance.name}: {problem}"
+                home = homes[live.placement.home].name
+                live.lost = GroupLost(
+                    instance.name,
+                    reason,
+                    f"instance {home} became unavailable mid-stream ({instance.name}: {problem}); the request did "
+                    "not finish",
+                )
                 live.call.cancel()
 
     async def Abort(self, request: router_pb2.AbortRequest, context: Any) -> router_pb2.AbortResponse:
@@ -304,7 +360,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.ListInstancesResponse:
         await self._registry.refresh()
         response = router_pb2.ListInstancesResponse(
-            queued=self._admission.queued, waited_total=self._admission.waited_total
+            queued=self._admission.queued,
+            waited_total=self._admission.waited_total,
+            migrations_total=self.migrator.total,
         )
         for instance in self._registry.instances():
             problem = self._registry.problem(instance)
@@ -327,8 +385,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 response.requests.add(
                     request_id=live.request_id,
                     placement=placement_to_proto(live.placement),
-                    prompt_tokens=live.footprint.prompt_tokens,
-                    max_tokens=live.footprint.max_tokens,
+                    prompt_tokens=len(live.prompt),  # as asked, also once it moved
+                    max_tokens=live.sampling.max_tokens,
+                    migrations=live.migrations,
+                    migrated_from=live.migrated_from,
                 )
         return response
 

@@ -48,6 +48,7 @@ class Group:
             raise ValueError(f"RANK {spec.rank} is outside a group of WORLD_SIZE {spec.size}")
         self.spec = spec
         self.device = device
+        self.timeout_s = timeout_s  # the router waits as long for an answer before it declares the instance lost
         self.idle_check_s = idle_check_s
         self._idle_epoch = 0
         self._store: dist.TCPStore | None = None

@@ -86,7 +86,7 @@ class SamplingRows:
 
     params: list[SamplingParams]
     seeds: list[int]  # per row, the request's seed (its own, or one the engine drew)
-    draws: list[int]  # per row, the index of the token being drawn: the request's output length so far
+    draws: list[int]  # per row, the index of the token being drawn (Request.token_index)
 
     @property
     def all_greedy(self) -> bool:
@@ -170,7 +170,7 @@ class StepPlanner:
             plan,
             _int64(sample_rows, self.device),
             sampling_chunks,
-            SamplingRows([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests]),
+            SamplingRows([r.params for r in requests], [r.seed for r in requests], [r.token_index for r in requests]),
             kv_tokens_read=local_kv + sum(row[Meta.KV_LEN] for rows in attending for row in rows),
             rows_routed=sum(a.rows for a in out.remote) + sum(row[Meta.ROWS] for rows in attending for row in rows),
             group_max_tokens=max(group_max_tokens, home_rows),

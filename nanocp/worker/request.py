@@ -36,6 +36,9 @@ class SamplingParams:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Tokens generated before this submission (a request resumed after its group failed; they end its prompt): the
+    # index of its first new token, where its random stream continues.
+    token_offset: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +96,11 @@ class Request:
         return self.prompt[start:] + self.output[: end - split]
 
     @property
+    def token_index(self) -> int:
+        """The index of the token it draws next, counted from its first generated token (anywhere)."""
+        return self.params.token_offset + len(self.output)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
 
@@ -144,6 +152,12 @@ class Admission:
             check_request(prompt, params, self.model_config)
         except LimitError as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from None
+        if not 0 <= params.token_offset < len(prompt):  # the tokens generated before end the prompt
+            raise EngineError(
+                "INVALID_ARGUMENT",
+                f"tokens_generated must be from 0 to the prompt's length - 1 ({len(prompt) - 1}), "
+                f"got {params.token_offset}",
+            )
         problem = check_shards(shards, self.group_size, c.page_size)
         covered = covered_tokens(shards, c.page_size) if problem is None else 0
         # It must hold the prompt and the first sampled token; beyond that the placement may grow as it decodes.

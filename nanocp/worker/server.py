@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -130,7 +131,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._engine_loop.submit(
                 request.request_id,
                 list(request.prompt_token_ids),
-                sampling_params(request.sampling),
+                dataclasses.replace(sampling_params(request.sampling), token_offset=request.tokens_generated),
                 on_output,
                 [Shard(s.rank, s.start, s.page_quota) for s in request.placement.shards] or None,
             )
@@ -235,6 +236,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             rank=group.rank,
             group_size=group.size,
             domain=self._domain,
+            collective_timeout_s=group.timeout_s,
         )
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Any) -> worker_pb2.GetLoadResponse:
