@@ -37,6 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 POINTS = [(1, 16), (1, 1024), (64, 1024), (64, 8192)]  # (batch, context)
 PAGE = 16
 STEPS = 20
+MAX_TOKENS = 4 * STEPS + 64  # decode room: the timed steps, the engine's own steps and warm-ups
 
 
 def replay_ms(engine: Engine, replays: int) -> float:
@@ -105,7 +106,7 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
     base = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
     config = replace(base, num_layers=layers, max_context=16384)
     model = build_model(config, "cuda", seed=0)
-    pages = max(b * -(-(ctx + 2 * STEPS + 64) // PAGE) for b, ctx in POINTS)
+    pages = max(b * -(-(ctx + MAX_TOKENS) // PAGE) for b, ctx in POINTS)  # every request's whole footprint
     engine = Engine(
         config,
         model,
@@ -118,7 +119,7 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             dtype="bfloat16",
         ),
     )
-    params = SamplingParams(temperature=0, max_tokens=4 * STEPS + 64, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     generator = torch.Generator().manual_seed(0)
     points: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
