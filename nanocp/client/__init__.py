@@ -11,6 +11,7 @@ from nanocp.client.errors import (
     NanocpError,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from nanocp.client.sync import Client, Stream
@@ -29,6 +30,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "Stream",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
 ]

@@ -8,6 +8,7 @@ import logging
 
 from opentelemetry import trace
 
+from nanocp.auth import BearerAuth, TokenFile, bearer_token
 from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
@@ -17,6 +18,7 @@ from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.router.registry import Discovery, Instance, StaticDiscovery, WorkerRegistry
 from nanocp.router.service import SERVICE_NAME, RouterServicer
+from nanocp.tls import ChannelTls, ServerTls, aio_channel
 from nanocp.tokenizer import load_tokenizer
 from nanocp.v1 import router_pb2_grpc
 
@@ -47,6 +49,11 @@ class RouterServer:
         await _cancel(self._discovery)
         await self._registry.stop()
 
+    async def shut_down(self, grace: float) -> None:
+        """What SIGTERM does: health NOT_SERVING, no new call (clients retry elsewhere), the live streams finish
+        within `grace` seconds (then are cancelled), and the router stops."""
+        await self.stop(grace)
+
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
@@ -64,17 +71,25 @@ async def serve_router(
     heartbeat_s: float = 1.0,
     tracer_provider: trace.TracerProvider | None = None,
     discovery: Discovery | None = None,
+    auth: BearerAuth | None = None,
+    tls: ServerTls | None = None,
+    internal_token: TokenFile | str | None = None,
+    worker_tls: ChannelTls | None = None,
 ) -> RouterServer:
     """Serves the router for `model` (a preset or a model directory; only its config and tokenizer are read).
 
     `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
     A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
+
+    Security (nanocp.auth, nanocp.tls): `auth` holds the client and admin tokens of the public API, `tls` its
+    certificate; `internal_token` and `worker_tls` (mutual TLS) are what the router presents to the workers.
     """
     model_config = load_model_config(model)
     placement_policy = policy or make_policy("static")
     ledger = Ledger()
-    registry = WorkerRegistry(model_config, heartbeat_s)
+    interceptors = bearer_token(internal_token) if internal_token is not None else None
+    registry = WorkerRegistry(model_config, heartbeat_s, lambda address: aio_channel(address, worker_tls, interceptors))
     admission = Admission(placement_policy, registry, ledger, queue_size)
 
     def on_load(instance: Instance) -> None:
@@ -90,6 +105,7 @@ async def serve_router(
         admission,
         trace.get_tracer(__name__, tracer_provider=tracer_provider),
         reserve_output_tokens,
+        auth,
     )
     registry.on_lost = servicer.lose_group
     discovering = None
@@ -103,7 +119,12 @@ async def serve_router(
         metrics = (servicer.latency.registry, metrics_port)
     try:
         server = await GrpcServer.start(
-            host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)], metrics
+            host,
+            port,
+            [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)],
+            metrics,
+            auth=auth,
+            tls=tls,
         )
     except BaseException:
         await _cancel(discovering)

@@ -21,6 +21,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
+from nanocp.auth import ANYONE, BearerAuth, Caller
 from nanocp.internal.v1 import worker_pb2
 from nanocp.model_config import ModelConfig
 from nanocp.placement import Footprint, Placement, growth_pages
@@ -37,6 +38,9 @@ from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
 from nanocp.wire import finish_reason_name, placement_to_proto
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+# Ids are echoed in ListInstances and in error messages: unbounded ones would let one client's ids fill the 4 MB
+# message limit of everyone's listing.
+MAX_REQUEST_ID_CHARS = 256
 
 # Worker statuses that describe the request, not the worker's health; any other failure makes the home UNAVAILABLE.
 _REQUEST_STATUSES = frozenset(
@@ -56,6 +60,7 @@ class _Live:
 
     request_id: str
     footprint: Footprint  # everything it may need
+    owner: str = ""  # the token that created it (nanocp.auth.Caller.owner): only it, or an admin, may see or abort it
     placement: Placement | None = None  # None while it waits for KV memory
     placement_grew: bool = False  # the next message tells the client its grown placement
     arrived: float = field(default_factory=time.perf_counter)
@@ -82,10 +87,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         admission: Admission,
         tracer: trace.Tracer,
         reserve_output_tokens: int | None = None,
+        auth: BearerAuth | None = None,
     ) -> None:
         """`reserve_output_tokens`: place each request for its prompt and this many new tokens (not max_tokens),
-        and grow its placement as it decodes; None places every request for max_tokens at once."""
+        and grow its placement as it decodes; None places every request for max_tokens at once. `auth`: whose
+        token a call presents, which decides the requests it may see and abort (without it every caller may)."""
         self._reserve = reserve_output_tokens
+        self._auth = auth
         self.latency = LatencyMetrics(model.name)
         self._model = model
         self._tokenizer = tokenizer
@@ -127,6 +135,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GenerateRequest, context: Any, span: trace.Span
     ) -> AsyncGenerator[router_pb2.GenerateResponse]:
         valid = validate(request, self._model, self._tokenizer)
+        _check_request_id(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._live:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already live")
@@ -140,7 +149,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 "gen_ai.usage.input_tokens": len(valid.prompt),
             }
         )
-        live = self._live[request_id] = _Live(request_id, valid.footprint)
+        live = self._live[request_id] = _Live(request_id, valid.footprint, self._caller(context).owner)
         first = valid.footprint.reserved(self._reserve)
         try:
             try:
@@ -265,9 +274,23 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 live.lost = f"{instance.name}: {problem}"
                 live.call.cancel()
 
+    def _caller(self, context: Any) -> Caller:
+        caller = self._auth.caller(context.invocation_metadata()) if self._auth is not None else ANYONE
+        if caller is None:  # the interceptor let the call in, but its token was rotated out since
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "the call's token is no longer valid")
+        return caller
+
+    def _visible(self, caller: Caller) -> list[_Live]:
+        """The live requests the caller may see and abort: its own, or all for an admin."""
+        return [live for live in self._live.values() if caller.admin or live.owner == caller.owner]
+
     async def Abort(self, request: router_pb2.AbortRequest, context: Any) -> router_pb2.AbortResponse:
-        live = self._live.get(request.request_id)
-        if live is None:
+        try:
+            _check_request_id(request.request_id)
+            live = next((v for v in self._visible(self._caller(context)) if v.request_id == request.request_id), None)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        if live is None:  # another client's request is not found either: ids of others are not disclosed
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live request with request_id {request.request_id!r}")
         else:
             live.aborted = True
@@ -280,6 +303,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def ListInstances(
         self, request: router_pb2.ListInstancesRequest, context: Any
     ) -> router_pb2.ListInstancesResponse:
+        try:
+            caller = self._caller(context)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
         await self._registry.refresh()
         response = router_pb2.ListInstancesResponse(
             queued=self._admission.queued, waited_total=self._admission.waited_total
@@ -300,7 +327,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 status.page_size = instance.info.page_size
                 status.group = instance.info.group
                 status.rank = instance.info.rank
-        for live in self._live.values():
+        for live in self._visible(caller):
             if live.placement is not None:
                 response.requests.add(
                     request_id=live.request_id,
@@ -309,6 +336,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     max_tokens=live.footprint.max_tokens,
                 )
         return response
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request_id has {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}",
+        )
 
 
 def _placement_attributes(placement: Placement) -> dict[str, AttributeValue]:

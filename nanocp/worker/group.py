@@ -20,6 +20,7 @@ import datetime
 import itertools
 import logging
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,29 @@ from nanocp.worker.planner import Meta, MetaRow, Outgoing
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exchange_row
 
 log = logging.getLogger(__name__)
+
+
+def rendezvous_store(spec: GroupSpec, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The group's store: rank 0 serves it, on the rendezvous address only (torch alone would listen on every
+    interface), and every rank connects to it."""
+    listen_fd = None
+    if spec.rank == 0:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            spec.master_addr, spec.master_port, type=socket.SOCK_STREAM
+        )[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted rank 0 reuses its port at once
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+        listen_fd = listener.detach()  # the store owns the socket from here on
+    return dist.TCPStore(
+        spec.master_addr,
+        spec.master_port,
+        spec.size,
+        is_master=spec.rank == 0,
+        timeout=timeout,
+        master_listen_fd=listen_fd,
+    )
 
 
 class GroupFailure(RuntimeError):
@@ -64,9 +88,7 @@ class Group:
             torch.cuda.set_device(torch.device(device))  # NCCL binds each process to its current device
         timeout = datetime.timedelta(seconds=timeout_s)
         log.info("rank %d of %d joining %s over %s", spec.rank, spec.size, spec.name, backend)
-        self._store = dist.TCPStore(
-            spec.master_addr, spec.master_port, spec.size, is_master=spec.rank == 0, timeout=timeout
-        )
+        self._store = rendezvous_store(spec, timeout)
         if spec.rank == 0:  # rank 0's store is new each run; the others read the key once everyone has joined
             self._store.set("nanocp/run_id", self.run_id)
         dist.init_process_group(backend, store=self._store, rank=spec.rank, world_size=spec.size, timeout=timeout)

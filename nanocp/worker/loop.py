@@ -32,6 +32,7 @@ class EngineLoop:
         self._live_lock = threading.Lock()
         self._stopping = False
         self.failed: Exception | None = None
+        self.group_idle = False  # the last step found no work on any member of the group
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -100,6 +101,7 @@ class EngineLoop:
             while not self._commands.empty():
                 self._commands.get()()
             worked = self._step()
+            self.group_idle = not worked
             if self.failed is not None:
                 return
             if not worked:

@@ -1,0 +1,21 @@
+"""How long a shutting-down worker waits: until it and its whole group are idle, or its grace period ends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+async def wait_idle(idle: Callable[[], bool], failed: Callable[[], bool], grace_s: float, settle_s: float) -> bool:
+    """True once `idle()` has held for `settle_s` (a peer's new work reaches this member's loop a step later);
+    False when `grace_s` passed first or the group failed (nothing is left to wait for)."""
+    deadline = time.monotonic() + grace_s
+    idle_since: float | None = None
+    while time.monotonic() < deadline and not failed():
+        now = time.monotonic()
+        idle_since = (idle_since or now) if idle() else None
+        if idle_since is not None and now - idle_since >= settle_s:
+            return True
+        await asyncio.sleep(0.05)
+    return False
