@@ -108,7 +108,8 @@ async def test_a_router_with_the_internal_token_serves_through_the_worker(
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a worker certificate for the name nanocp-worker, and a router client certificate, by openssl."""
+    """A CA, a worker certificate for the name nanocp-worker (and the loopback address), a router client certificate,
+    and a client certificate of another CA, by openssl."""
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
@@ -119,7 +120,8 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     for name, usage in (("worker", "serverAuth"), ("router", "clientAuth"), ("stranger", "clientAuth")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN=nanocp-{name}")  # fmt: skip
-        (directory / f"{name}.ext").write_text(f"subjectAltName=DNS:nanocp-{name}\nextendedKeyUsage={usage}\n")
+        san = f"DNS:nanocp-{name},IP:{HOST}"
+        (directory / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
         ca = "other-ca" if name == "stranger" else "ca"
         run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
             "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip

@@ -1,0 +1,112 @@
+"""The public API with tokens on: calls without a valid token are UNAUTHENTICATED; a client sees and aborts only the
+requests its token created, an admin token all; request ids have a length limit; the router serves TLS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import HOST, StartCluster
+from test_internal_auth import make_certificates
+
+from nanocp.auth import BearerAuth, TokenFile
+from nanocp.client import AsyncClient, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from nanocp.router.server import RouterServer, serve_router
+from nanocp.router.service import MAX_REQUEST_ID_CHARS
+from nanocp.tls import ServerTls
+from nanocp.worker.engine import EngineConfig
+from nanocp.worker.server import WorkerServer, serve_worker
+
+CONFIG = EngineConfig(page_size=16, num_pages=256, max_step_tokens=64, max_running=8)
+LONG = 3000  # new tokens: a stream that outlives the test's checks; every test aborts it
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[WorkerServer]:
+    server = await serve_worker("tiny", CONFIG, HOST, 0, "w0")
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def router(worker: WorkerServer, tmp_path: Path) -> AsyncIterator[RouterServer]:
+    (tmp_path / "tokens").write_text("alice-token\nbob-token\n")
+    (tmp_path / "admin").write_text("admin-token\n")
+    auth = BearerAuth(TokenFile(tmp_path / "tokens"), TokenFile(tmp_path / "admin"))
+    server = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, auth=auth)
+    yield server
+    await server.stop()
+
+
+def client(router: RouterServer, token: str | None) -> AsyncClient:
+    return AsyncClient(f"{HOST}:{router.port}", token=token, max_retries=0)
+
+
+async def test_calls_without_a_valid_token_are_unauthenticated(router: RouterServer) -> None:
+    for token in (None, "mallory-token", ""):
+        async with client(router, token) as anonymous:
+            with pytest.raises(Unauthenticated, match="Bearer"):
+                async for _ in anonymous.generate([1, 2, 3], max_tokens=2):
+                    pass
+            with pytest.raises(Unauthenticated):
+                await anonymous.list_instances()
+            with pytest.raises(Unauthenticated):
+                await anonymous.abort("anything")
+
+
+async def test_a_client_sees_and_aborts_only_its_own_requests(router: RouterServer) -> None:
+    async with client(router, "alice-token") as alice, client(router, "bob-token") as bob:
+        async with client(router, "admin-token") as admin:
+            stream = alice.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="alice-1")
+            await anext(stream)
+            assert [r.request_id for r in (await alice.list_instances()).requests] == ["alice-1"]
+            assert [r.request_id for r in (await admin.list_instances()).requests] == ["alice-1"]
+            listing = await bob.list_instances()
+            assert listing.requests == [] and [i.id for i in listing.instances] == ["w0"]
+            with pytest.raises(NotFound):
+                await bob.abort("alice-1")
+            await alice.abort("alice-1")
+            assert [c.finish_reason async for c in stream][-1] == "abort"
+
+            stream = bob.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="bob-1")
+            await anext(stream)
+            await admin.abort("bob-1")  # an admin may abort any request
+            assert [c.finish_reason async for c in stream][-1] == "abort"
+
+
+async def test_without_tokens_every_caller_sees_and_aborts_every_request(start_cluster: StartCluster) -> None:
+    cluster = await start_cluster(num_pages=256)
+    stream = cluster.client.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="r1")
+    await anext(stream)
+    async with AsyncClient(cluster.address) as other:
+        assert [r.request_id for r in (await other.list_instances()).requests] == ["r1"]
+        await other.abort("r1")
+    assert [c.finish_reason async for c in stream][-1] == "abort"
+
+
+@pytest.mark.parametrize("length", [MAX_REQUEST_ID_CHARS + 1, 2_200_000])
+async def test_request_ids_over_the_limit_are_invalid(start_cluster: StartCluster, length: int) -> None:
+    cluster = await start_cluster()
+    with pytest.raises(InvalidArgument, match=f"limit is {MAX_REQUEST_ID_CHARS}"):
+        async for _ in cluster.client.generate([1, 2, 3], max_tokens=2, request_id="x" * length):
+            pass
+    with pytest.raises(InvalidArgument):
+        await cluster.client.abort("x" * length)
+    at_limit = [c async for c in cluster.client.generate([1, 2], max_tokens=2, request_id="y" * MAX_REQUEST_ID_CHARS)]
+    assert at_limit[-1].finish_reason == "length"
+
+
+async def test_the_router_serves_tls_to_clients_that_trust_its_ca(worker: WorkerServer, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    tls = ServerTls(certs["worker_crt"], certs["worker_key"])  # any server certificate of the CA will do
+    router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, tls=tls)
+    try:
+        target = f"{HOST}:{router.port}"
+        async with AsyncClient(target, ca_file=certs["ca_crt"], max_retries=0) as trusted:
+            assert [c async for c in trusted.generate([1, 2], max_tokens=2)][-1].finish_reason == "length"
+        async with AsyncClient(target, max_retries=0) as plaintext:
+            with pytest.raises(Unavailable):
+                await plaintext.list_instances(timeout=30)
+    finally:
+        await router.stop()
