@@ -1,0 +1,156 @@
+"""Graceful shutdown: on SIGTERM a router or a worker takes no new call, reports NOT_SERVING, lets its live streams
+finish within the grace period and exits 0; the router places nothing on a draining worker's group meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import HEARTBEAT_S, HOST, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nanocp.client import AsyncClient, Unavailable
+from nanocp.harness.offline_group import free_port
+from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.router.server import serve_router
+from nanocp.v1 import common_pb2, router_pb2
+from nanocp.worker.engine import EngineConfig
+from nanocp.worker.server import serve_worker
+
+LONG = 1500  # new tokens: the stream runs well past the signal (the old shutdown cut streams after 2 s)
+GRACE_S = 300  # generous: the stream must finish inside it on a loaded machine
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def start(processes: list[subprocess.Popen[bytes]], *args: str) -> subprocess.Popen[bytes]:
+    log = Path(tempfile.mkdtemp(prefix="nanocp-shutdown-")) / "log"
+    command = [sys.executable, "-m", "nanocp", "--log-level", "INFO", *args, "--shutdown-grace", str(GRACE_S)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    processes.append(process)
+    return process
+
+
+def worker_process(processes: list[subprocess.Popen[bytes]]) -> str:
+    port = free_port()
+    start(processes, "worker", "--port", str(port), "--threads", "1", "--master-port", str(free_port()))
+    return f"{HOST}:{port}"
+
+
+async def wait_serving(address: str) -> None:
+    async def serving() -> bool:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    await wait_until(serving, f"{address} to serve", timeout=120)
+
+
+async def exit_code(process: subprocess.Popen[bytes]) -> int:
+    return await asyncio.to_thread(process.wait, GRACE_S + 60)
+
+
+@pytest.mark.timeout(GRACE_S + 200)
+async def test_sigterm_lets_the_routers_streams_finish_then_exits_0(
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    worker = worker_process(processes)
+    await wait_serving(worker)
+    router_port = free_port()
+    router = start(processes, "router", "--workers", worker, "--port", str(router_port))
+    address = f"{HOST}:{router_port}"
+    await wait_serving(address)
+    async with AsyncClient(address, max_retries=0) as client:
+        stream = client.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True)
+        first = await anext(stream)
+        router.send_signal(signal.SIGTERM)
+
+        async def refuses_new_calls() -> bool:
+            async with AsyncClient(address, max_retries=0) as newcomer:
+                try:
+                    await newcomer.list_instances(timeout=5)
+                except Unavailable:
+                    return True
+            return False
+
+        await wait_until(refuses_new_calls, "the router to stop taking calls", timeout=60)
+        rest = [chunk async for chunk in stream]
+    assert rest[-1].finish_reason == "length"
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == LONG
+    assert await exit_code(router) == 0
+
+
+@pytest.mark.timeout(GRACE_S + 200)
+async def test_sigterm_lets_a_workers_streams_finish_then_exits_0(processes: list[subprocess.Popen[bytes]]) -> None:
+    address = worker_process(processes)
+    await wait_serving(address)
+    worker = processes[-1]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)  # type: ignore[assignment]
+        sampling = common_pb2.SamplingParams(max_tokens=LONG, ignore_eos=True)
+        call = stub.Submit(worker_pb2.SubmitRequest(request_id="r", prompt_token_ids=[1, 2, 3], sampling=sampling))
+        tokens = len((await call.read()).token_ids)  # type: ignore[union-attr]
+        worker.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return (await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)).draining
+
+        await wait_until(draining, "the worker to report draining", timeout=60)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Submit(worker_pb2.SubmitRequest(request_id="late", prompt_token_ids=[1])):
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finish = common_pb2.FINISH_REASON_UNSPECIFIED
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            tokens += len(reply.token_ids)  # type: ignore[union-attr]
+            finish = reply.finish_reason  # type: ignore[union-attr]
+    assert (tokens, finish) == (LONG, common_pb2.FINISH_REASON_LENGTH)
+    assert await exit_code(worker) == 0
+
+
+async def test_the_router_places_nothing_on_a_draining_worker_and_keeps_its_streams() -> None:
+    config = EngineConfig(page_size=16, num_pages=256, max_step_tokens=64, max_running=8)
+    worker = await serve_worker("tiny", config, HOST, 0, "w0")
+    router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, heartbeat_s=HEARTBEAT_S)
+    client = AsyncClient(f"{HOST}:{router.port}", max_retries=0)
+    try:
+        stream = client.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True)
+        await anext(stream)
+        shutting = asyncio.create_task(worker.shut_down(GRACE_S))
+
+        async def unplaceable() -> bool:
+            (instance,) = (await client.list_instances()).instances
+            return instance.state == router_pb2.INSTANCE_STATE_UNAVAILABLE and "shutting down" in instance.problem
+
+        await wait_until(unplaceable, "the router to see the worker draining")
+        with pytest.raises(Unavailable):
+            async for _ in client.generate([1, 2], max_tokens=2):
+                pass
+        assert [c async for c in stream][-1].finish_reason == "length"
+        await asyncio.wait_for(shutting, GRACE_S)
+        assert worker.drained
+    finally:
+        await client.close()
+        await router.stop()
+        await worker.stop()
