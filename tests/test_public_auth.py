@@ -56,23 +56,23 @@ async def test_calls_without_a_valid_token_are_unauthenticated(router: RouterSer
 
 
 async def test_a_client_sees_and_aborts_only_its_own_requests(router: RouterServer) -> None:
-    async with client(router, "alice-token") as alice, client(router, "bob-token") as bob:
-        async with client(router, "admin-token") as admin:
-            stream = alice.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="alice-1")
-            await anext(stream)
-            assert [r.request_id for r in (await alice.list_instances()).requests] == ["alice-1"]
-            assert [r.request_id for r in (await admin.list_instances()).requests] == ["alice-1"]
-            listing = await bob.list_instances()
-            assert listing.requests == [] and [i.id for i in listing.instances] == ["w0"]
-            with pytest.raises(NotFound):
-                await bob.abort("alice-1")
-            await alice.abort("alice-1")
-            assert [c.finish_reason async for c in stream][-1] == "abort"
+    alice, bob, admin = (client(router, f"{name}-token") for name in ("alice", "bob", "admin"))
+    async with alice, bob, admin:
+        stream = alice.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="alice-1")
+        await anext(stream)
+        assert [r.request_id for r in (await alice.list_instances()).requests] == ["alice-1"]
+        assert [r.request_id for r in (await admin.list_instances()).requests] == ["alice-1"]
+        listing = await bob.list_instances()
+        assert listing.requests == [] and [i.id for i in listing.instances] == ["w0"]
+        with pytest.raises(NotFound):
+            await bob.abort("alice-1")
+        await alice.abort("alice-1")
+        assert [c.finish_reason async for c in stream][-1] == "abort"
 
-            stream = bob.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="bob-1")
-            await anext(stream)
-            await admin.abort("bob-1")  # an admin may abort any request
-            assert [c.finish_reason async for c in stream][-1] == "abort"
+        stream = bob.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True, request_id="bob-1")
+        await anext(stream)
+        await admin.abort("bob-1")  # an admin may abort any request
+        assert [c.finish_reason async for c in stream][-1] == "abort"
 
 
 async def test_without_tokens_every_caller_sees_and_aborts_every_request(start_cluster: StartCluster) -> None:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 
 
 async def wait_idle(idle: Callable[[], bool], failed: Callable[[], bool], grace_s: float, settle_s: float) -> bool:
-    """True once `idle()` has held for `settle_s` (a peer's new work reaches this member's loop a step later);
-    False when `grace_s` passed first or the group failed (nothing is left to wait for)."""
+    """True once `idle()` has held for `settle_s` (a peer's new work reaches this member's loop a step later), or
+    when the group failed while idle (a drained peer left first: nothing was lost); False when `grace_s` passed
+    first or the group failed with work in it."""
     deadline = time.monotonic() + grace_s
     idle_since: float | None = None
-    while time.monotonic() < deadline and not failed():
+    while time.monotonic() < deadline:
         now = time.monotonic()
+        if failed():
+            return idle_since is not None
         idle_since = (idle_since or now) if idle() else None
         if idle_since is not None and now - idle_since >= settle_s:
             return True
