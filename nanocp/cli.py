@@ -150,10 +150,12 @@ def _generate(args: argparse.Namespace) -> None:
 def _top(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from nanocp.client import Credentials
     from nanocp.top import run_top
 
+    credentials = Credentials(args.token, args.tls, args.ca_file)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps))
+        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps, credentials))
 
 
 # What `--model` takes, in every command that has it.
@@ -315,6 +317,7 @@ def _add_top(commands: Commands) -> None:
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    cli_security.add_client_flags(top)
     top.set_defaults(func=_top)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
+import grpc
 from opentelemetry import trace
 
 from nanocp.auth import BearerAuth, TokenFile, bearer_token
@@ -81,15 +83,12 @@ async def serve_router(
     `workers` are host:port addresses; each is asked what it serves before the router starts taking requests.
     A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port.
-
-    Security (nanocp.auth, nanocp.tls): `auth` holds the client and admin tokens of the public API, `tls` its
-    certificate; `internal_token` and `worker_tls` (mutual TLS) are what the router presents to the workers.
+    `auth` and `tls` guard the public API; the router presents `internal_token` and `worker_tls` to workers.
     """
     model_config = load_model_config(model)
     placement_policy = policy or make_policy("static")
     ledger = Ledger()
-    interceptors = bearer_token(internal_token) if internal_token is not None else None
-    registry = WorkerRegistry(model_config, heartbeat_s, lambda address: aio_channel(address, worker_tls, interceptors))
+    registry = WorkerRegistry(model_config, heartbeat_s, _dialer(internal_token, worker_tls))
     admission = Admission(placement_policy, registry, ledger, queue_size)
 
     def on_load(instance: Instance) -> None:
@@ -141,6 +140,12 @@ async def serve_router(
         len(registry.instances()),
     )
     return RouterServer(server, registry, discovering)
+
+
+def _dialer(internal_token: TokenFile | str | None, tls: ChannelTls | None) -> Callable[[str], grpc.aio.Channel]:
+    """How the router connects to a worker: over TLS and with the internal token, when given (nanocp.auth)."""
+    interceptors = bearer_token(internal_token) if internal_token is not None else None
+    return lambda address: aio_channel(address, tls, interceptors)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
