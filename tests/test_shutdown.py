@@ -8,21 +8,26 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import HEARTBEAT_S, HOST, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kubernetes import client
+from test_k8s_discovery import LABELS, NAMESPACE, SELECTOR, pod, pods_api, readiness
 
 from nanocp.client import AsyncClient, Unavailable
 from nanocp.harness.offline_group import free_port
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
+from nanocp.router.discovery import KubernetesDiscovery
 from nanocp.router.server import serve_router
 from nanocp.v1 import common_pb2, router_pb2
 from nanocp.worker.engine import EngineConfig
-from nanocp.worker.server import serve_worker
+from nanocp.worker.server import WorkerServer, serve_worker
+
+__all__ = ["pods_api"]  # the fixture, shared with the discovery tests
 
 LONG = 1500  # new tokens: the stream runs well past the signal (the old shutdown cut streams after 2 s)
 GRACE_S = 300  # generous: the stream must finish inside it on a loaded machine
@@ -154,3 +159,38 @@ async def test_the_router_places_nothing_on_a_draining_worker_and_keeps_its_stre
         await client.close()
         await router.stop()
         await worker.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_discovery_keeps_a_deleted_worker_pod_while_it_drains(pods_api: client.CoreV1Api) -> None:
+    config = EngineConfig(page_size=16, num_pages=64, max_step_tokens=64, max_running=8)
+    workers = [await serve_worker("tiny", config, HOST, 0, f"w{i}") for i in range(2)]
+    discovery = KubernetesDiscovery(NAMESPACE, SELECTOR, api_client=pods_api.api_client, watch_timeout_s=1)
+    router = await serve_router("tiny", [], HOST, 0, heartbeat_s=HEARTBEAT_S, discovery=discovery)
+    rpc = AsyncClient(f"{HOST}:{router.port}", max_retries=0)
+
+    def listed(ids: set[str]) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return {i.id for i in (await rpc.list_instances()).instances} == ids
+
+        return check
+
+    async def create(name: str, worker: WorkerServer) -> None:
+        await asyncio.to_thread(pods_api.create_namespaced_pod, NAMESPACE, pod(name, worker.port, ready=True))
+
+    try:
+        await create("worker-0", workers[0])
+        await wait_until(listed({"w0"}), "the worker pod to be listed")
+        # What a pod being deleted shows while its containers stop: a deletion timestamp, and soon not Ready (its
+        # health is NOT_SERVING). The finalizer keeps the emulator from dropping it at once, as kubelet's grace does.
+        metadata = {"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["test/terminating"]}
+        metadata |= {"labels": LABELS, "namespace": NAMESPACE}
+        terminating = {"metadata": metadata, **readiness(False)}
+        await asyncio.to_thread(pods_api.patch_namespaced_pod, "worker-0", NAMESPACE, terminating)
+        await create("worker-1", workers[1])  # events arrive in order: once w1 is in, the deletion was seen
+        await wait_until(listed({"w0", "w1"}), "the new pod to be listed beside the draining one")
+    finally:
+        await rpc.close()
+        await router.stop()
+        for worker in workers:
+            await worker.stop()
