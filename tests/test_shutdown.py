@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import HEARTBEAT_S, HOST, wait_until
+from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client
 from test_k8s_discovery import LABELS, NAMESPACE, SELECTOR, pod, pods_api, readiness
@@ -132,6 +132,25 @@ async def test_sigterm_lets_a_workers_streams_finish_then_exits_0(processes: lis
             finish = reply.finish_reason  # type: ignore[union-attr]
     assert (tokens, finish) == (LONG, common_pb2.FINISH_REASON_LENGTH)
     assert await exit_code(worker) == 0
+
+
+@pytest.mark.timeout(GRACE_S + 200)
+async def test_sigterm_to_a_whole_group_lets_its_streams_finish_then_every_member_exits_0() -> None:
+    group = ProcessGroup.start([free_port(), free_port()], lambda rank: ["--shutdown-grace", str(GRACE_S)])
+    router = await serve_router("tiny", [f"{HOST}:{p}" for p in group.ports], HOST, 0, heartbeat_s=HEARTBEAT_S)
+    client = AsyncClient(f"{HOST}:{router.port}", max_retries=0)
+    try:
+        await wait_until(lambda: all_ready(client, True), "the group to be ready", timeout=120)
+        stream = client.generate([1, 2, 3], max_tokens=LONG, ignore_eos=True)
+        await anext(stream)
+        for member in group.processes:  # what deleting the group's pods does
+            member.send_signal(signal.SIGTERM)
+        assert [c async for c in stream][-1].finish_reason == "length"
+        assert [await exit_code(member) for member in group.processes] == [0, 0]
+    finally:
+        await client.close()
+        await router.stop()
+        group.kill()
 
 
 async def test_the_router_places_nothing_on_a_draining_worker_and_keeps_its_streams() -> None:

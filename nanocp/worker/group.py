@@ -22,8 +22,10 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,9 +42,7 @@ def rendezvous_store(spec: GroupSpec, timeout: datetime.timedelta) -> dist.TCPSt
     interface), and every rank connects to it."""
     listen_fd = None
     if spec.rank == 0:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            spec.master_addr, spec.master_port, type=socket.SOCK_STREAM
-        )[0]
+        family, kind, proto, _, address = _resolve(spec.master_addr, spec.master_port, timeout.total_seconds())
         listener = socket.socket(family, kind, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted rank 0 reuses its port at once
         listener.bind(address)
@@ -56,6 +56,19 @@ def rendezvous_store(spec: GroupSpec, timeout: datetime.timedelta) -> dist.TCPSt
         timeout=timeout,
         master_listen_fd=listen_fd,
     )
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> tuple[Any, ...]:
+    """The first address of `host`, asking again while the name is not yet published (a pod's DNS record may appear
+    a moment after the pod starts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 class GroupFailure(RuntimeError):
