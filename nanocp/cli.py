@@ -128,7 +128,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     prompt: str | list[int] = [int(t) for t in args.token_ids.split(",")] if args.token_ids else args.prompt
     try:
-        with Client(args.router, token=args.token, tls=args.tls, ca_file=args.ca_file) as client:
+        with Client(
+            args.router, token=args.token, tls=args.tls, ca_file=args.ca_file, server_name=args.server_name
+        ) as client:
             for chunk in client.generate(
                 prompt,
                 max_tokens=args.max_tokens,
@@ -153,7 +155,7 @@ def _top(args: argparse.Namespace) -> None:
     from nanocp.client import Credentials
     from nanocp.top import run_top
 
-    credentials = Credentials(args.token, args.tls, args.ca_file)
+    credentials = Credentials(args.token, args.tls, args.ca_file, args.server_name)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps, credentials))
 

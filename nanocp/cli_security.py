@@ -75,6 +75,9 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls", action="store_true", help="connect over TLS (system roots unless --ca-file)")
     parser.add_argument("--ca-file", type=Path, default=None, help="PEM roots of the router's certificate; sets --tls")
+    parser.add_argument(
+        "--server-name", default=None, help="the name the router's certificate holds, when --router is another"
+    )
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:

@@ -36,7 +36,9 @@ class Top:
         self.router = router
         self._window = window
         c = credentials or Credentials()
-        self._client = AsyncClient(router, max_retries=0, token=c.token, tls=c.tls, ca_file=c.ca_file)
+        self._client = AsyncClient(
+            router, max_retries=0, token=c.token, tls=c.tls, ca_file=c.ca_file, server_name=c.server_name
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.listing = router_pb2.ListInstancesResponse()
         self.error = ""  # why the last poll of the router failed

@@ -3,6 +3,7 @@ requests its token created, an admin token all; request ids have a length limit;
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import HOST, StartCluster
 from test_internal_auth import make_certificates
 
 from nanocp.auth import BearerAuth, TokenFile
+from nanocp.cli import main
 from nanocp.client import AsyncClient, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from nanocp.router.server import RouterServer, serve_router
 from nanocp.router.service import MAX_REQUEST_ID_CHARS
@@ -105,8 +107,22 @@ async def test_the_router_serves_tls_to_clients_that_trust_its_ca(worker: Worker
         target = f"{HOST}:{router.port}"
         async with AsyncClient(target, ca_file=certs["ca_crt"], max_retries=0) as trusted:
             assert [c async for c in trusted.generate([1, 2], max_tokens=2)][-1].finish_reason == "length"
+        renamed = f"localhost:{router.port}"  # as through a port-forward: the certificate holds another name
+        async with AsyncClient(renamed, ca_file=certs["ca_crt"], server_name="nanocp-worker") as trusted:
+            assert [c async for c in trusted.generate([1, 2], max_tokens=2)][-1].finish_reason == "length"
         async with AsyncClient(target, max_retries=0) as plaintext:
             with pytest.raises(Unavailable):
                 await plaintext.list_instances(timeout=30)
     finally:
         await router.stop()
+
+
+async def test_the_cli_sends_its_token(
+    router: RouterServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NANOCP_TOKEN", raising=False)
+    command = ["generate", "--router", f"{HOST}:{router.port}", "--token-ids", "1,2", "--max-tokens", "2", "--ids"]
+    await asyncio.to_thread(main, [*command, "--token", "bob-token"])
+    assert "[length:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="UNAUTHENTICATED"):
+        await asyncio.to_thread(main, command)

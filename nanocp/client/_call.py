@@ -21,16 +21,21 @@ from nanocp.v1 import common_pb2, router_pb2
 @dataclass(frozen=True)
 class Credentials:
     """What a client presents: a bearer token (the router's --api-tokens) and TLS (on with `tls` or a `ca_file`;
-    `ca_file` holds the PEM roots that signed the router's certificate, default the system's)."""
+    `ca_file` holds the PEM roots that signed the router's certificate, default the system's; `server_name` is the
+    name to check the certificate for when the address is another, e.g. through a port-forward)."""
 
     token: str | None = None
     tls: bool = False
     ca_file: str | Path | None = None
+    server_name: str | None = None
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls and self.ca_file is None:
             return None
         return grpc.ssl_channel_credentials(Path(self.ca_file).read_bytes() if self.ca_file else None)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
     def metadata(self, context: Context | None = None) -> Metadata:
         """A call's metadata: the trace context, and the token."""

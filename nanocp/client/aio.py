@@ -79,12 +79,14 @@ class AsyncClient:
         token: str | None = None,
         tls: bool = False,
         ca_file: str | Path | None = None,
+        server_name: str | None = None,
     ) -> None:
-        """`token`: sent as `authorization: Bearer`; `tls` (or a `ca_file` of PEM roots) connects over TLS."""
-        self._credentials = Credentials(token, tls, ca_file)
+        """`token`: sent as `authorization: Bearer`; `tls` (or a `ca_file` of PEM roots) connects over TLS, checking
+        the router's certificate for `server_name` when given (else for the target's host)."""
+        self._credentials = Credentials(token, tls, ca_file, server_name)
         channel_credentials = self._credentials.channel_credentials()
         self._channel = (
-            grpc.aio.secure_channel(target, channel_credentials)
+            grpc.aio.secure_channel(target, channel_credentials, self._credentials.channel_options())
             if channel_credentials is not None
             else grpc.aio.insecure_channel(target)
         )
