@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -44,9 +45,12 @@ def serve_until_signalled(start: Callable[[], Awaitable[S]], grace: float) -> S:
             await asyncio.wait([shutting, again], return_when=asyncio.FIRST_COMPLETED)
             if again.done():
                 log.info("a second signal: stopping at once")
+                shutting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await shutting
                 await server.stop()
-            again.cancel()
-            await shutting
+            else:
+                again.cancel()
         else:
             signalled.cancel()
         await terminated

@@ -116,10 +116,7 @@ async def test_sigterm_lets_a_workers_streams_finish_then_exits_0(processes: lis
         tokens = len((await call.read()).token_ids)  # type: ignore[union-attr]
         worker.send_signal(signal.SIGTERM)
 
-        async def draining() -> bool:
-            return (await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)).draining
-
-        await wait_until(draining, "the worker to report draining", timeout=60)
+        await wait_until(lambda: _draining(stub), "the worker to report draining", timeout=60)
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -132,6 +129,30 @@ async def test_sigterm_lets_a_workers_streams_finish_then_exits_0(processes: lis
             finish = reply.finish_reason  # type: ignore[union-attr]
     assert (tokens, finish) == (LONG, common_pb2.FINISH_REASON_LENGTH)
     assert await exit_code(worker) == 0
+
+
+@pytest.mark.timeout(GRACE_S)
+async def test_a_second_signal_stops_at_once(processes: list[subprocess.Popen[bytes]]) -> None:
+    address = worker_process(processes)
+    await wait_serving(address)
+    worker = processes[-1]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)  # type: ignore[assignment]
+        sampling = common_pb2.SamplingParams(max_tokens=4000, ignore_eos=True)  # far longer than the test waits
+        call = stub.Submit(worker_pb2.SubmitRequest(request_id="r", prompt_token_ids=[1, 2, 3], sampling=sampling))
+        await call.read()
+        worker.send_signal(signal.SIGTERM)
+        await wait_until(lambda: _draining(stub), "the worker to report draining", timeout=60)
+        worker.send_signal(signal.SIGINT)
+        # well inside the grace period the first signal gave
+        assert await asyncio.wait_for(asyncio.to_thread(worker.wait), GRACE_S / 3) == 0
+        with pytest.raises(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+
+
+async def _draining(stub: worker_pb2_grpc.WorkerServiceAsyncStub) -> bool:
+    return (await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)).draining
 
 
 @pytest.mark.timeout(GRACE_S + 200)
