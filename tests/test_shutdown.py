@@ -89,15 +89,15 @@ async def test_sigterm_lets_the_routers_streams_finish_then_exits_0(
         first = await anext(stream)
         router.send_signal(signal.SIGTERM)
 
-        async def refuses_new_calls() -> bool:
-            async with AsyncClient(address, max_retries=0) as newcomer:
-                try:
-                    await newcomer.list_instances(timeout=5)
-                except Unavailable:
-                    return True
+        async def refuses_new_requests() -> bool:
+            try:
+                [_ async for _ in client.generate([1, 2], max_tokens=2)]  # before the signal landed: it is served
+            except Unavailable as refused:
+                return "shutting down" in refused.message
             return False
 
-        await wait_until(refuses_new_calls, "the router to stop taking calls", timeout=60)
+        await wait_until(refuses_new_requests, "the router to refuse new requests", timeout=60)
+        assert [r.request_id for r in (await client.list_instances()).requests] == [stream.request_id]
         rest = [chunk async for chunk in stream]
     assert rest[-1].finish_reason == "length"
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == LONG

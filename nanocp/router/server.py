@@ -11,6 +11,7 @@ import grpc
 from opentelemetry import trace
 
 from nanocp.auth import BearerAuth, TokenFile, bearer_token
+from nanocp.drain import wait_idle
 from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router.accounting import Ledger
@@ -32,9 +33,11 @@ class RouterServer:
         self,
         server: GrpcServer,
         registry: WorkerRegistry,
+        servicer: RouterServicer,
         discovery: asyncio.Task[None] | None = None,
     ) -> None:
         self._server = server
+        self._servicer = servicer
         self._registry = registry
         self._discovery = discovery
 
@@ -52,9 +55,12 @@ class RouterServer:
         await self._registry.stop()
 
     async def shut_down(self, grace: float) -> None:
-        """What SIGTERM does: health NOT_SERVING, no new call (clients retry elsewhere), the live streams finish
-        within `grace` seconds (then are cancelled), and the router stops."""
-        await self.stop(grace)
+        """What SIGTERM does: health NOT_SERVING, a new Generate ends UNAVAILABLE (clients retry elsewhere), the live
+        streams get `grace` seconds to finish (Abort and ListInstances still answer), then the router stops."""
+        self._servicer.draining = True
+        await self._server.report_not_serving()
+        await wait_idle(lambda: self._servicer.live_requests == 0, lambda: False, grace, settle_s=0.0)
+        await self.stop()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -139,7 +145,7 @@ async def serve_router(
         ready,
         len(registry.instances()),
     )
-    return RouterServer(server, registry, discovering)
+    return RouterServer(server, registry, servicer, discovering)
 
 
 def _dialer(internal_token: TokenFile | str | None, tls: ChannelTls | None) -> Callable[[str], grpc.aio.Channel]:

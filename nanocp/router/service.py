@@ -102,6 +102,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._admission = admission
         self._tracer = tracer
         self._live: dict[str, _Live] = {}
+        self.draining = False  # shutting down: no new request; the live ones finish
         self._growths: set[asyncio.Task[None]] = set()  # kept referenced until done
 
     async def Generate(
@@ -134,6 +135,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def _generate(
         self, request: router_pb2.GenerateRequest, context: Any, span: trace.Span
     ) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        if self.draining:  # UNAVAILABLE: the SDK retries it, on another router behind the Service
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; it takes no new request")
         valid = validate(request, self._model, self._tokenizer)
         _check_request_id(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex
@@ -261,6 +264,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             grpc.StatusCode.UNAVAILABLE,
             f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
         )
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._live)
 
     def placements(self) -> list[Placement]:
         """The live requests' placements (queued ones have none yet)."""

@@ -17,13 +17,13 @@ import grpc
 from opentelemetry import trace
 
 from nanocp.auth import BearerAuth
+from nanocp.drain import wait_idle
 from nanocp.grpc_server import GrpcServer
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.placement import Shard
 from nanocp.telemetry import STEP_SPANS_EVERY, extract_context
 from nanocp.tls import ServerTls
 from nanocp.v1 import common_pb2
-from nanocp.worker.drain import wait_idle
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
 from nanocp.worker.group_spec import GroupSpec

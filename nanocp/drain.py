@@ -1,4 +1,4 @@
-"""How long a shutting-down worker waits: until it and its whole group are idle, or its grace period ends."""
+"""How long a shutting-down server waits: until it is idle (a worker: its whole group), or its grace period ends."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 
 async def wait_idle(idle: Callable[[], bool], failed: Callable[[], bool], grace_s: float, settle_s: float) -> bool:
-    """True once `idle()` has held for `settle_s` (a peer's new work reaches this member's loop a step later), or
-    when the group failed while idle (a drained peer left first: nothing was lost); False when `grace_s` passed
-    first or the group failed with work in it."""
+    """True once `idle()` has held for `settle_s` (a worker: a peer's new work reaches its loop a step later), or
+    when `failed()` turned true while idle (a drained peer left the group first: nothing was lost); False when
+    `grace_s` passed first or it failed with work in it."""
     deadline = time.monotonic() + grace_s
     idle_since: float | None = None
     while time.monotonic() < deadline:
