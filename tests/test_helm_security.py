@@ -12,7 +12,8 @@ import pytest
 from test_helm_chart import HELM, Manifest, of_kind, render, render_file, worker_pods
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="no helm binary: `make test` installs it into .venv/bin")
-VALUES = sorted((Path(__file__).resolve().parent.parent / "helm" / "nanocp" / "ci").glob("*-values.yaml"))
+VALUES_DIR = Path(__file__).resolve().parent.parent / "helm" / "nanocp" / "ci"
+VALUES = sorted(VALUES_DIR.glob("*-values.yaml"))
 
 
 def router_pod(manifests: list[Manifest]) -> Manifest:
@@ -109,6 +110,9 @@ def test_tls_and_api_tokens_reach_the_flags_and_probes_check_the_port() -> None:
     assert flags["--tls-cert"] == "/var/run/nanocp/public-tls/tls.crt"
     assert flags["--api-tokens"] == "/var/run/nanocp/api-tokens/tokens"
     assert flags["--admin-tokens"] == "/var/run/nanocp/api-tokens/admin-tokens"
+    no_admins = ("--values", str(VALUES_DIR / "security-values.yaml"), "--set", "security.apiTokens.admins=false")
+    without_admins = render(*no_admins)
+    assert "--admin-tokens" not in args_of(router_pod(without_admins))
     assert flags["--worker-tls-cert"] == "/var/run/nanocp/internal-tls/tls.crt"
     assert flags["--worker-tls-server-name"] == "nanocp-worker"
     assert router["spec"]["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": 50051}  # kubelet has no TLS

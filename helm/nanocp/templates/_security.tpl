@@ -120,7 +120,9 @@ FlashInfer's JIT and Hugging Face under $HOME) goes to emptyDirs. */}}
 {{- end }}
 {{- if and .router $s.apiTokens.secretName }}
 - --api-tokens={{ $dir }}/api-tokens/tokens
+{{- if $s.apiTokens.admins }}
 - --admin-tokens={{ $dir }}/api-tokens/admin-tokens
+{{- end }}
 {{- end }}
 {{- end -}}
 
