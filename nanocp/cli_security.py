@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+import socket
 from pathlib import Path
 
 from nanocp.auth import BearerAuth, TokenFile
@@ -102,7 +105,21 @@ def internal_token(args: argparse.Namespace) -> TokenFile | None:
 
 
 def public_auth(args: argparse.Namespace) -> BearerAuth:
-    return BearerAuth(_token_file(args.api_tokens, "--api-tokens"), _token_file(args.admin_tokens, "--admin-tokens"))
+    auth = BearerAuth(_token_file(args.api_tokens, "--api-tokens"), _token_file(args.admin_tokens, "--admin-tokens"))
+    if not auth.enabled and not _loopback(args.host):
+        logging.getLogger("nanocp").warning(
+            "the public API on %s takes no tokens: whoever reaches it may list and abort every request "
+            "(--api-tokens, --admin-tokens)",
+            args.host,
+        )
+    return auth
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False  # unknown: warn as for every interface
 
 
 def worker_tls(args: argparse.Namespace) -> ChannelTls | None:
