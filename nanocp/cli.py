@@ -7,55 +7,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
+from nanocp import cli_security
 from nanocp.model_config import PRESETS
 from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.serve import serve_until_signalled
 from nanocp.sim.cli import add_sim_parser
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.worker.group_spec import GroupSpec
 
 
-class _Server(Protocol):
-    async def stop(self, grace: float | None = None) -> None: ...
-
-    async def wait_for_termination(self) -> None: ...
-
-
-S = TypeVar("S", bound=_Server)
-
-
-def _serve_until_signalled(start: Callable[[], Awaitable[S]]) -> S:
-    """Serves until SIGINT or SIGTERM (then stops with a short grace period) or until the server stops itself."""
-
-    async def main() -> S:
-        server = await start()
-        signalled = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, signalled.set)
-        waits = [asyncio.ensure_future(signalled.wait()), asyncio.ensure_future(server.wait_for_termination())]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for wait in waits:
-            wait.cancel()
-        logging.getLogger("nanocp").info("stopping")
-        await server.stop(grace=2.0)
-        return server
-
-    return asyncio.run(main())
-
-
 def _worker(args: argparse.Namespace) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: idle doorbell waits time out by design
+    from nanocp.auth import BearerAuth
     from nanocp.telemetry import configure_tracing
     from nanocp.worker.engine import EngineConfig
     from nanocp.worker.group import GroupSpec
     from nanocp.worker.server import serve_worker
+
+    tls, token = cli_security.server_tls(args), cli_security.internal_token(args)
 
     provider = configure_tracing("nanocp-worker")
     if args.threads:
@@ -74,7 +48,7 @@ def _worker(args: argparse.Namespace) -> None:
         cuda_graphs=not args.no_cuda_graphs,
         graph_max_batch=args.graph_max_batch,
     )
-    server = _serve_until_signalled(
+    server = serve_until_signalled(
         lambda: serve_worker(
             args.model,
             config,
@@ -86,13 +60,17 @@ def _worker(args: argparse.Namespace) -> None:
             domain=args.topology_domain,
             metrics_port=args.metrics_port,
             step_spans_every=args.step_spans_every,
-        )
+            auth=BearerAuth(token),
+            tls=tls,
+        ),
+        args.shutdown_grace,
     )
     if provider is not None:
         provider.shutdown()  # sends the queued spans: os._exit below skips the SDK's own exit hook
     logging.shutdown()
-    # A failed group must restart whole: exit non-zero, and at once (tearing down a broken group can hang).
-    os._exit(1 if server.failure is not None else 0)
+    # A failed group must restart whole: exit non-zero, and at once (tearing down a broken group can hang). A group
+    # that failed after a shutdown drained it is only its members leaving.
+    os._exit(1 if server.failure is not None and not server.drained else 0)
 
 
 def _router(args: argparse.Namespace) -> None:
@@ -119,7 +97,7 @@ def _router(args: argparse.Namespace) -> None:
     policy = make_policy(
         args.policy, cp_degree=args.cp_degree, shard_tokens=args.shard_tokens, max_degree=args.max_degree, cost=cost
     )
-    _serve_until_signalled(
+    serve_until_signalled(
         lambda: serve_router(
             args.model,
             workers,
@@ -132,7 +110,12 @@ def _router(args: argparse.Namespace) -> None:
             http_port=args.http_port,
             discovery=discovery,
             max_migrations=args.max_migrations,
-        )
+            auth=cli_security.public_auth(args),
+            tls=cli_security.server_tls(args),
+            internal_token=cli_security.internal_token(args),
+            worker_tls=cli_security.worker_tls(args),
+        ),
+        args.shutdown_grace,
     )
 
 
@@ -161,7 +144,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     prompt: str | list[int] = [int(t) for t in args.token_ids.split(",")] if args.token_ids else args.prompt
     try:
-        with Client(args.router) as client:
+        with Client(
+            args.router, token=args.token, tls=args.tls, ca_file=args.ca_file, server_name=args.server_name
+        ) as client:
             for chunk in client.generate(
                 prompt,
                 max_tokens=args.max_tokens,
@@ -183,10 +168,12 @@ def _generate(args: argparse.Namespace) -> None:
 def _top(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from nanocp.client import Credentials
     from nanocp.top import run_top
 
+    credentials = Credentials(args.token, args.tls, args.ca_file, args.server_name)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps))
+        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps, credentials))
 
 
 def _non_negative(value: str) -> int:
@@ -277,6 +264,9 @@ def _add_worker(commands: Commands) -> None:
         default=60.0,
         help="seconds a step may wait for a peer before the group is declared failed (default 60)",
     )
+    cli_security.add_server_tls_flags(worker, mutual=True)
+    cli_security.add_internal_token_flag(worker, sends=False)
+    cli_security.add_shutdown_flag(worker)
     worker.set_defaults(func=_worker)
 
 
@@ -342,6 +332,8 @@ def _add_router(commands: Commands) -> None:
         help="how often a request whose decode group fails may move to a healthy group and go on there; 0: its "
         f"stream ends UNAVAILABLE (default {DEFAULT_MAX_MIGRATIONS})",
     )
+    cli_security.add_router_security_flags(router)
+    cli_security.add_shutdown_flag(router)
     router.set_defaults(func=_router)
 
 
@@ -358,6 +350,7 @@ def _add_generate(commands: Commands) -> None:
     generate.add_argument("--ignore-eos", action="store_true")
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     generate.add_argument("--ids", action="store_true", help="print token ids when there is no text")
+    cli_security.add_client_flags(generate)
     generate.set_defaults(func=_generate)
 
 
@@ -367,6 +360,7 @@ def _add_top(commands: Commands) -> None:
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    cli_security.add_client_flags(top)
     top.set_defaults(func=_top)
 
 

@@ -13,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from nanocp.auth import AuthInterceptor, BearerAuth
 from nanocp.grpc_decode import RefuseUndecodable
+from nanocp.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,22 @@ class GrpcServer:
         port: int,
         services: Sequence[tuple[Callable[[Any, Any], None], Any, str]],
         metrics: tuple[CollectorRegistry, int] | None = None,
+        *,
+        auth: BearerAuth | None = None,
+        tls: ServerTls | None = None,
     ) -> GrpcServer:
         """`services` holds (add_XServicer_to_server, servicer, full service name); port 0 picks a free port.
 
         `metrics`: a Prometheus registry and the port to serve its /metrics on (0 picks one), once gRPC is bound.
+        `auth`: the tokens every call but a health check must present; `tls`: serve TLS (mutual with a client CA).
         """
+        # The token is checked before anything else; then a request grpc cannot decode answers INVALID_ARGUMENT.
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [AuthInterceptor(auth)] if auth is not None and auth.enabled else []
+        )
+        interceptors.append(RefuseUndecodable())
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share the port's traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[RefuseUndecodable()])
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for add, servicer, _ in services:
@@ -55,7 +66,7 @@ class GrpcServer:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = server.add_insecure_port(address)
+            bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc raises, rather than returning 0, when the address is taken
             raise OSError(f"cannot listen on {address}: {exc}") from exc
         await server.start()
@@ -67,6 +78,10 @@ class GrpcServer:
         for name in names:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return cls(server, health_servicer, bound, http)
+
+    async def report_not_serving(self) -> None:
+        """Health checks answer NOT_SERVING from now on (the server is shutting down); calls are still served."""
+        await self._health.enter_graceful_shutdown()
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, then ends live calls (after `grace` seconds, at once when None)."""

@@ -24,6 +24,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.util.types import AttributeValue
+
+from nanocp.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +131,12 @@ def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Conte
     """The trace context a caller put in its gRPC metadata (an empty context when there is none)."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     return propagate.extract(carrier)
+
+
+def placement_attributes(placement: Placement) -> dict[str, AttributeValue]:
+    """A request's placement as span attributes."""
+    return {
+        "nanocp.home": placement.home,
+        "nanocp.cp_degree": placement.cp_degree,
+        "nanocp.shards": [shard.instance for shard in placement.shards],  # in position order, the tail last
+    }

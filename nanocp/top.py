@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from nanocp.client import AsyncClient, NanocpError
+from nanocp.client import AsyncClient, Credentials, NanocpError
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.v1 import router_pb2
 
@@ -31,11 +31,15 @@ RECENT_PLACEMENTS = 10
 class Top:
     """What the view shows, updated by `poll`: instances, recent steps per instance, recent placements."""
 
-    def __init__(self, router: str, window: int = 200) -> None:
-        """`window`: the recent steps per instance that step times and straggler shares are taken over."""
+    def __init__(self, router: str, window: int = 200, credentials: Credentials | None = None) -> None:
+        """`window`: the recent steps per instance that step times and straggler shares are taken over;
+        `credentials`: the token (an admin token shows every request) and TLS settings for the router."""
         self.router = router
         self._window = window
-        self._client = AsyncClient(router, max_retries=0)
+        c = credentials or Credentials()
+        self._client = AsyncClient(
+            router, max_retries=0, token=c.token, tls=c.tls, ca_file=c.ca_file, server_name=c.server_name
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.listing = router_pb2.ListInstancesResponse()
         self.error = ""  # why the last poll of the router failed
@@ -160,9 +164,16 @@ def _state(request: router_pb2.LiveRequest, live: bool) -> Text:
     return state
 
 
-async def run_top(router: str, interval: float, once: bool, console: Console, window: int = 200) -> None:
+async def run_top(
+    router: str,
+    interval: float,
+    once: bool,
+    console: Console,
+    window: int = 200,
+    credentials: Credentials | None = None,
+) -> None:
     """Polls every `interval` seconds and redraws in place until interrupted; `once`: prints one frame."""
-    top = Top(router, window)
+    top = Top(router, window, credentials)
     try:
         await top.poll()
         if once:

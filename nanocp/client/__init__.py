@@ -1,5 +1,6 @@
 """The nanocp client SDK: sync and asyncio clients of the router, with deadlines, retries and trace propagation."""
 
+from nanocp.client._call import Credentials
 from nanocp.client.aio import AsyncClient, AsyncStream
 from nanocp.client.chunk import Chunk, Usage
 from nanocp.client.errors import (
@@ -11,6 +12,7 @@ from nanocp.client.errors import (
     NanocpError,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from nanocp.client.sync import Client, Stream
@@ -22,6 +24,7 @@ __all__ = [
     "Cancelled",
     "Chunk",
     "Client",
+    "Credentials",
     "DeadlineExceeded",
     "Internal",
     "InvalidArgument",
@@ -29,6 +32,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "Stream",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
 ]

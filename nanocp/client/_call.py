@@ -6,14 +6,41 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from nanocp.client.chunk import Chunk
 from nanocp.client.errors import error_from_rpc
 from nanocp.telemetry import Metadata, inject_metadata
 from nanocp.v1 import common_pb2, router_pb2
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client presents: a bearer token (the router's --api-tokens) and TLS (on with `tls` or a `ca_file`;
+    `ca_file` holds the PEM roots that signed the router's certificate, default the system's; `server_name` is the
+    name to check the certificate for when the address is another, e.g. through a port-forward)."""
+
+    token: str | None = None
+    tls: bool = False
+    ca_file: str | Path | None = None
+    server_name: str | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls and self.ca_file is None:
+            return None
+        return grpc.ssl_channel_credentials(Path(self.ca_file).read_bytes() if self.ca_file else None)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def metadata(self, context: Context | None = None) -> Metadata:
+        """A call's metadata: the trace context, and the token."""
+        metadata = inject_metadata(context)
+        return (*metadata, ("authorization", f"Bearer {self.token}")) if self.token else metadata
 
 
 def generate_request(
@@ -59,8 +86,11 @@ class Retry:
 class StreamState:
     """One generate call across its attempts: the request, its deadline, and whether any chunk arrived yet."""
 
-    def __init__(self, request: router_pb2.GenerateRequest, timeout: float | None, retry: Retry) -> None:
+    def __init__(
+        self, request: router_pb2.GenerateRequest, timeout: float | None, retry: Retry, credentials: Credentials
+    ) -> None:
         self.request = request
+        self._credentials = credentials
         self.closed = False
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._retry = retry
@@ -71,7 +101,7 @@ class StreamState:
     def call_options(self) -> tuple[float | None, Metadata]:
         """The timeout left and the metadata for the next attempt."""
         timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        return timeout, inject_metadata(self._context)
+        return timeout, self._credentials.metadata(self._context)
 
     def chunk(self, response: router_pb2.GenerateResponse) -> Chunk:
         self._received = True

@@ -42,6 +42,10 @@ class Cancelled(NanocpError):
     """The call was cancelled on the server side."""
 
 
+class Unauthenticated(NanocpError):
+    """The router wants a valid token (Client(..., token=...))."""
+
+
 class Internal(NanocpError):
     """A bug or failure inside the router or a worker."""
 
@@ -55,6 +59,7 @@ _BY_CODE: dict[grpc.StatusCode, type[NanocpError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from nanocp.client._call import Retry, StreamState, generate_request
+from nanocp.client._call import Credentials, Retry, StreamState, generate_request
 from nanocp.client.chunk import Chunk
 from nanocp.client.errors import error_from_rpc
-from nanocp.telemetry import inject_metadata
 from nanocp.v1 import router_pb2, router_pb2_grpc
 
 
@@ -62,8 +62,26 @@ class Stream(Iterator[Chunk]):
 class Client:
     """A blocking client of the nanocp router at `target` ("host:port")."""
 
-    def __init__(self, target: str, *, max_retries: int = 3, retry_backoff_s: float = 0.1) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.1,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """`token`: sent as `authorization: Bearer`; `tls` (or a `ca_file` of PEM roots) connects over TLS, checking
+        the router's certificate for `server_name` when given (else for the target's host)."""
+        self._credentials = Credentials(token, tls, ca_file, server_name)
+        channel_credentials = self._credentials.channel_credentials()
+        self._channel = (
+            grpc.secure_channel(target, channel_credentials, self._credentials.channel_options())
+            if channel_credentials is not None
+            else grpc.insecure_channel(target)
+        )
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._retry = Retry(max_retries, retry_backoff_s)
 
@@ -94,13 +112,13 @@ class Client:
             ignore_eos=ignore_eos,
             request_id=request_id,
         )
-        return Stream(self._stub, StreamState(request, timeout, self._retry))
+        return Stream(self._stub, StreamState(request, timeout, self._retry, self._credentials))
 
     def abort(self, request_id: str, *, timeout: float | None = None) -> None:
         """Stops a live request; its stream ends with finish_reason "abort". NotFound for an unknown id."""
         try:
             self._stub.Abort(
-                router_pb2.AbortRequest(request_id=request_id), timeout=timeout, metadata=inject_metadata()
+                router_pb2.AbortRequest(request_id=request_id), timeout=timeout, metadata=self._credentials.metadata()
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -108,7 +126,7 @@ class Client:
     def list_instances(self, *, timeout: float | None = None) -> router_pb2.ListInstancesResponse:
         try:
             response: router_pb2.ListInstancesResponse = self._stub.ListInstances(
-                router_pb2.ListInstancesRequest(), timeout=timeout, metadata=inject_metadata()
+                router_pb2.ListInstancesRequest(), timeout=timeout, metadata=self._credentials.metadata()
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None

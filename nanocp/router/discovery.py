@@ -2,8 +2,10 @@
 
 It lists, then watches, the pods that match a label selector in one namespace (RBAC: get/list/watch on pods in that
 namespace, nothing cluster-wide). A pod is a worker once it is Ready and has an IP; its address is podIP and the
-container port named `port_name` (or the port in the `nanocp.io/grpc-port` annotation). A pod that is deleted, loses
-its IP or stops being Ready is removed from the registry, so no request is placed on it.
+container port named `port_name` (or the port in the `nanocp.io/grpc-port` annotation). A pod that loses its IP or
+stops being Ready is removed from the registry, so no request is placed on it. A registered pod being deleted stays
+until it is gone: its worker shuts down gracefully, reporting itself draining (so nothing new is placed on its group)
+while its live streams finish.
 
 The official client is synchronous: lists run through asyncio.to_thread, and the watch stream is read on a daemon
 thread that hands events to the loop, because a blocked read can not be cancelled and must not hold up shutdown.
@@ -40,6 +42,11 @@ def parse_selector(selector: str) -> dict[str, str]:
             raise ValueError(f"selector term {term!r} is not key=value (only equality terms are supported)")
         labels[match[1]] = match[2]
     return labels
+
+
+def _draining(pod: Mapping[str, Any]) -> bool:
+    """Being deleted and still running: its worker finishes its streams (and goes once its pod has no IP)."""
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp") and (pod.get("status") or {}).get("podIP"))
 
 
 def pod_address(pod: Mapping[str, Any], port_name: str) -> str | None:
@@ -116,7 +123,7 @@ class KubernetesDiscovery:
     async def _update(self, registry: WorkerRegistry, name: str, pod: Mapping[str, Any] | None) -> None:
         address = pod_address(pod, self._port_name) if pod is not None else None
         old = self._addresses.get(name)
-        if old == address:
+        if old == address or (old is not None and pod is not None and _draining(pod)):
             return
         if old is not None:
             log.info("worker pod %s (%s) went away", name, old)

@@ -23,3 +23,15 @@ class NeverFits(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+# Worker statuses that describe the request, not the worker's health; any other failure makes the home UNAVAILABLE.
+REQUEST_STATUSES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+    }
+)

@@ -73,8 +73,15 @@ class StaticDiscovery:
 
 
 class WorkerRegistry:
-    def __init__(self, model: ModelConfig, heartbeat_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        heartbeat_s: float = 1.0,
+        connect: Callable[[str], grpc.aio.Channel] = grpc.aio.insecure_channel,
+    ) -> None:
+        """`connect` makes the channel to a worker's address (TLS and the internal token: nanocp.router.server)."""
         self._model = model
+        self._connect = connect
         self._heartbeat_s = heartbeat_s
         # One probe's wait; a worker whose probes time out stays ready until its liveness deadline passes.
         self._probe_timeout_s = max(heartbeat_s, 1.0)
@@ -116,7 +123,7 @@ class WorkerRegistry:
         """Checks the worker once (so a router starts with its workers known), then keeps a heartbeat on it."""
         if address in self._instances:
             return
-        channel = grpc.aio.insecure_channel(address)
+        channel = self._connect(address)
         stub = cast("worker_pb2_grpc.WorkerServiceAsyncStub", worker_pb2_grpc.WorkerServiceStub(channel))
         instance = Instance(address, channel, stub)
         self._instances[address] = instance
@@ -191,6 +198,9 @@ class WorkerRegistry:
             return
         instance.answered_at = time.monotonic()
         instance.pages_in_use = load.kv_pages_in_use
+        if load.draining:  # its streams go on; only new requests must go elsewhere, and not to its group
+            instance.ready, instance.problem = False, "it is shutting down (its live streams finish)"
+            return
         if not instance.ready:
             log.info("worker %s is ready (%d KV pages)", instance.name, load.kv_pages_total)
             instance.ready = True

@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
+import grpc
 from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
+from nanocp.auth import BearerAuth, TokenFile, bearer_token
+from nanocp.drain import wait_idle
 from nanocp.grpc_server import GrpcServer
 from nanocp.model_config import load_model_config
 from nanocp.router import DEFAULT_MAX_MIGRATIONS
@@ -22,6 +27,7 @@ from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies import make_policy
 from nanocp.router.registry import Discovery, Instance, StaticDiscovery, WorkerRegistry
 from nanocp.router.service import SERVICE_NAME, RouterServicer
+from nanocp.tls import ChannelTls, ServerTls, aio_channel
 from nanocp.tokenizer import load_tokenizer
 from nanocp.v1 import router_pb2_grpc
 
@@ -33,11 +39,13 @@ class RouterServer:
         self,
         server: GrpcServer,
         registry: WorkerRegistry,
+        servicer: RouterServicer,
         discovery: asyncio.Task[None] | None = None,
         http: HttpServer | None = None,
     ) -> None:
         self._server = server
         self._http = http
+        self._servicer = servicer
         self._registry = registry
         self._discovery = discovery
 
@@ -60,6 +68,14 @@ class RouterServer:
         await _cancel(self._discovery)
         await self._registry.stop()
 
+    async def shut_down(self, grace: float) -> None:
+        """What SIGTERM does: health NOT_SERVING, a new Generate ends UNAVAILABLE (clients retry elsewhere), the live
+        streams get `grace` seconds to finish (Abort and ListInstances still answer), then the router stops."""
+        self._servicer.draining = True
+        await self._server.report_not_serving()
+        await wait_idle(lambda: self._servicer.live_requests == 0, lambda: False, grace, settle_s=0.0)
+        await self.stop()
+
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
@@ -79,6 +95,10 @@ async def serve_router(
     max_migrations: int = DEFAULT_MAX_MIGRATIONS,
     tracer_provider: trace.TracerProvider | None = None,
     discovery: Discovery | None = None,
+    auth: BearerAuth | None = None,
+    tls: ServerTls | None = None,
+    internal_token: TokenFile | str | None = None,
+    worker_tls: ChannelTls | None = None,
 ) -> RouterServer:
     """Serves the router for `model` (a preset or a model directory; only its config and tokenizer are read).
 
@@ -86,12 +106,13 @@ async def serve_router(
     A `discovery` (e.g. Kubernetes) instead keeps adding and removing workers for as long as the router serves.
     `queue_size` bounds the requests that wait for KV memory; port 0 picks a free port. `http_port` serves the
     OpenAI-compatible HTTP API (nanocp.router.http) on the same host; None: gRPC only. A request whose group fails
-    moves to a healthy group at most `max_migrations` times (nanocp.router.migration).
+    moves to a healthy group at most `max_migrations` times (nanocp.router.migration). `auth` and `tls` guard the
+    public API; the router presents `internal_token` and `worker_tls` to workers.
     """
     model_config = load_model_config(model)
     placement_policy = policy or make_policy("static")
     ledger = Ledger()
-    registry = WorkerRegistry(model_config, heartbeat_s)
+    registry = WorkerRegistry(model_config, heartbeat_s, _dialer(internal_token, worker_tls))
     admission = Admission(placement_policy, registry, ledger, queue_size)
 
     tokenizer = load_tokenizer(model_config)
@@ -104,30 +125,24 @@ async def serve_router(
         trace.get_tracer(__name__, tracer_provider=tracer_provider),
         reserve_output_tokens,
         max_migrations,
+        auth,
     )
-
-    def on_load(instance: Instance) -> None:
-        ledger.reconcile(instance)
-        servicer.migrator.release_recovered()  # a failed group's placements, once their instances answer again
-        admission.pump()  # an instance that came back may take waiting requests
-
-    registry.on_load = on_load
-    registry.on_lost = servicer.lose_group
+    _follow_instances(registry, ledger, admission, servicer)
     discovering = None
     if discovery is None:
         await StaticDiscovery(workers).run(registry)
     else:
         discovering = asyncio.create_task(discovery.run(registry), name="discovery")
-    # The Inference Extension's model-server gauges: on the HTTP port's /metrics, and on the metrics port
-    servicer.latency.registry.register(PoolMetrics(model_config.name, registry, ledger, admission, servicer.placements))
-    metrics = None
-    if metrics_port is not None:
-        servicer.latency.registry.register(RouterCollector(registry, ledger, admission, servicer.placements))
-        metrics = (servicer.latency.registry, metrics_port)
+    metrics = _register_metrics(model_config.name, registry, ledger, admission, servicer, metrics_port)
     server = http = None
     try:
         server = await GrpcServer.start(
-            host, port, [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)], metrics
+            host,
+            port,
+            [(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)],
+            metrics,
+            auth=auth,
+            tls=tls,
         )
         if http_port is not None:
             app = create_app(servicer, registry, model_config, tokenizer, servicer.latency.registry)
@@ -138,17 +153,51 @@ async def serve_router(
         await _cancel(discovering)
         await registry.stop()
         raise
-    ready = sum(i.ready for i in registry.instances())
+    ready = f"{sum(i.ready for i in registry.instances())} of {len(registry.instances())} workers ready"
     log.info(
-        "router serves %s on %s:%d with policy %s; %d of %d workers ready",
+        "router serves %s on %s:%d with policy %s; %s",
         model_config.name,
         host,
         server.port,
         placement_policy.name,
         ready,
-        len(registry.instances()),
     )
-    return RouterServer(server, registry, discovering, http)
+    return RouterServer(server, registry, servicer, discovering, http)
+
+
+def _follow_instances(registry: WorkerRegistry, ledger: Ledger, admission: Admission, servicer: RouterServicer) -> None:
+    """What the router does when an instance answers or is lost."""
+
+    def on_load(instance: Instance) -> None:
+        ledger.reconcile(instance)
+        servicer.migrator.release_recovered()  # a failed group's placements, once their instances answer again
+        admission.pump()  # an instance that came back may take waiting requests
+
+    registry.on_load = on_load
+    registry.on_lost = servicer.lose_group
+
+
+def _register_metrics(
+    model: str,
+    registry: WorkerRegistry,
+    ledger: Ledger,
+    admission: Admission,
+    servicer: RouterServicer,
+    metrics_port: int | None,
+) -> tuple[CollectorRegistry, int] | None:
+    """The Inference Extension's model-server gauges (on the HTTP port's /metrics, and on the metrics port), and
+    with a metrics port the router's own collector: what GrpcServer serves there."""
+    servicer.latency.registry.register(PoolMetrics(model, registry, ledger, admission, servicer.placements))
+    if metrics_port is None:
+        return None
+    servicer.latency.registry.register(RouterCollector(registry, ledger, admission, servicer.placements))
+    return servicer.latency.registry, metrics_port
+
+
+def _dialer(internal_token: TokenFile | str | None, tls: ChannelTls | None) -> Callable[[str], grpc.aio.Channel]:
+    """How the router connects to a worker: over TLS and with the internal token, when given (nanocp.auth)."""
+    interceptors = bearer_token(internal_token) if internal_token is not None else None
+    return lambda address: aio_channel(address, tls, interceptors)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

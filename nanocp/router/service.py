@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,37 +23,27 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.util.types import AttributeValue
 
+from nanocp.auth import ANYONE, BearerAuth, Caller
 from nanocp.internal.v1 import worker_pb2
 from nanocp.model_config import ModelConfig
 from nanocp.placement import Footprint, Placement, growth_pages
 from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
-from nanocp.router.errors import RequestError
+from nanocp.router.errors import REQUEST_STATUSES, RequestError
 from nanocp.router.growth import grow
+from nanocp.router.listing import list_instances
 from nanocp.router.metrics import LatencyMetrics, MigrationMetrics
 from nanocp.router.migration import GroupLost, Migrator
 from nanocp.router.registry import Instance, LossReason, WorkerRegistry
-from nanocp.router.validation import validate
-from nanocp.telemetry import extract_context, inject_metadata
+from nanocp.router.validation import check_request_id, validate
+from nanocp.telemetry import extract_context, inject_metadata, placement_attributes
 from nanocp.tokenizer import IncrementalDecoder, Tokenizer
 from nanocp.v1 import common_pb2, router_pb2, router_pb2_grpc
 from nanocp.wire import finish_reason_name, placement_to_proto
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
-
-# Worker statuses that describe the request, not the worker's health; any other failure makes the home UNAVAILABLE.
-_REQUEST_STATUSES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-    }
-)
 
 
 @dataclass(eq=False)
@@ -67,6 +57,7 @@ class _Live:
     generated: list[int] = field(default_factory=list)  # the tokens streamed so far
     migrations: int = 0  # moves to another group after its group failed
     migrated_from: str = ""  # the home it last moved away from
+    owner: str = ""  # the token that created it (nanocp.auth.Caller.owner): only it, or an admin, may see or abort it
     placement: Placement | None = None  # None while it waits for KV memory
     placement_changed: bool = False  # the next message tells the client its placement (it grew or moved)
     arrived: float = field(default_factory=time.perf_counter)
@@ -119,11 +110,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         tracer: trace.Tracer,
         reserve_output_tokens: int | None = None,
         max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+        auth: BearerAuth | None = None,
     ) -> None:
         """`reserve_output_tokens`: place each request for its prompt and this many new tokens (not max_tokens),
         and grow its placement as it decodes; None places every request for max_tokens at once.
-        `max_migrations`: how often a request may move to another group after its group failed (0: never)."""
+        `max_migrations`: how often a request may move to another group after its group failed (0: never).
+        `auth`: whose token a call presents, which decides the requests it may see and abort (without it every
+        caller may)."""
         self._reserve = reserve_output_tokens
+        self._auth = auth
         self.latency = LatencyMetrics(model.name)
         metrics = MigrationMetrics(self.latency.registry)
         self.migrator = Migrator(max_migrations, admission, registry, metrics, reserve_output_tokens)
@@ -134,6 +129,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._admission = admission
         self._tracer = tracer
         self._live: dict[str, _Live] = {}
+        self.draining = False  # shutting down: no new request; the live ones finish
         self._growths: set[asyncio.Task[None]] = set()  # kept referenced until done
 
     async def Generate(
@@ -141,7 +137,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         try:
             parent = extract_context(context.invocation_metadata())
-            async with aclosing(self.generate(request, context, parent)) as responses:
+            caller = self.caller(context.invocation_metadata())
+            async with aclosing(self.generate(request, context, parent, caller=caller)) as responses:
                 async for response in responses:
                     yield response
         except RequestError as exc:
@@ -153,12 +150,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         deadline: Any,
         parent: Context,
         operation: str = "text_completion",
+        caller: Caller = ANYONE,
     ) -> AsyncGenerator[router_pb2.GenerateResponse]:
         """The one request path of every face (gRPC Generate, the HTTP API in nanocp.router.http): validation,
         admission, placement, the relay, tracing and metrics. Raises RequestError.
 
         `deadline` answers time_remaining() (a grpc context does; None: no deadline); `parent` is the caller's trace
-        context; `operation` the GenAI operation name (text_completion, chat).
+        context; `operation` the GenAI operation name (text_completion, chat); `caller` whose token it came with
+        (nanocp.auth), who alone (or an admin) may see and abort it.
         """
         # Follows the OpenTelemetry GenAI conventions; the worker's span becomes its child through the call metadata.
         span = self._tracer.start_span(
@@ -170,7 +169,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         # Ended by hand, never made current: grpc may close this generator from another context. The inner
         # generators are closed explicitly (aclosing) so their cleanup runs now, whichever way the stream ends.
         try:
-            async with aclosing(self._generate(request, deadline, span)) as responses:
+            async with aclosing(self._generate(request, deadline, span, caller)) as responses:
                 async for response in responses:
                     yield response
         except RequestError as exc:
@@ -185,8 +184,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             span.end()
 
     async def _generate(
-        self, request: router_pb2.GenerateRequest, context: Any, span: trace.Span
+        self, request: router_pb2.GenerateRequest, context: Any, span: trace.Span, caller: Caller
     ) -> AsyncGenerator[router_pb2.GenerateResponse]:
+        if self.draining:  # UNAVAILABLE: the SDK retries it, on another router behind the Service
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; it takes no new request")
         valid = validate(request, self._model, self._tokenizer)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._live:
@@ -202,7 +203,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             }
         )
         decoder = IncrementalDecoder(self._tokenizer) if self._tokenizer is not None else None
-        live = self._live[request_id] = _Live(request_id, valid.prompt, valid.sampling, decoder)
+        live = self._live[request_id] = _Live(request_id, valid.prompt, valid.sampling, decoder, owner=caller.owner)
         first = valid.footprint.reserved(self._reserve)
         try:
             try:
@@ -212,7 +213,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if live.placement is None or live.aborted:  # while queued, or between its placement and now
                 yield self._finished(live, common_pb2.FINISH_REASON_ABORT, span)
                 return
-            span.set_attributes(_placement_attributes(live.placement))
+            span.set_attributes(placement_attributes(live.placement))
             while not live.aborted:
                 try:
                     async with aclosing(self._relay(live, context, span)) as responses:
@@ -286,7 +287,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             live.aborted = True
             return
         live.placement_changed = True
-        span.set_attributes(_placement_attributes(live.placement))
+        span.set_attributes(placement_attributes(live.placement))
 
     async def _grow(self, live: _Live, home: Instance, span: trace.Span) -> None:
         """Grows a request's placement when its home asks; tells the home, which ends it if there is no room."""
@@ -300,7 +301,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self._ledger.swap(live.placement, grown)
             live.placement, live.placement_changed = grown, True
             span.add_event("placement_grown", {"nanocp.cp_degree": grown.cp_degree, "nanocp.pages": pages})
-            span.set_attributes(_placement_attributes(grown))
+            span.set_attributes(placement_attributes(grown))
         extend = worker_pb2.ExtendRequest(request_id=live.request_id)
         if grown is not None:
             extend.placement.CopyFrom(placement_to_proto(grown))
@@ -314,7 +315,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return live.finish(reason)
 
     def _worker_failure(self, home: Instance, exc: grpc.aio.AioRpcError | None) -> RequestError:
-        if exc is not None and exc.code() in _REQUEST_STATUSES:
+        if exc is not None and exc.code() in REQUEST_STATUSES:
             return RequestError(exc.code(), f"instance {home.id}: {exc.details()}")
         problem = f"{exc.code().name}: {exc.details()}" if exc is not None else "the stream ended without a finish"
         self._registry.mark_unavailable(home, f"a request stream failed ({problem})", "stream_failed")
@@ -323,6 +324,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             "stream_failed",
             f"instance {home.name} failed mid-stream ({problem}); the request did not finish",
         )
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._live)
 
     def placements(self) -> list[Placement]:
         """The live requests' placements (queued ones have none yet)."""
@@ -343,9 +348,33 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 )
                 live.call.cancel()
 
+    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Caller:
+        """Who a call's token (`authorization: Bearer`, in gRPC metadata or HTTP headers) says it comes from."""
+        caller = self._auth.caller(metadata) if self._auth is not None else ANYONE
+        if caller is None:  # no valid token (gRPC's interceptor refuses those first; a token may be rotated out since)
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED, "a valid token is needed: authorization: Bearer <token>"
+            )
+        return caller
+
+    def _visible(self, caller: Caller) -> list[_Live]:
+        """The live requests the caller may see and abort: its own, or all for an admin."""
+        return [live for live in self._live.values() if caller.admin or live.owner == caller.owner]
+
     async def Abort(self, request: router_pb2.AbortRequest, context: Any) -> router_pb2.AbortResponse:
-        live = self._live.get(request.request_id)
-        if live is None:
+        try:
+            check_request_id(request.request_id)
+            live = next(
+                (
+                    v
+                    for v in self._visible(self.caller(context.invocation_metadata()))
+                    if v.request_id == request.request_id
+                ),
+                None,
+            )
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        if live is None:  # another client's request is not found either: ids of others are not disclosed
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live request with request_id {request.request_id!r}")
         else:
             live.aborted = True
@@ -358,44 +387,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def ListInstances(
         self, request: router_pb2.ListInstancesRequest, context: Any
     ) -> router_pb2.ListInstancesResponse:
-        await self._registry.refresh()
-        response = router_pb2.ListInstancesResponse(
-            queued=self._admission.queued,
-            waited_total=self._admission.waited_total,
-            migrations_total=self.migrator.total,
+        try:
+            caller = self.caller(context.invocation_metadata())
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        return await list_instances(
+            self._registry, self._ledger, self._admission, self.migrator.total, self._visible(caller)
         )
-        for instance in self._registry.instances():
-            problem = self._registry.problem(instance)
-            status = response.instances.add(
-                id=instance.id,
-                address=instance.address,
-                state=router_pb2.INSTANCE_STATE_UNAVAILABLE if problem else router_pb2.INSTANCE_STATE_READY,
-                home_batch=self._ledger.home_batch(instance.id),
-                kv_pages_committed=self._ledger.pages_committed(instance.id),
-                kv_pages_in_use=instance.pages_in_use,
-                problem=problem,
-            )
-            if instance.info is not None:
-                status.kv_pages_total = instance.info.kv_pages_total
-                status.page_size = instance.info.page_size
-                status.group = instance.info.group
-                status.rank = instance.info.rank
-        for live in self._live.values():
-            if live.placement is not None:
-                response.requests.add(
-                    request_id=live.request_id,
-                    placement=placement_to_proto(live.placement),
-                    prompt_tokens=len(live.prompt),  # as asked, also once it moved
-                    max_tokens=live.sampling.max_tokens,
-                    migrations=live.migrations,
-                    migrated_from=live.migrated_from,
-                )
-        return response
-
-
-def _placement_attributes(placement: Placement) -> dict[str, AttributeValue]:
-    return {
-        "nanocp.home": placement.home,
-        "nanocp.cp_degree": placement.cp_degree,
-        "nanocp.shards": [shard.instance for shard in placement.shards],  # in position order, the tail last
-    }

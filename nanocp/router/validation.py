@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanocp.limits import LimitError, check_request
+from nanocp.limits import MAX_REQUEST_ID_CHARS, LimitError, check_request
 from nanocp.model_config import ModelConfig
 from nanocp.placement import Footprint
 from nanocp.router.errors import InvalidRequest
@@ -42,7 +42,15 @@ def _prompt(request: router_pb2.GenerateRequest, model: ModelConfig, tokenizer: 
     return prompt
 
 
+def check_request_id(request_id: str) -> None:
+    """Ids are echoed in ListInstances and in error messages: unbounded ones would let one client's ids fill the 4 MB
+    message limit of everyone's listing. (Empty is allowed: the router names the request.)"""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id has {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
+
+
 def validate(request: router_pb2.GenerateRequest, model: ModelConfig, tokenizer: Tokenizer | None) -> ValidRequest:
+    check_request_id(request.request_id)
     prompt = _prompt(request, model, tokenizer)
     context = model.max_context
     given = request.sampling

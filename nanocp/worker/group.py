@@ -20,9 +20,12 @@ import datetime
 import itertools
 import logging
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,40 @@ from nanocp.worker.planner import Meta, MetaRow, Outgoing
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exchange_row
 
 log = logging.getLogger(__name__)
+
+
+def rendezvous_store(spec: GroupSpec, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The group's store: rank 0 serves it, on the rendezvous address only (torch alone would listen on every
+    interface), and every rank connects to it."""
+    listen_fd = None
+    if spec.rank == 0:
+        family, kind, proto, _, address = _resolve(spec.master_addr, spec.master_port, timeout.total_seconds())
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted rank 0 reuses its port at once
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+        listen_fd = listener.detach()  # the store owns the socket from here on
+    return dist.TCPStore(
+        spec.master_addr,
+        spec.master_port,
+        spec.size,
+        is_master=spec.rank == 0,
+        timeout=timeout,
+        master_listen_fd=listen_fd,
+    )
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> tuple[Any, ...]:
+    """The first address of `host`, asking again while the name is not yet published (a pod's DNS record may appear
+    a moment after the pod starts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 class GroupFailure(RuntimeError):
@@ -65,9 +102,7 @@ class Group:
             torch.cuda.set_device(torch.device(device))  # NCCL binds each process to its current device
         timeout = datetime.timedelta(seconds=timeout_s)
         log.info("rank %d of %d joining %s over %s", spec.rank, spec.size, spec.name, backend)
-        self._store = dist.TCPStore(
-            spec.master_addr, spec.master_port, spec.size, is_master=spec.rank == 0, timeout=timeout
-        )
+        self._store = rendezvous_store(spec, timeout)
         if spec.rank == 0:  # rank 0's store is new each run; the others read the key once everyone has joined
             self._store.set("nanocp/run_id", self.run_id)
         dist.init_process_group(backend, store=self._store, rank=spec.rank, world_size=spec.size, timeout=timeout)

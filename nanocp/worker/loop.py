@@ -43,6 +43,7 @@ class EngineLoop:
         self._live_lock = threading.Lock()
         self._stopping = False
         self.failed: Exception | None = None
+        self.group_idle = False  # the last step found no work on any member of the group
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -113,7 +114,9 @@ class EngineLoop:
             while not self._stopping and self.failed is None:
                 while not self._commands.empty():
                     self._commands.get()()
-                if not self._step() and self.failed is None:
+                worked = self._step()
+                self.group_idle = not worked
+                if not worked and self.failed is None:
                     self.engine.group.sleep_until_rung()
         except Exception as exc:  # a command, or the group's doorbell: the engine's state may be half changed
             log.exception("the engine loop failed; failing every live request")

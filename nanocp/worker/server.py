@@ -17,10 +17,13 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from nanocp.auth import BearerAuth
+from nanocp.drain import wait_idle
 from nanocp.grpc_server import GrpcServer
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.placement import Shard
 from nanocp.telemetry import STEP_SPANS_EVERY, extract_context
+from nanocp.tls import ServerTls
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.group import Group
@@ -86,6 +89,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._instance_id = instance_id
         self._tracer = tracer
         self._request_spans = request_spans if request_spans is not None else {}
+        self.draining = False  # shutting down: no new request
+        self.streams = 0  # Submit calls not yet ended
 
     async def Submit(self, request: worker_pb2.SubmitRequest, context: Any) -> AsyncIterator[worker_pb2.SubmitResponse]:
         shards = [s.instance for s in request.placement.shards] or [self._instance_id]
@@ -107,11 +112,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         if span.is_recording():
             self._request_spans[request.request_id] = span.get_span_context()
+        self.streams += 1
         try:
+            if self.draining:
+                await _abort(
+                    context, span, grpc.StatusCode.UNAVAILABLE, f"instance {self._instance_id} is shutting down"
+                )
             async with contextlib.aclosing(self._submit(request, context, span)) as responses:
                 async for response in responses:
                     yield response  # if grpc closes us here, aclosing aborts the request at once
         finally:
+            self.streams -= 1
             self._request_spans.pop(request.request_id, None)
             span.end()
 
@@ -247,16 +258,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             waiting=load.waiting,
             kv_pages_total=load.pages_total,
             kv_pages_in_use=load.pages_in_use,
+            draining=self.draining,
         )
 
 
 class WorkerServer:
     """A running worker: the engine thread and the gRPC server in front of it."""
 
-    def __init__(self, server: GrpcServer, engine_loop: EngineLoop, instance_id: str) -> None:
+    def __init__(self, server: GrpcServer, engine_loop: EngineLoop, servicer: WorkerServicer, instance_id: str) -> None:
         self._server = server
         self._engine_loop = engine_loop
+        self._servicer = servicer
         self.instance_id = instance_id
+        self.drained = False  # a shutdown saw this instance and its whole group idle
 
     @property
     def metrics_port(self) -> int | None:
@@ -281,6 +295,20 @@ class WorkerServer:
         await self._server.stop(grace)
         self._engine_loop.stop()
 
+    async def shut_down(self, grace: float, settle_s: float = 0.5) -> None:
+        """What SIGTERM does: takes no new request (health NOT_SERVING, Submit UNAVAILABLE, load reports say
+        draining so the router places nothing on the group), waits up to `grace` seconds for the live requests to
+        finish, its own and those of its group (a member that left would fail its peers' streams), then stops."""
+        self._servicer.draining = True
+        await self._server.report_not_serving()
+        self.drained = await wait_idle(self._idle, lambda: self.failure is not None, grace, settle_s)
+        await self.stop()
+
+    def _idle(self) -> bool:
+        load = self._engine_loop.load()
+        busy = self._servicer.streams or load.running or load.waiting or load.pages_in_use
+        return not busy and self._engine_loop.group_idle
+
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
@@ -298,6 +326,8 @@ async def serve_worker(
     metrics_port: int | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     step_spans_every: int = STEP_SPANS_EVERY,
+    auth: BearerAuth | None = None,
+    tls: ServerTls | None = None,
 ) -> WorkerServer:
     """Joins the decode group (alone by default), builds the engine for `model` (a preset or a model directory)
     with this rank's experts, and serves it; port 0 picks a port.
@@ -305,7 +335,8 @@ async def serve_worker(
     A peer that dies or stalls past `collective_timeout_s` fails the group: live requests end UNAVAILABLE, the
     worker stops serving and `WorkerServer.failure` says why. Spans go to `tracer_provider`, or to the global one
     that nanocp.telemetry.configure_tracing installs; with tracing on, every `step_spans_every`-th step (0: none)
-    is traced too (nanocp.worker.step_trace).
+    is traced too (nanocp.worker.step_trace). `auth`: the internal token a caller must present; `tls`: serve TLS,
+    mutual with a client CA (nanocp.auth, nanocp.tls).
     """
     spec = group or GroupSpec()
 
@@ -339,12 +370,17 @@ async def serve_worker(
         served = (metrics.registry, metrics_port)
     try:
         server = await GrpcServer.start(
-            host, port, [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)], served
+            host,
+            port,
+            [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)],
+            served,
+            auth=auth,
+            tls=tls,
         )
     except BaseException:
         engine.group.close()
         raise
-    worker = WorkerServer(server, engine_loop, instance_id)
+    worker = WorkerServer(server, engine_loop, servicer, instance_id)
     engine_loop.start()  # after `worker` exists: a failed step stops it
     log.info(
         "worker %s (rank %d of %d) serves %s on %s:%d",

@@ -77,6 +77,7 @@ masterAddr.
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $topo := $v.topology -}}
+{{- $tls := ne $v.security.internalTls.secretName "" -}}
 metadata:
   labels:
     {{- include "nanocp.labels" $root | nindent 4 }}
@@ -93,7 +94,10 @@ metadata:
     kueue.x-k8s.io/podset-{{ $topo.kueue.mode }}-topology: {{ $topo.kueue.level | quote }}
     {{- end }}
 spec:
-  serviceAccountName: {{ include "nanocp.serviceAccountName" $root }}
+  serviceAccountName: {{ include "nanocp.fullname" $root }}-worker
+  automountServiceAccountToken: false
+  securityContext:
+    {{- include "nanocp.podSecurityContext" $root | nindent 4 }}
   {{- with $v.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -145,7 +149,7 @@ spec:
             {{- end }}
             topologyKey: {{ first $topo.keys | quote }}
     {{- end }}
-  terminationGracePeriodSeconds: 30
+  terminationGracePeriodSeconds: {{ add $v.shutdownGraceSeconds 10 }}
   containers:
     - name: worker
       image: {{ include "nanocp.image" $root }}
@@ -168,6 +172,7 @@ spec:
         {{- if $v.engine.dtype }}
         - --dtype=$(NANOCP_DTYPE)
         {{- end }}
+        {{- include "nanocp.securityArgs" (dict "root" $root "router" false) | trim | nindent 8 }}
       envFrom:
         - configMapRef:
             name: {{ include "nanocp.fullname" $root }}
@@ -208,13 +213,13 @@ spec:
         - name: metrics
           containerPort: {{ $v.workers.metricsPort }}
       startupProbe:
-        grpc: {port: {{ $v.workers.port }}}
+        {{- include "nanocp.probeHandler" (dict "port" $v.workers.port "tls" $tls) | nindent 8 }}
         {{- toYaml $v.workers.probes.startup | nindent 8 }}
       readinessProbe:
-        grpc: {port: {{ $v.workers.port }}}
+        {{- include "nanocp.probeHandler" (dict "port" $v.workers.port "tls" $tls) | nindent 8 }}
         {{- toYaml $v.workers.probes.readiness | nindent 8 }}
       livenessProbe:
-        grpc: {port: {{ $v.workers.port }}}
+        {{- include "nanocp.probeHandler" (dict "port" $v.workers.port "tls" $tls) | nindent 8 }}
         {{- toYaml $v.workers.probes.liveness | nindent 8 }}
       resources:
         requests:
@@ -228,11 +233,12 @@ spec:
           {{- end }}
           {{- include "nanocp.workerDevices" $root | nindent 10 }}
       securityContext:
-        capabilities:
-          add: ["IPC_LOCK"]  # RDMA registers (pins) memory
+        {{- include "nanocp.containerSecurityContext" (dict "rdma" $v.workers.rdma.enabled) | nindent 8 }}
       volumeMounts:
         - name: dshm
           mountPath: /dev/shm
+        {{- include "nanocp.writableMounts" $root | nindent 8 }}
+        {{- include "nanocp.secretMounts" (dict "root" $root "router" false) | trim | nindent 8 }}
         {{- with $v.workers.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -241,6 +247,8 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $v.workers.shm.sizeLimit }}
+    {{- include "nanocp.writableVolumes" $root | nindent 4 }}
+    {{- include "nanocp.secretVolumes" (dict "root" $root "router" false) | trim | nindent 4 }}
     {{- with $v.workers.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

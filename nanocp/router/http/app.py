@@ -52,12 +52,13 @@ class Api:
 
     async def answer(self, http: Request, plan: Callable[[], Plan], chat: bool) -> Response:
         try:
+            caller = self.servicer.caller(http.headers.items())  # the gRPC API's tokens, from the same header
             planned = plan()
         except RequestError as exc:
             return error_response(exc)
         parent = extract_context(http.headers.items())  # W3C traceparent, as gRPC metadata carries it
         operation = "chat" if chat else "text_completion"
-        choices = Choices(self.servicer, planned.choices, planned.stop, parent, operation, self.prompt_tokens)
+        choices = Choices(self.servicer, planned.choices, planned.stop, parent, operation, self.prompt_tokens, caller)
         shape = Shape(chat, planned.id, self.model)
         streaming = False
         try:
@@ -188,9 +189,13 @@ def create_app(
         return await api.answer(http, lambda: chat_plan(body, model, template), chat=True)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, object]:
+    async def models(http: Request) -> Response:
+        try:
+            servicer.caller(http.headers.items())
+        except RequestError as exc:
+            return error_response(exc)
         card = {"id": model, "object": "model", "created": 0, "owned_by": "nanocp"}
-        return {"object": "list", "data": [card]}
+        return JSONResponse({"object": "list", "data": [card]})
 
     @app.get("/health")
     async def health() -> Response:

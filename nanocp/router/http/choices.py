@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry.context import Context
 
+from nanocp.auth import Caller
 from nanocp.router.errors import RequestError
 from nanocp.router.service import RouterServicer
 from nanocp.v1 import common_pb2, router_pb2
@@ -86,13 +87,15 @@ class Choices:
         parent: Context,
         operation: str,
         prompt_tokens: Callable[[router_pb2.GenerateRequest], int],
+        caller: Caller,
     ) -> None:
-        """`prompt_tokens` counts a request's prompt, for a choice a stop string ended before its usage came."""
+        """`prompt_tokens` counts a request's prompt, for a choice a stop string ended before its usage came;
+        `caller` whose token the body came with (nanocp.auth)."""
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._prompt_tokens = prompt_tokens
         self._running = len(requests)
         self._tasks = [
-            asyncio.create_task(self._pump(i, servicer.generate(r, NoDeadline(), parent, operation), r, stop))
+            asyncio.create_task(self._pump(i, servicer.generate(r, NoDeadline(), parent, operation, caller), r, stop))
             for i, r in enumerate(requests)
         ]
 
