@@ -153,15 +153,9 @@ async def serve_router(
         await _cancel(discovering)
         await registry.stop()
         raise
-    ready = f"{sum(i.ready for i in registry.instances())} of {len(registry.instances())} workers ready"
-    log.info(
-        "router serves %s on %s:%d with policy %s; %s",
-        model_config.name,
-        host,
-        server.port,
-        placement_policy.name,
-        ready,
-    )
+    ready = sum(i.ready for i in registry.instances())
+    log.info("router serves %s on %s:%d, policy %s", model_config.name, host, server.port, placement_policy.name)
+    log.info("%d of %d workers ready", ready, len(registry.instances()))
     return RouterServer(server, registry, servicer, discovering, http)
 
 
