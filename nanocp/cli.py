@@ -173,7 +173,8 @@ def _top(args: argparse.Namespace) -> None:
 
     credentials = Credentials(args.token, args.tls, args.ca_file, args.server_name)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps, credentials))
+        token = cli_security.internal_token(args)
+        asyncio.run(run_top(args.router, args.interval, args.once, Console(), args.steps, credentials, token))
 
 
 def _non_negative(value: str) -> int:
@@ -361,6 +362,7 @@ def _add_top(commands: Commands) -> None:
     top.add_argument("--steps", type=int, default=200, help="recent steps per instance to summarise (default 200)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     cli_security.add_client_flags(top)
+    cli_security.add_internal_token_flag(top, sends=True)  # top reads the workers' steps directly
     top.set_defaults(func=_top)
 
 

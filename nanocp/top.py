@@ -21,6 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from nanocp.auth import TokenFile, bearer_token
 from nanocp.client import AsyncClient, Credentials, NanocpError
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.v1 import router_pb2
@@ -31,10 +32,18 @@ RECENT_PLACEMENTS = 10
 class Top:
     """What the view shows, updated by `poll`: instances, recent steps per instance, recent placements."""
 
-    def __init__(self, router: str, window: int = 200, credentials: Credentials | None = None) -> None:
+    def __init__(
+        self,
+        router: str,
+        window: int = 200,
+        credentials: Credentials | None = None,
+        internal_token: TokenFile | str | None = None,
+    ) -> None:
         """`window`: the recent steps per instance that step times and straggler shares are taken over;
-        `credentials`: the token (an admin token shows every request) and TLS settings for the router."""
+        `credentials`: the token (an admin token shows every request) and TLS settings for the router;
+        `internal_token`: the workers' shared token, which GetSteps needs when they require one."""
         self.router = router
+        self._worker_interceptors = bearer_token(internal_token) if internal_token is not None else None
         self._window = window
         c = credentials or Credentials()
         self._client = AsyncClient(
@@ -72,7 +81,9 @@ class Top:
         steps = self.steps.setdefault(instance.id, deque(maxlen=self._window))
         channel = self._channels.get(instance.address)
         if channel is None:
-            channel = self._channels[instance.address] = grpc.aio.insecure_channel(instance.address)
+            channel = self._channels[instance.address] = grpc.aio.insecure_channel(
+                instance.address, interceptors=self._worker_interceptors
+            )
         after = steps[-1].step if steps else 0
         request = worker_pb2.GetStepsRequest(after_step=after, limit=self._window)
         with contextlib.suppress(grpc.aio.AioRpcError):  # it stopped answering since the router listed it
@@ -171,9 +182,10 @@ async def run_top(
     console: Console,
     window: int = 200,
     credentials: Credentials | None = None,
+    internal_token: TokenFile | str | None = None,
 ) -> None:
     """Polls every `interval` seconds and redraws in place until interrupted; `once`: prints one frame."""
-    top = Top(router, window, credentials)
+    top = Top(router, window, credentials, internal_token)
     try:
         await top.poll()
         if once:

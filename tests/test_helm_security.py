@@ -74,7 +74,7 @@ def test_network_policies_are_on_by_default_and_say_who_reaches_which_port() -> 
     manifests = render_file("two-groups-values.yaml")
     monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     clients, metrics = ingress_of(manifests, "r-nanocp-router")
-    assert clients == {"ports": [{"port": 50051}]}  # no clientSelectors: anyone may call the API port
+    assert clients == {"ports": [{"port": 50051}, {"port": 8000}]}  # no clientSelectors: anyone may call the APIs
     assert metrics == {"ports": [{"port": 9090}], "from": monitoring}
     for group in ("g0", "g1"):
         from_router, from_peers, scrapes = ingress_of(manifests, f"r-nanocp-worker-{group}")

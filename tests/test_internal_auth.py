@@ -18,6 +18,7 @@ from nanocp.client import AsyncClient
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.router.server import serve_router
 from nanocp.tls import ChannelTls, ServerTls, aio_channel
+from nanocp.top import Top
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import EngineConfig
 from nanocp.worker.server import WorkerServer, serve_worker
@@ -147,3 +148,21 @@ async def test_mutual_tls_admits_only_certificates_of_the_client_ca(tmp_path: Pa
                 assert code == grpc.StatusCode.UNAVAILABLE, other  # the handshake fails: no call is made
     finally:
         await worker.stop()
+
+
+async def test_top_reads_the_workers_steps_with_the_internal_token(worker: WorkerServer, token_file: Path) -> None:
+    router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, internal_token=TokenFile(token_file))
+    try:
+        async with AsyncClient(f"{HOST}:{router.port}") as client:
+            assert [c async for c in client.generate([1, 2, 3], max_tokens=3)][-1].finish_reason == "length"
+        without, with_token = Top(f"{HOST}:{router.port}"), Top(f"{HOST}:{router.port}", internal_token=TOKEN)
+        try:
+            await without.poll()
+            await with_token.poll()
+            assert not without.steps.get("w0"), "GetSteps without the token is refused"
+            assert with_token.steps["w0"], "the steps of the request above"
+        finally:
+            await without.close()
+            await with_token.close()
+    finally:
+        await router.stop()
