@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nanocp.model_config import PRESETS
-from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.router.policies.names import DEFAULT_SHARD_TOKENS, POLICY_NAMES, SHARD_TOKENS_HELP
 from nanocp.sim.cli import add_sim_parser
 from nanocp.telemetry import STEP_SPANS_EVERY
 from nanocp.worker.group_spec import GroupSpec
@@ -196,9 +196,7 @@ def _add_run(commands: Commands) -> None:
     run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
     run.add_argument("--interval", type=float, default=0.05, help="seconds between arrivals (default 0.05)")
     run.add_argument("--policy", default="dcp", choices=POLICY_NAMES, help="placement (default dcp)")
-    run.add_argument(
-        "--shard-tokens", type=int, default=512, help="dcp: KV tokens a shard should hold at most (default 512)"
-    )
+    run.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=SHARD_TOKENS_HELP)
     run.set_defaults(func=_run)
 
 
@@ -283,9 +281,7 @@ def _add_router(commands: Commands) -> None:
         "--cp-degree (default dcp)",
     )
     router.add_argument("--cp-degree", type=int, default=None, help="uniform's CP degree (default: the group size)")
-    router.add_argument(
-        "--shard-tokens", type=int, default=4096, help="dcp: KV tokens a shard should hold at most (default 4096)"
-    )
+    router.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=SHARD_TOKENS_HELP)
     router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
     router.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
