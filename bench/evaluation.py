@@ -158,6 +158,7 @@ def main() -> None:
         latency = _each(pool, bisect, sensitivity, "CP latency")
     result = {
         "workload": {"trace": args.trace.name, **describe(load_mooncake(args.trace)), "max_tokens": MAX_TOKENS},
+        "dcp": {"shard_tokens": PolicySpec("dcp").shard_tokens, "max_degree": PolicySpec("dcp").max_degree},
         "pages_per_instance": {
             f"{c['n']} {c['regime']}": cluster(c["n"], c["link"], c["kv_bytes"]).pages_per_instance() for c in configs
         },

@@ -128,4 +128,7 @@ def versus_uniform(rates: Rates, win: float) -> str:
         dcp, uniform = rates[(n, link, regime, "dcp")][slo], rates[(n, link, regime, "uniform D=4")][slo]
         close += uniform / win < dcp < uniform * win
         ahead += dcp >= uniform * win
-    return f"- **`uniform` at D = 4** is within 5% of dcp in {close} of {len(cells)} cells and behind it in {ahead}."
+    return (
+        f"- **`uniform` at D = 4** is within 5% of dcp in {close} of {len(cells)} cells; dcp is at least 5% ahead in "
+        f"{ahead}."
+    )

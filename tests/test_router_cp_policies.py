@@ -86,7 +86,7 @@ def test_dcp_splits_only_as_far_as_the_cost_model_predicts_a_faster_group() -> N
     assert placement is not None and placement.cp_degree == 1, "a route's latency outweighs 2048 tokens of KV"
 
 
-def test_dcp_never_cuts_shards_below_its_shard_tokens() -> None:
+def test_dcp_splits_no_further_than_its_shard_tokens_allow() -> None:
     roomy = [load(i, rank, total=1000) for rank, i in enumerate("abcd")]
     placement = DCPPolicy(shard_tokens=1000, max_degree=4, cost=CHEAP_ROUTES).place(Footprint(2000, 49), roomy)
     assert placement is not None and placement.cp_degree == 2, "2048 tokens hold two shards of 1000, not three"

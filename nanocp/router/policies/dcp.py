@@ -2,14 +2,15 @@
 gets faster; otherwise exactly where `balanced` puts it.
 
 - Candidates: `balanced`'s placement (degree 1 at the home it scores best), then splits of degree 2 up to
-  max_degree, the group's size and the request's tokens over the shard target (no shard smaller than the target: a
-  finer split pays a route for too little KV to balance). A split's home is `balanced`'s home or the instance whose
-  own work is least; its shards go to the home when it has room, then to the instances with the least own work or
-  to those with the most free pages (the home's topology domain first), in shares as even as their free pages
-  allow: so a request that fits on no single instance still fits in the free pages of several.
+  max_degree, the group's size and the request's tokens over the shard target (shards of the target at least on
+  average: a finer split pays a route for too little KV to balance). A split's home is `balanced`'s home or the
+  instance whose own work is least; its shards go to the home when it has room, then to the instances with the
+  least own work or to those with the most free pages (the home's topology domain first), in shares as even as
+  their free pages allow: so a request that fits on no single instance still fits in the free pages of several.
 - Choice: the candidate with the fastest predicted group step (nanocp.router.cost: the slowest instance's own work
-  plus the group-wide price of its CP routes), ties to the smaller degree, so dcp splits only when the model says
-  the group gets faster, and never does worse by its own model than `balanced`.
+  plus the group-wide price of its CP routes, a split paying its route's latency in full), ties to the smaller
+  degree, so dcp splits only when the model says the group gets faster, and never does worse by its own model than
+  `balanced`.
 """
 
 from __future__ import annotations
