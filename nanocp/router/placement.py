@@ -32,6 +32,14 @@ class InstanceLoad:
         return self.pages_total - self.pages_committed
 
 
+def by_group(instances: list[InstanceLoad]) -> dict[str, list[InstanceLoad]]:
+    """The instances of each decode group: a request's shards stay within its home's group, which steps alone."""
+    groups: dict[str, list[InstanceLoad]] = {}
+    for i in instances:
+        groups.setdefault(i.group, []).append(i)
+    return groups
+
+
 def contiguous_shards(footprint: Footprint, holders: list[InstanceLoad], pages: list[int]) -> list[Shard]:
     """Shards in position order on `holders`, shard i taking pages[i] pages; the last one is the tail."""
     page_size = holders[0].page_size

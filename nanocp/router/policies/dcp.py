@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.placement import InstanceLoad, add_shard, capped_split, contiguous_shards, grow_tail
+from nanocp.router.placement import InstanceLoad, add_shard, by_group, capped_split, contiguous_shards, grow_tail
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS
 
@@ -46,7 +46,7 @@ class DCPPolicy:
 
     def scored(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[tuple[float, int, Placement]]:
         """Every candidate with its predicted group step (ms) and degree; `balanced`'s placement first."""
-        groups = _groups(instances)
+        groups = by_group(instances)
         scorers = {name: self.cost.scorer(members) for name, members in groups.items()}
         group_of = {i.id: i.group for i in instances}
         return [(scorers[group_of[p.home]](p), p.cp_degree, p) for p in self.candidates(footprint, instances)]
@@ -59,7 +59,7 @@ class DCPPolicy:
         )
         if least_work is not None and least_work not in homes:
             homes.append(least_work)
-        groups = _groups(instances)
+        groups = by_group(instances)
         splits = [p for home in homes for p in self._splits(footprint, home, groups[home.group])]
         return ([whole] if whole is not None else []) + splits
 
@@ -107,10 +107,3 @@ class DCPPolicy:
         group_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
         scored = [(group_ms(c), c.cp_degree, c) for c in (larger_tail, new_shard) if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
-
-
-def _groups(instances: list[InstanceLoad]) -> dict[str, list[InstanceLoad]]:
-    groups: dict[str, list[InstanceLoad]] = {}
-    for i in instances:
-        groups.setdefault(i.group, []).append(i)
-    return groups
