@@ -134,7 +134,10 @@ class AdmissionQueue:
         return placed
 
     def _place(self, footprint: Footprint) -> Placement | None:
-        placement = self.policy.place(footprint, self._loads())
+        loads = self._loads()
+        if not _room_for(footprint, loads):
+            return None  # no policy could place it: skip asking (a full group's pump asks for many)
+        placement = self.policy.place(footprint, loads)
         if placement is not None:
             self.ledger.commit(placement)
         return placement
@@ -219,6 +222,16 @@ class Admission:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({described or 'it has none'})"
             )
+
+
+def _room_for(footprint: Footprint, loads: list[InstanceLoad]) -> bool:
+    """Whether some decode group has as many free pages as the footprint needs: what every placement requires."""
+    free: dict[str, int] = {}
+    for i in loads:
+        if footprint.pages(i.page_size) <= i.pages_free + free.get(i.group, 0):
+            return True
+        free[i.group] = free.get(i.group, 0) + i.pages_free
+    return False
 
 
 def _never_fits(footprint: Footprint, idle: list[InstanceLoad], policy: str) -> str:
