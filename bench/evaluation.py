@@ -5,7 +5,7 @@ For decode groups of N = 8, 16 and 32 H100s serving Qwen3-30B-A3B, NVLink-class 
 KV pools (the 80 GB an H100 leaves, about 680K tokens, where TPOT binds before memory at 20 and 30 ms; and 12 GB,
 about 120K tokens, where memory binds at every SLO), every policy the router has (static, balanced, uniform D = 4 and
 D = N, dcp) gets the highest request rate it sustains under TPOT SLOs of 20, 30 and 50 ms (bisection; 90% of requests
-within the SLO after at most 2 s of admission wait), then one load for all (the rate balanced sustains at 30 ms):
+within the SLO after at most 2 s of admission wait), then one load for all (the rate static sustains at 30 ms):
 P50 / P99 TPOT and admission wait, straggler ratio, KV occupancy spread and mean CP degree. A last sweep varies the
 CP route's latency to find where DCP stops paying. The workload is the Mooncake trace (../shared/traces),
 time-scaled; every request asks for max_tokens = 1024. Simulations run in parallel processes (--jobs).
@@ -16,6 +16,7 @@ time-scaled; every request asks for max_tokens = 1024. Simulations run in parall
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -42,7 +43,6 @@ REGIMES = {"80 GB pool": None, "12 GB pool": 12e9}  # what an H100 leaves for KV
 SLOS_MS = (20.0, 30.0, 50.0)
 MAX_TOKENS = 1024
 DURATION_S = 30.0  # of arrivals at each rate
-SHARD_TOKENS, MAX_DEGREE = 16384, 8
 FIXED_LOAD_SLO_MS = 30.0
 SENSITIVITY_SLO_MS = 20.0  # where dcp's edge is largest
 P2P_LATENCIES_US = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
@@ -54,7 +54,7 @@ def policies(n: int) -> list[PolicySpec]:
         PolicySpec("balanced"),
         PolicySpec("uniform", 4),
         PolicySpec("uniform", n),
-        PolicySpec("dcp", shard_tokens=SHARD_TOKENS, max_degree=MAX_DEGREE),
+        PolicySpec("dcp"),
     ]
 
 
@@ -64,8 +64,9 @@ def cluster(n: int, link: str, kv_bytes: float | None, p2p_latency_us: float | N
     return Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], chosen, n, calibration.coefficients, kv_bytes=kv_bytes)
 
 
-def trace() -> list[Any]:
-    return load_mooncake(TRACE)
+@functools.cache
+def trace(path: str) -> list[Any]:
+    return load_mooncake(Path(path))
 
 
 def bisect(job: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +75,9 @@ def bisect(job: dict[str, Any]) -> dict[str, Any]:
     group = cluster(job["n"], job["link"], job["kv_bytes"], job.get("p2p_latency_us"))
     policy = PolicySpec(**job["policy"])
     slos = [Slo(ms / 1e3) for ms in job["slos_ms"]]
-    run = at_rates(group, policy, trace(), job.get("duration_s", DURATION_S), slos[0], max_tokens=MAX_TOKENS)
+    run = at_rates(
+        group, policy, trace(job["trace"]), job.get("duration_s", DURATION_S), slos[0], max_tokens=MAX_TOKENS
+    )
     runs: dict[float, Any] = {}
     rates = max_rates(run, slos, guess=3.0 * job["n"], rel_tol=job.get("rel_tol", 0.05), runs=runs)
     return {
@@ -88,7 +91,7 @@ def bisect(job: dict[str, Any]) -> dict[str, Any]:
 def at_load(job: dict[str, Any]) -> dict[str, Any]:
     """One policy at one rate: the latency and balance figures."""
     group = cluster(job["n"], job["link"], job["kv_bytes"])
-    requests = at_rate(repeat(trace(), round(job["rate"] * DURATION_S)), job["rate"])
+    requests = at_rate(repeat(trace(job["trace"]), round(job["rate"] * DURATION_S)), job["rate"])
     result = simulate(group, PolicySpec(**job["policy"]), requests, max_tokens=MAX_TOKENS)
     return {**job, "summary": result.steady(EDGE).summary()}
 
@@ -106,13 +109,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2, help="simulations in parallel (default 2)")
     parser.add_argument("--quick", action="store_true", help="N = 8 only, 10 s at each rate: to try the pipeline")
+    parser.add_argument("--trace", type=Path, default=TRACE, help="Mooncake JSON lines, plain or gzip")
+    parser.add_argument("--out", type=Path, default=None, help="the results (default bench/results/evaluation.json)")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where evaluation.md and its plots go")
     args = parser.parse_args()
-    if not TRACE.is_file():
-        raise SystemExit(f"the evaluation replays the Mooncake trace; it is not at {TRACE}")
+    if not args.trace.is_file():
+        raise SystemExit(f"the evaluation replays a Mooncake trace; it is not at {args.trace}")
     sizes = (8,) if args.quick else SIZES
     start = time.perf_counter()
     configs = [
-        {"n": n, "link": link, "regime": regime, "kv_bytes": kv}
+        {"n": n, "link": link, "regime": regime, "kv_bytes": kv, "trace": str(args.trace)}
         for n in sizes
         for link in LINK_NAMES
         for regime, kv in REGIMES.items()
@@ -125,7 +131,7 @@ def main() -> None:
         loads = []
         for c in configs:
             mine = [r for r in rates if all(r[k] == c[k] for k in ("n", "link", "regime"))]
-            baseline = next(r for r in mine if r["label"] == "balanced")["rates"][str(FIXED_LOAD_SLO_MS)]
+            baseline = next(r for r in mine if r["label"] == "static")["rates"][str(FIXED_LOAD_SLO_MS)]
             load = baseline or max(r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine)
             loads += [{**c, "policy": r["policy"], "label": r["label"], "rate": load} for r in mine]
         fixed = _each(pool, at_load, loads, "fixed load")
@@ -137,6 +143,7 @@ def main() -> None:
                 "regime": regime,
                 "kv_bytes": kv,
                 "p2p_latency_us": us,
+                "trace": str(args.trace),
                 "policy": vars(p),
                 "label": p.label,
                 "slos_ms": (SENSITIVITY_SLO_MS,),
@@ -144,13 +151,14 @@ def main() -> None:
             }
             for regime, kv in list(REGIMES.items())[:1]
             for us in P2P_LATENCIES_US
-            for p in (PolicySpec("balanced"), PolicySpec("dcp", shard_tokens=SHARD_TOKENS, max_degree=MAX_DEGREE))
+            for p in (PolicySpec("balanced"), PolicySpec("dcp"))
         ]
         if args.quick:
             sensitivity = [{**j, "duration_s": 10.0} for j in sensitivity]
         latency = _each(pool, bisect, sensitivity, "CP latency")
     result = {
-        "workload": {"trace": TRACE.name, **describe(load_mooncake(TRACE)), "max_tokens": MAX_TOKENS},
+        "workload": {"trace": args.trace.name, **describe(load_mooncake(args.trace)), "max_tokens": MAX_TOKENS},
+        "dcp": {"shard_tokens": PolicySpec("dcp").shard_tokens, "max_degree": PolicySpec("dcp").max_degree},
         "pages_per_instance": {
             f"{c['n']} {c['regime']}": cluster(c["n"], c["link"], c["kv_bytes"]).pages_per_instance() for c in configs
         },
@@ -159,13 +167,13 @@ def main() -> None:
         "cp_latency": latency,
         "wall_s": time.perf_counter() - start,
     }
-    out = RESULTS / ("evaluation_quick.json" if args.quick else "evaluation.json")
+    out = args.out or RESULTS / ("evaluation_quick.json" if args.quick else "evaluation.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} in {result['wall_s']:.0f} s")
     if not args.quick:
         from evaluation_report import write_report
 
-        write_report(result, DOCS)
+        write_report(result, args.docs)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from evaluation_findings import at_fixed_load, by_link_and_regime, goals_table, versus_uniform
+
 from nanocp.sim.data import calibration_path
 
 RESULTS = Path(__file__).parent / "results"
@@ -245,7 +247,8 @@ def speed_section() -> str:
     speed = json.loads(path.read_text())
     rows = [[r["policy"], f"{r['wall_s']:.1f}", f"{r['steps']}", f"{r['simulated_s']:.0f}"] for r in speed["runs"]]
     return (
-        f"{speed['requests']} requests of the Mooncake trace on {speed['instances']} instances at "
+        f"{speed['requests']} requests of the Mooncake trace `{speed.get('trace', 'mooncake-synthetic.jsonl')}` on "
+        f"{speed['instances']} instances at "
         f"{speed['rate']:g} req/s, one process ({speed['machine']}):\n\n"
         + _table(["policy", "wall s", "group steps", "simulated s"], rows)
     )
@@ -318,8 +321,14 @@ def write_report(result: dict[str, Any], docs: Path = DOCS) -> None:
     counts, versus_balanced, lost = verdicts(result)
     latency, gone = latency_table(result)
     sweep = result["cp_latency"][0]
+    rates = _rates(result)
     text = TEMPLATE.format(
         workload=result["workload"],
+        dcp=result["dcp"],
+        goals=goals_table(result, rates),
+        by_link="\n".join(by_link_and_regime(rates)),
+        uniform=versus_uniform(rates, WIN),
+        fixed_findings="\n".join(at_fixed_load(result)),
         n=n,
         ratio_table=ratio_table(result, n),
         rate_tables=rate_tables(result),

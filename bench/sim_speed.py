@@ -1,7 +1,7 @@
 """How fast the simulator runs: 10,000 requests of the Mooncake trace (repeated) on 32 simulated H100s, per policy, in
 one process. Writes bench/results/sim_speed.json. The issue's bar: under a minute on 2 cores.
 
-    .venv/bin/python bench/sim_speed.py [--requests 10000] [--instances 32] [--rate 150]
+    .venv/bin/python bench/sim_speed.py [--requests 10000] [--instances 32] [--rate 150] [--trace PATH]
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--instances", type=int, default=32)
     parser.add_argument("--rate", type=float, default=150.0, help="requests a second (about what dcp sustains)")
+    parser.add_argument("--trace", type=Path, default=TRACE, help="Mooncake JSON lines, plain or gzip")
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_speed.json")
     args = parser.parse_args()
     n = args.instances
     coefficients = Calibration.load(calibration_path("gpu")).coefficients
     cluster = Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], LINKS["nvlink"], n, coefficients)
-    requests = at_rate(repeat(load_mooncake(TRACE), args.requests), args.rate)
+    requests = at_rate(repeat(load_mooncake(args.trace), args.requests), args.rate)
     policies = [PolicySpec("static"), PolicySpec("balanced"), PolicySpec("uniform", 4), PolicySpec("uniform", n)]
     policies.append(PolicySpec("dcp"))
     console = Console()
@@ -59,7 +60,14 @@ def main() -> None:
             {"policy": policy.label, "wall_s": wall, "steps": result.steps.steps, "simulated_s": result.duration_s}
         )
     machine = f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
-    out = {"requests": args.requests, "instances": n, "rate": args.rate, "machine": machine, "runs": runs}
+    out = {
+        "trace": args.trace.name,
+        "requests": args.requests,
+        "instances": n,
+        "rate": args.rate,
+        "machine": machine,
+        "runs": runs,
+    }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     table = Table("policy", "wall s", "steps", "simulated s", title=f"{args.requests} requests on {n} instances")
     for r in runs:

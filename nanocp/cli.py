@@ -14,7 +14,7 @@ from typing import Any
 from nanocp import cli_security
 from nanocp.model_config import PRESETS
 from nanocp.router import DEFAULT_MAX_MIGRATIONS
-from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.router.policies.names import DEFAULT_SHARD_TOKENS, POLICY_NAMES, SHARD_TOKENS_HELP
 from nanocp.serve import serve_until_signalled
 from nanocp.sim.cli import add_sim_parser
 from nanocp.telemetry import STEP_SPANS_EVERY
@@ -207,9 +207,7 @@ def _add_run(commands: Commands) -> None:
     run.add_argument("--long-tokens", type=int, default=1500, help="length of the long prompts (default 1500)")
     run.add_argument("--interval", type=float, default=0.05, help="seconds between arrivals (default 0.05)")
     run.add_argument("--policy", default="dcp", choices=POLICY_NAMES, help="placement (default dcp)")
-    run.add_argument(
-        "--shard-tokens", type=int, default=512, help="dcp: KV tokens a shard should hold at most (default 512)"
-    )
+    run.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=SHARD_TOKENS_HELP)
     run.add_argument(
         "--http-port", type=int, default=8000, help="the router's OpenAI-compatible HTTP API (default 8000; 0: off)"
     )
@@ -301,9 +299,7 @@ def _add_router(commands: Commands) -> None:
         "--cp-degree (default dcp)",
     )
     router.add_argument("--cp-degree", type=int, default=None, help="uniform's CP degree (default: the group size)")
-    router.add_argument(
-        "--shard-tokens", type=int, default=4096, help="dcp: KV tokens a shard should hold at most (default 4096)"
-    )
+    router.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=SHARD_TOKENS_HELP)
     router.add_argument("--max-degree", type=int, default=8, help="dcp: the highest CP degree (default 8)")
     router.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"

@@ -7,6 +7,7 @@ Scaling keeps a trace's shape (its long tail, its bursts) while fitting a smalle
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import random
@@ -23,8 +24,11 @@ class TraceRequest:
 
 
 def load_mooncake(path: Path, limit: int | None = None) -> list[TraceRequest]:
+    """The trace's requests, from plain or gzip-compressed JSON lines (told apart by gzip's magic bytes)."""
     requests: list[TraceRequest] = []
-    with path.open() as lines:
+    with path.open("rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rt") if compressed else path.open() as lines:
         for line in lines:
             if limit is not None and len(requests) >= limit:
                 break

@@ -14,12 +14,16 @@ from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient
 from nanocp.harness.offline_group import free_port
+from nanocp.router.cost import CostModel
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
 
 LONG_PROMPT = list(range(1, 256)) * 5  # 1275 tokens
 SHORT_PROMPTS = [[7, 8, 9], list(range(40, 90))]
 NEW = 24
+# dcp splits only where its cost model predicts a faster group step; pricing KV reads alone makes every split that
+# evens out KV pay, so these tests exercise CP (the tiny model on CPU would never gain from it).
+SPLIT_PAYS = CostModel(kv_token_ms=1.0, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=0.0)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-instances", "4-instances"])
@@ -38,7 +42,7 @@ async def router_with(
         [f"{HOST}:{p}" for p in group.ports],
         HOST,
         0,
-        make_policy(policy, cp_degree=2, shard_tokens=shard_tokens, max_degree=2),
+        make_policy(policy, cp_degree=2, shard_tokens=shard_tokens, max_degree=2, cost=SPLIT_PAYS),
         reserve_output_tokens=reserve,
         heartbeat_s=HEARTBEAT_S,
     )
@@ -97,7 +101,7 @@ async def test_placements_grow_mid_decode_without_changing_tokens(group: Process
     prompt = list(range(3, 60))
     async with router_with("static", group) as client:
         expected = [t async for c in client.generate(prompt, max_tokens=new, temperature=0.0) for t in c.token_ids]
-    # dcp's shard target of 80 tokens fits the first placement (57 + 16 tokens) on one instance, not its growth.
+    # dcp cuts no shard under 80 tokens: the first placement (57 + 16 tokens) stays on one instance, its growth not.
     async with router_with(policy, group, reserve=16, shard_tokens=80) as client:
         placements, tokens = [], []
         async for chunk in client.generate(prompt, max_tokens=new, temperature=0.0):

@@ -27,7 +27,7 @@ def wait_for(receiver: TraceReceiver, done: Callable[[list[ReceivedSpan]], bool]
 def test_spans_reach_an_otlp_collector_with_the_context_crossing_router_and_worker_processes() -> None:
     receiver = TraceReceiver.start()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    router_args = ["--policy", "dcp", "--shard-tokens", "64"]  # a prompt of 100 tokens takes two shards
+    router_args = ["--policy", "uniform", "--cp-degree", "2"]  # every request takes two shards
     caller = TracerProvider().get_tracer("test")
     console = Console(file=io.StringIO())
     try:

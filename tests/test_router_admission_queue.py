@@ -1,5 +1,5 @@
-"""The synchronous core of admission that the service and the simulator share: place now, queue FIFO, pump on
-release, refuse what never fits."""
+"""The synchronous core of admission that the service and the simulator share: place now, queue, let small requests
+that fit go ahead of a large one (a bounded number), pump on release, refuse what never fits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from nanocp.placement import Footprint
 from nanocp.router.accounting import Ledger
-from nanocp.router.admission import AdmissionQueue, QueueFull
+from nanocp.router.admission import DEFAULT_MAX_BYPASS, AdmissionQueue, QueueFull
 from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.static import StaticPolicy
 
@@ -17,9 +17,9 @@ EIGHT_PAGES = Footprint(100, 29)  # 128 tokens
 TWO_PAGES = Footprint(20, 13)  # 32 tokens
 
 
-def queue(size: int = 4) -> AdmissionQueue:
+def queue(size: int = 4, max_bypass: int = DEFAULT_MAX_BYPASS) -> AdmissionQueue:
     ledger = Ledger()
-    return AdmissionQueue(StaticPolicy(), ledger, lambda: [ledger.count(i) for i in TWO], size)
+    return AdmissionQueue(StaticPolicy(), ledger, lambda: [ledger.count(i) for i in TWO], size, max_bypass)
 
 
 def test_a_request_that_fits_is_placed_and_committed_at_once() -> None:
@@ -40,12 +40,53 @@ def test_a_request_that_fits_nowhere_waits_and_is_placed_when_pages_are_released
     assert q.queued == 0
 
 
-def test_newcomers_queue_behind_a_waiting_request_even_when_they_would_fit() -> None:
+def test_a_small_request_that_fits_goes_ahead_of_a_waiting_large_one() -> None:
     q = queue()
     assert q.admit("r1", EIGHT_PAGES) is not None and q.admit("r2", EIGHT_PAGES) is not None
     assert q.admit("big", EIGHT_PAGES) is None
-    assert q.admit("small", TWO_PAGES) is None, "a small request must not overtake the waiting large one"
-    assert q.pump() == [] and q.queued == 2
+    small = q.admit("small", TWO_PAGES)
+    assert small is not None, "a request with room is not held up by a large one at the head"
+    assert q.queued == 1 and q.ledger.pages_committed(small.home) == 10
+
+
+def test_a_release_places_waiting_small_requests_behind_a_large_one_that_still_does_not_fit() -> None:
+    q = queue()
+    full = [q.admit(key, footprint) for key, footprint in [("r1", EIGHT_PAGES), ("r2", EIGHT_PAGES)]]
+    little = [q.admit(key, TWO_PAGES) for key in ("s1", "s2")]  # both instances full now
+    assert all(p is not None for p in full + little)
+    assert q.admit("big", EIGHT_PAGES) is None and q.admit("small", TWO_PAGES) is None
+    assert little[0] is not None
+    assert [key for key, _ in q.release(little[0])] == ["small"], "two pages free: the small one fits, big not"
+    assert q.queued == 1
+
+
+def test_the_oldest_request_gets_precedence_after_max_bypass_others_went_ahead() -> None:
+    q = queue(8, max_bypass=1)
+    first = q.admit("r1", EIGHT_PAGES)
+    assert first is not None and q.admit("r2", EIGHT_PAGES) is not None
+    assert q.admit("big", EIGHT_PAGES) is None
+    assert q.admit("s1", TWO_PAGES) is not None, "within the bypass budget"
+    assert q.admit("s2", TWO_PAGES) is None, "budget spent: s2 waits though two pages are free"
+    assert q.pump() == [], "nothing overtakes the oldest any more"
+    placed = q.release(first)
+    assert [key for key, _ in placed] == ["big", "s2"], "the oldest first, then a fresh budget for the next"
+
+
+@pytest.mark.parametrize("max_bypass", [0, 1, 3])
+def test_a_stream_of_small_requests_cannot_starve_a_large_one(max_bypass: int) -> None:
+    q = queue(64, max_bypass)
+    running = [q.admit("r1", EIGHT_PAGES), q.admit("r2", EIGHT_PAGES)]
+    assert q.admit("big", EIGHT_PAGES) is None
+    for n in range(20):  # small requests keep coming and finishing; the large one needs 8 free pages on one
+        placement = q.admit(f"s{n}", TWO_PAGES)
+        placed = dict(q.release(placement)) if placement is not None else {}
+        if n == 5:
+            first = running.pop(0)
+            assert first is not None
+            placed |= dict(q.release(first))
+        if "big" in placed:
+            break
+    assert "big" in placed, "placed as soon as enough pages are free, whatever arrives meanwhile"
 
 
 def test_a_full_queue_refuses() -> None:
@@ -58,7 +99,7 @@ def test_a_full_queue_refuses() -> None:
 
 
 def test_a_withdrawn_request_leaves_the_queue_and_the_next_one_moves_up() -> None:
-    q = queue()
+    q = queue(max_bypass=0)  # strict arrival order: r4 waits behind r3
     q.admit("r1", EIGHT_PAGES)
     q.admit("r2", EIGHT_PAGES)
     q.admit("r3", EIGHT_PAGES)

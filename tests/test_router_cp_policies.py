@@ -26,6 +26,9 @@ FOUR = [load("a", 0), load("b", 1), load("c", 2), load("d", 3)]
 COST = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1.0, fixed_ms=0.0)
 
 
+CHEAP_ROUTES = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e-6, fixed_ms=0.0)
+
+
 @pytest.mark.parametrize(
     ("footprint", "instances", "expected"),
     [
@@ -36,25 +39,25 @@ COST = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1.0, fixed_m
             Footprint(2000, 49),
             FOUR,
             Placement("a", [Shard(0, 0, 64, "a"), Shard(1, 1024, 64, "b")]),
-            id="long_request_split_to_the_shard_target",
+            id="long_request_split_where_its_route_costs_less_than_its_kv",
         ),
         pytest.param(
             Footprint(2000, 49),
             [load("a", 0, home=0, committed=90), load("b", 1, home=1), load("c", 2, home=1, committed=10)],
-            Placement("a", [Shard(1, 0, 64, "b"), Shard(2, 1024, 64, "c")]),
-            id="home_by_batch_shards_by_free_kv_home_full",
+            Placement("b", [Shard(1, 0, 64, "b"), Shard(2, 1024, 64, "c")]),
+            id="fits_nowhere_whole_home_and_shards_with_the_least_work",
         ),
         pytest.param(
             Footprint(2000, 49),
             [load("a", 0, domain="x"), load("b", 1, domain="y"), load("c", 2, domain="x", committed=30)],
             Placement("a", [Shard(0, 0, 64, "a"), Shard(2, 1024, 64, "c")]),
-            id="home_domain_before_more_free_kv_elsewhere",
+            id="home_domain_before_less_work_elsewhere",
         ),
         pytest.param(
             Footprint(100, 29),
             [load("a", 0, home=0, committed=100), load("b", 1, home=3)],
-            Placement("a", [Shard(1, 0, 8, "b")]),
-            id="light_home_full_kv_holds_its_short_request_elsewhere",
+            Placement("b", [Shard(1, 0, 8, "b")]),
+            id="short_request_where_balanced_puts_it",
         ),
         pytest.param(Footprint(4000, 97), [load("a", 0), load("b", 1)], None, id="nothing_fits_now"),
         pytest.param(
@@ -65,27 +68,43 @@ COST = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1.0, fixed_m
         ),
     ],
 )
-def test_dcp_places_by_footprint_batch_and_kv(
+def test_dcp_places_by_predicted_group_step(
     footprint: Footprint, instances: list[InstanceLoad], expected: Placement | None
 ) -> None:
     assert DCPPolicy(shard_tokens=1024, max_degree=4, cost=COST).place(footprint, instances) == expected
 
 
-def test_dcp_goes_past_the_minimum_degree_when_that_lowers_the_slowest_instance() -> None:
+def test_dcp_splits_only_as_far_as_the_cost_model_predicts_a_faster_group() -> None:
     roomy = [load(i, rank, total=1000) for rank, i in enumerate("abcd")]
-    cheap_routes = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e-6, fixed_ms=0.0)
-    placement = DCPPolicy(shard_tokens=100_000, max_degree=4, cost=cheap_routes).place(Footprint(2000, 49), roomy)
+    placement = DCPPolicy(shard_tokens=256, max_degree=4, cost=CHEAP_ROUTES).place(Footprint(2000, 49), roomy)
     assert placement is not None and placement.cp_degree == 4
     expensive_routes = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e3, fixed_ms=0.0)
-    placement = DCPPolicy(shard_tokens=100_000, max_degree=4, cost=expensive_routes).place(Footprint(2000, 49), roomy)
-    assert placement is not None and placement.cp_degree == 1
+    placement = DCPPolicy(shard_tokens=256, max_degree=4, cost=expensive_routes).place(Footprint(2000, 49), roomy)
+    assert placement == BalancedPolicy(expensive_routes).place(Footprint(2000, 49), roomy)
+    slow_route = CostModel(kv_token_ms=1e-3, home_token_ms=0.1, routed_row_ms=1e-6, fixed_ms=0.0, cp_step_ms=5.0)
+    placement = DCPPolicy(shard_tokens=256, max_degree=4, cost=slow_route).place(Footprint(2000, 49), roomy)
+    assert placement is not None and placement.cp_degree == 1, "a route's latency outweighs 2048 tokens of KV"
 
 
-def test_dcp_prediction_counts_kv_batch_and_routed_rows_on_every_instance() -> None:
-    policy = DCPPolicy(cost=COST)
+def test_dcp_splits_no_further_than_its_shard_tokens_allow() -> None:
+    roomy = [load(i, rank, total=1000) for rank, i in enumerate("abcd")]
+    placement = DCPPolicy(shard_tokens=1000, max_degree=4, cost=CHEAP_ROUTES).place(Footprint(2000, 49), roomy)
+    assert placement is not None and placement.cp_degree == 2, "2048 tokens hold two shards of 1000, not three"
+
+
+def test_a_route_is_priced_group_wide_even_when_the_slowest_instance_takes_no_part() -> None:
+    # a is the slowest (3000 KV tokens) and routes nothing; a split between c and d still slows a's step.
+    loads = [load("a", 0, committed=187, total=1000), load("b", 1), load("c", 2), load("d", 3)]
+    split = Placement("c", [Shard(2, 0, 10, "c"), Shard(3, 160, 10, "d")])
+    own_a = COST.own_ms(loads[0])
+    assert COST.scorer(loads)(split) == pytest.approx(own_a + COST.routed_row_ms)
+    assert COST.group_ms(loads) == pytest.approx(own_a)
+
+
+def test_the_group_step_counts_kv_batch_and_the_busiest_routes() -> None:
     split = Placement("a", [Shard(0, 0, 10, "a"), Shard(1, 160, 10, "b")])
-    # a: 160 KV tokens + 1 home token + 1 routed row; b: 160 KV tokens + 1 routed row.
-    assert policy.cost.slowest_ms(split, [load("a", 0), load("b", 1)]) == pytest.approx(0.16 + 0.1 + 1.0)
+    # a: 160 KV tokens + 1 home token; b: 160 KV tokens; one routed row at both ends.
+    assert COST.scorer([load("a", 0), load("b", 1)])(split) == pytest.approx(0.16 + 0.1 + 1.0)
 
 
 @pytest.mark.parametrize(
@@ -127,10 +146,16 @@ GROWING = Placement("a", [Shard(0, 0, 4, "a")])  # 64 tokens on a
             id="dcp_tail_within_target_grows_in_place",
         ),
         pytest.param(
-            DCPPolicy(shard_tokens=64, max_degree=4, cost=COST),
-            [load("a", 0), load("b", 1, committed=50), load("c", 2)],
+            DCPPolicy(shard_tokens=64, max_degree=4, cost=CHEAP_ROUTES),
+            [load("a", 0, committed=4, home=1), load("b", 1, committed=5), load("c", 2)],
             Placement("a", [Shard(0, 0, 4, "a"), Shard(2, 64, 2, "c")]),
-            id="dcp_past_target_adds_a_shard_on_the_freest",
+            id="dcp_past_target_adds_a_shard_on_the_least_busy_when_predicted_faster",
+        ),
+        pytest.param(
+            DCPPolicy(shard_tokens=64, max_degree=4, cost=COST),
+            [load("a", 0, committed=4, home=1), load("b", 1, committed=5), load("c", 2)],
+            Placement("a", [Shard(0, 0, 6, "a")]),
+            id="dcp_past_target_grows_the_tail_when_a_route_costs_more",
         ),
         pytest.param(
             DCPPolicy(shard_tokens=64, max_degree=1, cost=COST),

@@ -36,6 +36,9 @@ MAX_RUNNING = 64  # the worker's default
 ROUTES = ("cp_route", "moe_route", "exchange")  # sections of a step spent routing (and waiting for peers)
 PAGES = 256  # KV pages a worker: a long request fills most of one
 DCP = PolicySpec("dcp", shard_tokens=1024, max_degree=4)  # shards of 1024 tokens on the tiny model's 4096 context
+# Every request split four ways: steps with CP routes for the fit and its checks (dcp splits only where its cost
+# model predicts a faster step, which on CPU, where a route costs milliseconds, it never does).
+CP = PolicySpec("uniform", 4)
 
 
 def mooncake_head(
@@ -154,12 +157,12 @@ def router_args(policy: PolicySpec, cost_model: Path | None = None) -> list[str]
 
 def fresh_calibration(console: Console, work: Path) -> Calibration:
     """The CPU fit on fresh runs of the group (the machine as busy as it is now): the calibration workload under
-    static and under dcp (so steps with and without CP routes), dcp deciding with the committed calibration's cost
+    static and under uniform D = 4 (so steps with and without CP routes), with the committed calibration's cost
     model."""
     committed = cpu_cluster(Calibration.load(calibration_path("cpu")), PAGES)
     committed.step_model().router_cost().save(work / "committed_cost_model.json")
     samples = []
-    for policy in (PolicySpec("static"), DCP):
+    for policy in (PolicySpec("static"), CP):
         run = run_cpu_group(
             calibration_workload(), router_args(policy, work / "committed_cost_model.json"), PAGES, console
         )

@@ -1,8 +1,10 @@
 """Admission: place a request now, let it wait for KV memory, or refuse it.
 
-A request that fits nowhere now waits in a bounded FIFO queue and is placed, in arrival order, as pages are released
-or instances join; while anyone waits, newcomers queue behind them so a large request is not starved by small ones.
-A request that could not fit even on an idle cluster is refused at once, naming its size and the capacity.
+A request that fits nowhere now waits in a bounded queue and is placed as pages are released or instances join: the
+oldest first when it fits, and when it does not, the requests behind it that fit (a large request at the head does
+not hold up small ones that have room), but only `max_bypass` of them: then the oldest has precedence and nothing
+else is placed until it is, so no request waits forever. A request that could not fit even on an idle cluster is
+refused at once, naming its size and the capacity.
 
 `AdmissionQueue` is that logic, synchronous: the service wraps it in `Admission` (a queued request awaits a future),
 and the simulator (nanocp.sim) drives it directly, so both run the same decisions. Placing and committing happen
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import grpc
@@ -22,6 +25,8 @@ from nanocp.router.accounting import Ledger
 from nanocp.router.errors import NeverFits, RequestError
 from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.registry import WorkerRegistry
+
+DEFAULT_MAX_BYPASS = 32  # requests placed ahead of the oldest waiting one before it has precedence
 
 
 class Withdrawn(Exception):
@@ -36,6 +41,7 @@ class AdmissionQueue:
     """Places requests with the policy and commits them in the ledger; queues, in arrival order, what fits nowhere.
 
     `loads` answers the placeable instances as the ledger counts them now (it is called again after every commit).
+    `max_bypass` bounds how many requests are placed ahead of the oldest waiting one.
     """
 
     def __init__(
@@ -44,12 +50,17 @@ class AdmissionQueue:
         ledger: Ledger,
         loads: Callable[[], list[InstanceLoad]],
         queue_size: int,
+        max_bypass: int = DEFAULT_MAX_BYPASS,
     ) -> None:
+        if max_bypass < 0:
+            raise ValueError(f"max_bypass must be at least 0, got {max_bypass}")
         self.policy = policy
         self.ledger = ledger
         self._loads = loads
         self._queue_size = queue_size
+        self._max_bypass = max_bypass
         self._waiting: dict[str, Footprint] = {}  # by request id, in arrival order
+        self._bypassed = 0  # requests placed ahead of the oldest waiting one since it became the oldest
         self.waited_total = 0  # requests that had to wait for KV memory before their placement
 
     @property
@@ -69,10 +80,14 @@ class AdmissionQueue:
         return _never_fits(footprint, idle, self.policy.name)
 
     def admit(self, request_id: str, footprint: Footprint) -> Placement | None:
-        """The request's placement, committed; or None: it waits until `pump` places it. Raises QueueFull."""
-        if not self._waiting:
+        """The request's placement, committed; or None: it waits until `pump` places it. Raises QueueFull.
+
+        Those already waiting did not fit when they last tried, and pages have only been taken since (a release
+        pumps), so only the newcomer needs a try; it goes ahead of them while the oldest's bypass budget lasts."""
+        if not self._waiting or self._bypassed < self._max_bypass:
             placement = self._place(footprint)
             if placement is not None:
+                self._bypassed += bool(self._waiting)
                 return placement
         if len(self._waiting) >= self._queue_size:
             raise QueueFull(
@@ -91,10 +106,13 @@ class AdmissionQueue:
     def withdraw(self, request_id: str) -> bool:
         """Takes a waiting request out of the queue; False when it is not waiting. Pump afterwards: the head may
         have changed."""
+        if next(iter(self._waiting), None) == request_id:
+            self._bypassed = 0  # a new oldest
         return self._waiting.pop(request_id, None) is not None
 
     def pump(self) -> list[tuple[str, Placement]]:
-        """Places waiting requests in arrival order for as long as the oldest one fits; answers them."""
+        """Places waiting requests, answering them: the oldest ones in arrival order while they fit, then, while the
+        oldest's bypass budget lasts, those of the next max_bypass behind it that fit, in arrival order."""
         placed = []
         while self._waiting:
             request_id, footprint = next(iter(self._waiting.items()))
@@ -102,11 +120,24 @@ class AdmissionQueue:
             if placement is None:
                 break
             del self._waiting[request_id]
+            self._bypassed = 0
             placed.append((request_id, placement))
+        # The next max_bypass requests behind the oldest: a bounded look-ahead keeps a pump's work bounded.
+        for request_id, footprint in list(itertools.islice(self._waiting.items(), 1, 1 + self._max_bypass)):
+            if self._bypassed >= self._max_bypass:
+                break
+            placement = self._place(footprint)
+            if placement is not None:
+                del self._waiting[request_id]
+                self._bypassed += 1
+                placed.append((request_id, placement))
         return placed
 
     def _place(self, footprint: Footprint) -> Placement | None:
-        placement = self.policy.place(footprint, self._loads())
+        loads = self._loads()
+        if not _room_for(footprint, loads):
+            return None  # no policy could place it: skip asking (a full group's pump asks for many)
+        placement = self.policy.place(footprint, loads)
         if placement is not None:
             self.ledger.commit(placement)
         return placement
@@ -192,6 +223,16 @@ class Admission:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE, f"no worker instance is ready ({described or 'it has none'})"
             )
+
+
+def _room_for(footprint: Footprint, loads: list[InstanceLoad]) -> bool:
+    """Whether some decode group has as many free pages as the footprint needs: what every placement requires."""
+    free: dict[str, int] = {}
+    for i in loads:
+        if footprint.pages(i.page_size) <= i.pages_free + free.get(i.group, 0):
+            return True
+        free[i.group] = free.get(i.group, 0) + i.pages_free
+    return False
 
 
 def _never_fits(footprint: Footprint, idle: list[InstanceLoad], policy: str) -> str:

@@ -1,23 +1,28 @@
-"""The predicted step time of an instance, the one place where placement weighs KV, batch and routing.
+"""The predicted step time of a decode group, the one place where placement weighs KV, batch and routing.
 
-A decode step of an instance reads its KV (attention), runs its home tokens through the MoE layers (the all-to-all
-traffic and expert work grow with them), and routes the query rows and partials of CP requests. So
+A decode step of an instance reads its KV (attention) and runs its home tokens through the MoE layers (the all-to-all
+traffic and expert work grow with them): its own work is
 
-    t = kv_token_ms * KV tokens + home_token_ms * home batch + routed_row_ms * routed rows + fixed_ms
-        + cp_step_ms if it routes any rows
+    own = kv_token_ms * KV tokens + home_token_ms * home batch + fixed_ms
 
-and the group's step is paced by its slowest instance. `cp_step_ms` is the route's latency, paid once a step by an
-instance that takes part in any CP route whatever its row count: measured on CPU over gloo it is most of what CP
-costs (about a millisecond a layer), where a per-row price alone would call CP nearly free. Coefficients come from
-measured step times (`fit`) or from the simulator's hardware model (nanocp.sim), saved as JSON for the router's
---cost-model (files without `cp_step_ms` load with 0); the defaults are of the Qwen3-30B-A3B shapes on an H100
-(98 KB of KV per token at about 3 TB/s, MoE work per token, a few microseconds per routed row and layer).
+The group steps in lockstep, so its step is paced by the slowest instance's own work; and a CP route is lockstep
+too: every layer waits for the route's two legs before it goes on, so a route slows the whole group, not only the
+instances it joins. The group's step is therefore
+
+    step = max(own over the group) + (cp_step_ms + routed_row_ms * most routed rows, if any instance routes)
+
+where `cp_step_ms` is the route's latency (paid once a step however many requests are split: the first split is
+expensive, the next ones nearly free) and `routed_row_ms` the bytes of the busiest instance's rows. This is how the
+simulator charges it (nanocp.sim.steptime), and measured on CPU over gloo the latency is most of what CP costs
+(about a millisecond a layer). Coefficients come from measured step times (`fit`: each instance's own work plus the
+routes it takes part in) or from the simulator's hardware model, saved as JSON for the router's --cost-model (files
+without `cp_step_ms` load with 0); the defaults are of the Qwen3-30B-A3B shapes on an H100 (98 KB of KV per token at
+about 3 TB/s, MoE work per token, a few microseconds per routed row and layer).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -36,53 +41,65 @@ class CostModel:
     fixed_ms: float = 2.0
     cp_step_ms: float = 0.0
 
+    def own_ms(self, load: InstanceLoad) -> float:
+        """The instance's own work in a step: its KV read, its home tokens and the fixed part."""
+        return self._own(load.pages_committed * load.page_size, load.home_batch)
+
+    def route_ms(self, most_rows: int) -> float:
+        """What CP routes add to every instance's step, given the busiest instance's routed rows."""
+        return self.cp_step_ms + self.routed_row_ms * most_rows if most_rows > 0 else 0.0
+
     def step_ms(self, load: InstanceLoad) -> float:
-        return self._ms(load.pages_committed * load.page_size, load.home_batch, load.routed_rows)
+        """One instance's step as it measures it: its own work and the routes it takes part in (what `fit` fits)."""
+        return self.own_ms(load) + self.route_ms(load.routed_rows)
 
-    def _ms(self, kv_tokens: int, home_batch: int, routed_rows: int) -> float:
-        return (
-            self.kv_token_ms * kv_tokens
-            + self.home_token_ms * home_batch
-            + self.routed_row_ms * routed_rows
-            + self.fixed_ms
-            + (self.cp_step_ms if routed_rows > 0 else 0.0)
-        )
+    def group_ms(self, group: list[InstanceLoad]) -> float:
+        """The group's predicted step: its slowest instance's own work plus the group-wide price of its routes."""
+        if not group:
+            return 0.0
+        return max(self.own_ms(i) for i in group) + self.route_ms(max(i.routed_rows for i in group))
 
-    def slowest_ms(self, placement: Placement, group: list[InstanceLoad]) -> float:
-        """The predicted step time of the group's slowest instance once `placement` is added."""
-        return self.scorer(group)(placement)
+    def _own(self, kv_tokens: int, home_batch: int) -> float:
+        return self.kv_token_ms * kv_tokens + self.home_token_ms * home_batch + self.fixed_ms
 
     def scorer(self, group: list[InstanceLoad]) -> Callable[[Placement], float]:
-        """slowest_ms over `group` for many candidate placements: the instances' own times are computed once, so a
-        candidate costs the instances it touches, not the whole group."""
-        ranked = sorted(((self.step_ms(i), i.id) for i in group), reverse=True)
+        """A candidate placement's price: group_ms of `group` once it is added, and a split pays its route's
+        latency even when other routes already run. They end; a split that pays only while riding on another's
+        route keeps the group routing for good, which greedy choices made on the sunk latency drift into.
+        For many candidates: the instances' own times and rows are ranked once, so a candidate costs the instances
+        it touches, not the whole group."""
+        own_ranked = sorted(((self.own_ms(i), i.id) for i in group), reverse=True)
+        rows_ranked = sorted(((i.routed_rows, i.id) for i in group), reverse=True)
         loads = {i.id: i for i in group}
+        routing = bool(rows_ranked) and rows_ranked[0][0] > 0
 
-        def slowest_ms(placement: Placement) -> float:
+        def group_ms(placement: Placement) -> float:
             pages: Counter[str] = Counter()
             for shard in placement.shards:
                 pages[shard.instance] += shard.page_quota
             rows = placement.routed_rows
             touched = {*pages, placement.home, *rows} & loads.keys()
-            worst = max(
+            own = max(
                 (
-                    self._ms(
+                    self._own(
                         (loads[id].pages_committed + pages[id]) * loads[id].page_size,
                         loads[id].home_batch + (id == placement.home),
-                        loads[id].routed_rows + rows.get(id, 0),
                     )
                     for id in touched
                 ),
-                default=-math.inf,
+                default=0.0,
             )
-            untouched = next((ms for ms, id in ranked if id not in touched), -math.inf)
-            return max(worst, untouched)
+            own = max(own, next((ms for ms, id in own_ranked if id not in touched), 0.0))
+            most_rows = max((loads[id].routed_rows + rows.get(id, 0) for id in touched), default=0)
+            most_rows = max(most_rows, next((r for r, id in rows_ranked if id not in touched), 0))
+            return own + self.route_ms(most_rows) + (self.cp_step_ms if rows and routing else 0.0)
 
-        return slowest_ms
+        return group_ms
 
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:
-        """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples, coefficients >= 0."""
+        """Least squares over (kv tokens, home tokens, routed rows, measured ms) samples of instances' steps (their
+        own work and the routes they take part in), coefficients >= 0."""
         x = [[kv, home, rows, 1.0, float(rows > 0)] for kv, home, rows, _ in samples]
         kv, home, rows, fixed, cp_step = lstsq(x, [ms for *_, ms in samples])
         return cls(kv, home, rows, fixed, cp_step)

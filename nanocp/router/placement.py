@@ -32,6 +32,14 @@ class InstanceLoad:
         return self.pages_total - self.pages_committed
 
 
+def by_group(instances: list[InstanceLoad]) -> dict[str, list[InstanceLoad]]:
+    """The instances of each decode group: a request's shards stay within its home's group, which steps alone."""
+    groups: dict[str, list[InstanceLoad]] = {}
+    for i in instances:
+        groups.setdefault(i.group, []).append(i)
+    return groups
+
+
 def contiguous_shards(footprint: Footprint, holders: list[InstanceLoad], pages: list[int]) -> list[Shard]:
     """Shards in position order on `holders`, shard i taking pages[i] pages; the last one is the tail."""
     page_size = holders[0].page_size
@@ -42,6 +50,20 @@ def contiguous_shards(footprint: Footprint, holders: list[InstanceLoad], pages: 
 def even_split(total: int, parts: int) -> list[int]:
     """`total` pages in `parts` shares differing by at most one, larger first."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def capped_split(total: int, caps: list[int]) -> list[int] | None:
+    """`total` pages over holders that have `caps` pages free: as even as the caps allow (water-filling: a holder
+    short of the even share gives all it has, the others share the rest evenly), at least one page each, in the
+    caps' order; None when they cannot hold it."""
+    if total < len(caps) or sum(caps) < total or min(caps, default=0) < 1:
+        return None
+    shares = [0] * len(caps)
+    left, count = total, len(caps)
+    for i in sorted(range(len(caps)), key=lambda i: caps[i]):
+        shares[i] = min(caps[i], left // count + (1 if left % count else 0))
+        left, count = left - shares[i], count - 1
+    return shares
 
 
 class PlacementPolicy(Protocol):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanocp.router.policies.names import DEFAULT_SHARD_TOKENS, SHARD_TOKENS_HELP
 from nanocp.sim.data import MOONCAKE_HEAD
 from nanocp.sim.hardware import DEVICES, LINKS
 from nanocp.sim.shapes import SHAPES
@@ -62,7 +63,7 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024, help="max_tokens every request asks (default 1024)")
     parser.add_argument("--reserve-output-tokens", type=int, default=None, help="as the router's flag")
     parser.add_argument("--queue-size", type=int, default=256, help="the router's admission queue (default 256)")
-    parser.add_argument("--shard-tokens", type=int, default=16384, help="dcp's per-shard target (default 16384)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help=SHARD_TOKENS_HELP)
     parser.add_argument("--max-degree", type=int, default=8, help="dcp's degree cap (default 8)")
 
 

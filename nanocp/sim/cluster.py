@@ -7,6 +7,7 @@ from typing import Literal
 
 from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.policies import make_policy
+from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS
 from nanocp.sim.hardware import Device, Link
 from nanocp.sim.shapes import ModelShape
 from nanocp.sim.steptime import Coefficients, StepModel
@@ -58,8 +59,8 @@ class PolicySpec:
 
     name: str
     cp_degree: int | None = None  # uniform's D
-    shard_tokens: int = 16384  # dcp's per-shard target
-    max_degree: int = 8  # dcp's cap
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # dcp's smallest shard
+    max_degree: int = DEFAULT_MAX_DEGREE  # dcp's cap
 
     @property
     def label(self) -> str:

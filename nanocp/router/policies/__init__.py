@@ -6,7 +6,7 @@ from nanocp.router.cost import CostModel
 from nanocp.router.placement import PlacementPolicy
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.dcp import DCPPolicy
-from nanocp.router.policies.names import POLICY_NAMES
+from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS, POLICY_NAMES
 from nanocp.router.policies.static import StaticPolicy
 from nanocp.router.policies.uniform import UniformPolicy
 
@@ -15,8 +15,8 @@ def make_policy(
     name: str,
     *,
     cp_degree: int | None = None,
-    shard_tokens: int = 4096,
-    max_degree: int = 8,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    max_degree: int = DEFAULT_MAX_DEGREE,
     cost: CostModel | None = None,
 ) -> PlacementPolicy:
     """`cp_degree` is uniform's D (default: the whole group); `shard_tokens`, `max_degree` and `cost` tune dcp;

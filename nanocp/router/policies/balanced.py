@@ -1,7 +1,7 @@
 """`balanced`: no context parallelism, but the home chosen by predicted step time, not by request count.
 
 The token-balanced static baseline: each request lives wholly on one instance, the one where adding it predicts the
-fastest slowest instance of the group (nanocp.router.cost weighs its KV tokens, home batch and fixed cost). Much of
+fastest group step (nanocp.router.cost weighs its KV tokens, home batch and fixed cost). Much of
 what DCP gains over `static` comes from balancing tokens rather than request counts; this baseline keeps a
 comparison honest about how much is left for context parallelism itself.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel
-from nanocp.router.placement import InstanceLoad, contiguous_shards, grow_tail
+from nanocp.router.placement import InstanceLoad, by_group, contiguous_shards, grow_tail
 
 
 class BalancedPolicy:
@@ -20,10 +20,7 @@ class BalancedPolicy:
         self.cost = cost or CostModel()
 
     def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
-        groups: dict[str, list[InstanceLoad]] = {}
-        for i in instances:
-            groups.setdefault(i.group, []).append(i)
-        scorers = {name: self.cost.scorer(members) for name, members in groups.items()}
+        scorers = {name: self.cost.scorer(members) for name, members in by_group(instances).items()}
         candidates = []
         for home in instances:
             pages = footprint.pages(home.page_size)

@@ -1,77 +1,109 @@
-"""`dcp`: each request at the CP degree its KV footprint needs, placed for dual balance.
+"""`dcp`: a request split over several instances of its group only when the cost model predicts the group's step
+gets faster; otherwise exactly where `balanced` puts it.
 
-- Degree: at least the smallest k whose shards stay within the per-shard token target (so no instance's attention
-  grows with one long request), at most max_degree and the group's size. Larger degrees are candidates too.
-- Home: the instance with the fewest home requests (MoE balance), ties to the most free KV. Its KV may live elsewhere.
-- Shards: on the home when it has room, then on instances of the home's topology domain, then on the others, each
-  time the one with the most free KV (KV balance); even shares of the footprint.
-- Choice: among the candidate degrees, the placement that minimises the predicted step time of the group's slowest
-  instance (nanocp.router.cost), which also charges CP for the rows it routes. Ties go to the smaller degree.
+- Candidates: `balanced`'s placement (degree 1 at the home it scores best), then splits of degree 2 up to
+  max_degree, the group's size and the request's tokens over the shard target (shards of the target at least on
+  average: a finer split pays a route for too little KV to balance). A split's home is `balanced`'s home or the
+  instance whose own work is least; its shards go to the home when it has room, then to the instances with the
+  least own work or to those with the most free pages (the home's topology domain first), in shares as even as
+  their free pages allow: so a request that fits on no single instance still fits in the free pages of several.
+- Choice: the candidate with the fastest predicted group step (nanocp.router.cost: the slowest instance's own work
+  plus the group-wide price of its CP routes, a split paying its route's latency in full), ties to the smaller
+  degree, so dcp splits only when the model says the group gets faster, and never does worse by its own model than
+  `balanced`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.placement import InstanceLoad, add_shard, contiguous_shards, even_split, grow_tail
-from nanocp.router.policies.static import pick_home
+from nanocp.router.placement import InstanceLoad, add_shard, by_group, capped_split, contiguous_shards, grow_tail
+from nanocp.router.policies.balanced import BalancedPolicy
+from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS
 
 
 class DCPPolicy:
     name = "dcp"
 
-    def __init__(self, shard_tokens: int = 4096, max_degree: int = 8, cost: CostModel | None = None) -> None:
+    def __init__(
+        self,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        max_degree: int = DEFAULT_MAX_DEGREE,
+        cost: CostModel | None = None,
+    ) -> None:
         if shard_tokens < 1 or max_degree < 1:
             raise ValueError(f"need shard_tokens >= 1 and max_degree >= 1, got {shard_tokens} and {max_degree}")
         self.shard_tokens = shard_tokens
         self.max_degree = max_degree
         self.cost = cost or CostModel()
+        self.balanced = BalancedPolicy(self.cost)
 
     def place(self, footprint: Footprint, instances: list[InstanceLoad]) -> Placement | None:
-        home = pick_home(instances)
-        if home is None:
-            return None
-        group = [i for i in instances if i.group == home.group]
-        slowest_ms = self.cost.scorer(group)
-        candidates = ((slowest_ms(p), p.cp_degree, p) for p in self._candidates(footprint, home, group))
-        best = min(candidates, key=lambda c: c[:2], default=None)
-        return best[2] if best is not None else None
+        scored = self.scored(footprint, instances)
+        return min(scored, key=lambda s: s[:2])[2] if scored else None
 
-    def _candidates(self, footprint: Footprint, home: InstanceLoad, group: list[InstanceLoad]) -> Iterator[Placement]:
-        pages = footprint.pages(home.page_size)
-        most = min(self.max_degree, len(group), pages)  # a shard holds at least one page
-        fewest = min(math.ceil(pages * home.page_size / self.shard_tokens), most)
-        others = sorted(
-            (i for i in group if i is not home), key=lambda i: (i.domain != home.domain, -i.pages_free, i.id)
+    def scored(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[tuple[float, int, Placement]]:
+        """Every candidate with its predicted group step (ms) and degree; `balanced`'s placement first."""
+        groups = by_group(instances)
+        scorers = {name: self.cost.scorer(members) for name, members in groups.items()}
+        group_of = {i.id: i.group for i in instances}
+        return [(scorers[group_of[p.home]](p), p.cp_degree, p) for p in self.candidates(footprint, instances)]
+
+    def candidates(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[Placement]:
+        whole = self.balanced.place(footprint, instances)
+        homes = [i for i in instances if whole is not None and i.id == whole.home]
+        least_work = min(
+            instances, key=lambda i: (self.cost.own_ms(i), i.home_batch, -i.pages_free, i.id), default=None
         )
-        for degree in range(fewest, most + 1):
-            shares = even_split(pages, degree)
-            holders = ([home] if home.pages_free >= shares[0] else []) + others
-            holders = holders[:degree]
-            if len(holders) == degree and all(n <= h.pages_free for h, n in zip(holders, shares, strict=True)):
-                yield Placement(home.id, contiguous_shards(footprint, holders, shares))
+        if least_work is not None and least_work not in homes:
+            homes.append(least_work)
+        groups = by_group(instances)
+        splits = [p for home in homes for p in self._splits(footprint, home, groups[home.group])]
+        return ([whole] if whole is not None else []) + splits
+
+    def _splits(self, footprint: Footprint, home: InstanceLoad, group: list[InstanceLoad]) -> Iterator[Placement]:
+        """Per degree, two sets of holders: the instances with the least own work (balance first) and those with
+        the most free pages (fit first), the home's domain before others; shares as even as their free pages
+        allow."""
+        pages = footprint.pages(home.page_size)
+        most = min(self.max_degree, len(group), pages, footprint.tokens // self.shard_tokens)
+        others = [i for i in group if i is not home and i.pages_free > 0]
+        orders = (
+            sorted(others, key=lambda i: (i.domain != home.domain, self.cost.own_ms(i), -i.pages_free, i.id)),
+            sorted(others, key=lambda i: (i.domain != home.domain, -i.pages_free, self.cost.own_ms(i), i.id)),
+        )
+        for degree in range(2, most + 1):
+            tried = set()
+            for order in orders:
+                holders = ([home] if home.pages_free > 0 else []) + order
+                holders = holders[:degree]
+                key = tuple(h.id for h in holders)
+                shares = capped_split(pages, [h.pages_free for h in holders]) if len(holders) == degree else None
+                if shares is not None and key not in tried:
+                    tried.add(key)
+                    yield Placement(home.id, contiguous_shards(footprint, holders, shares))
 
     def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
-        """A larger tail while it stays within the shard target, else one more shard on the group's instance with
-        the most free KV (home's domain first); when both are possible, whichever predicts the faster slowest
-        instance. Past the degree cap, or with no other instance free, the tail grows beyond the target."""
+        """The tail grows in place while it holds less than the shard target. Past it, one more shard on the group's
+        instance with the least own work (home's domain first) is a candidate too, and the cost model chooses,
+        ties to the larger tail; past the degree cap, or with no other instance free, the tail grows beyond it."""
         home = next((i for i in instances if i.id == placement.home), None)
         if home is None:
             return None
         group = [i for i in instances if i.group == home.group]
-        holders = {s.instance for s in placement.shards}
+        larger_tail = grow_tail(placement, pages, group)
+        tail_tokens = placement.shards[-1].page_quota * home.page_size
         new_shard = None
-        if placement.cp_degree < self.max_degree:
+        if placement.cp_degree < self.max_degree and (tail_tokens >= self.shard_tokens or larger_tail is None):
+            holders = {s.instance for s in placement.shards}
             others = [i for i in group if i.id not in holders and i.pages_free >= pages]
-            best = min(others, key=lambda i: (i.domain != home.domain, -i.pages_free, i.id), default=None)
+            best = min(
+                others, key=lambda i: (i.domain != home.domain, self.cost.own_ms(i), -i.pages_free, i.id), default=None
+            )
             new_shard = add_shard(placement, pages, best) if best is not None else None
-        tail_tokens = (placement.shards[-1].page_quota + pages) * home.page_size
-        larger_tail = grow_tail(placement, pages, group) if tail_tokens <= self.shard_tokens or not new_shard else None
-        candidates = [new_shard, larger_tail]
         # Score each candidate whole, against the loads without the placement it replaces.
-        slowest_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
-        scored = [(slowest_ms(c), c.cp_degree, c) for c in candidates if c is not None]
+        group_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
+        scored = [(group_ms(c), c.cp_degree, c) for c in (larger_tail, new_shard) if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
