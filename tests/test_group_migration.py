@@ -21,6 +21,7 @@ from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient, Chunk
 from nanocp.harness.offline_group import free_port
+from nanocp.router.cost import CostModel
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
 from nanocp.v1 import router_pb2
@@ -28,6 +29,8 @@ from nanocp.v1 import router_pb2
 COLLECTIVE_TIMEOUT_S = 8.0  # longer than the 3 s stall that must end nothing; the stalled group fails after it
 NEW = 40
 LONG = list(range(1, 250))  # 249 tokens: two shards of the dcp policy below, one on each member of its group
+# dcp splits only where its cost model predicts a faster group step: this one prices KV reads alone, so it does.
+SPLIT_PAYS = CostModel(kv_token_ms=1.0, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=0.0, cp_step_ms=0.0)
 # Greedy and seeded, short and long (CP degree 2).
 REQUESTS: dict[str, dict[str, Any]] = {
     **{f"greedy-{i}": {"prompt": [1 + i, 2, 3], "temperature": 0.0} for i in range(2)},
@@ -83,7 +86,7 @@ async def client(groups: Groups) -> AsyncIterator[AsyncClient]:
     for name, group in groups.groups.items():
         if any(p.poll() is not None for p in group.processes):  # a test before failed it
             groups.restart(name)
-    policy = make_policy("dcp", shard_tokens=128, max_degree=2)
+    policy = make_policy("dcp", shard_tokens=128, max_degree=2, cost=SPLIT_PAYS)
     router = await serve_router("tiny", groups.addresses, HOST, 0, policy, heartbeat_s=HEARTBEAT_S)
     client = AsyncClient(f"{HOST}:{router.port}", max_retries=0)
     try:
