@@ -34,6 +34,7 @@ from typing import Any
 
 from nanocp.client import AsyncClient, Chunk
 from nanocp.local_cluster import free_ports
+from nanocp.router.cost import CostModel
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
 from nanocp.v1 import router_pb2
@@ -181,7 +182,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     groups = {name: Group(name, ports[i : i + 2], args.collective_timeout, logs) for name, i in (("a", 0), ("b", 2))}
     for group in groups.values():
         group.start()
-    policy = make_policy("dcp", shard_tokens=128, max_degree=2)
+    # A cost model that prices KV reads alone: dcp splits the long prompts over both members (what the run measures).
+    split_pays = CostModel(kv_token_ms=1.0, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=0.0, cp_step_ms=0.0)
+    policy = make_policy("dcp", shard_tokens=128, max_degree=2, cost=split_pays)
     router = await serve_router("tiny", [f"127.0.0.1:{p}" for p in ports], "127.0.0.1", 0, policy)
     client = AsyncClient(f"127.0.0.1:{router.port}", max_retries=0)
     results: dict[str, list[dict[str, Any]]] = {"killed": [], "stalled": []}
