@@ -2,16 +2,18 @@
 graphs and eagerly, over batch size and context length, and the bytes a step must read over that time as a fraction
 of the GPU's copy bandwidth.
 
-The engine's own steps are timed (Engine.step: planning on the host, the model, sampling; the step's wall time as
-StepRecord records it, which ends after the sampled tokens reach the host). For each context length one batch of
+The engine's own steps are timed (Engine.step: planning on the host, the model, sampling): the wall time of a run
+of steps up to its last tokens read, per step. With the overlap scheduler the host plans each step while the device
+runs the one before, so a step costs the longer of the two, not their sum. For each context length one batch of
 the largest size is prefilled once, then decode steps are timed at each batch size, largest first, aborting requests
-to shrink the batch: first replaying the engine's graphs, then with the graphs set aside (every step eager). Bytes a
+to shrink the batch: replaying the engine's graphs with the overlap scheduler, then without it, then with the graphs
+set aside (every step eager). Bytes a
 step must read: the weights of every expert the step's tokens touch in each layer (counted in one extra eager step),
 attention, router and norm weights, the LM head, and the KV the step's rows attend (StepRecord.kv_tokens_read). The
 model's max_context is raised to hold 64K contexts (decode time does not depend on the rotary scaling). Writes
 bench/results/gpu_decode_step.json (or --out) and, where matplotlib is, a plot.
 
-    python3 bench/gpu_decode_step.py --kind nvidia-h200 [--out DIR] [--steps 10]
+    python3 bench/gpu_decode_step.py --kind nvidia-h200 [--out DIR] [--steps 20]
     python3 bench/gpu_decode_step.py --plot bench/results/gpu_decode_step.json   # the plot alone
 """
 
@@ -40,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 # Batch sizes at each context length, within what the KV pool of an H200 holds next to the weights (~55 GB).
 GRID = {1024: [256, 64, 8, 1], 8192: [64, 8, 1], 65536: [8, 1]}
 PAGE = 16
-MAX_TOKENS = 256  # decode room per request: steps while others prefill, then every batch size's steps
+MAX_TOKENS = 512  # decode room per request: steps while others prefill, then every batch size's steps, 3 modes
 WARMUP_STEPS = 3
 HEADROOM_BYTES = 12 << 30  # activations of 16K-token prefill chunks, FlashInfer workspaces, the allocator's slack
 
@@ -78,13 +80,30 @@ def count_touched_experts(engine: Engine) -> list[int]:
 
 
 def time_decode(engine: Engine, steps: int) -> tuple[float, int]:
-    """Median step seconds and median KV tokens read over `steps` decode steps after a warm-up."""
+    """Seconds a decode step takes in a run of `steps` after a warm-up (wall time over the run, up to its last
+    tokens read: with the overlap scheduler a step's host work hides behind the one before), and the median KV
+    tokens a step read."""
     for _ in range(WARMUP_STEPS):
         engine.step()
+    engine.flush()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
     for _ in range(steps):
         engine.step()
+    engine.flush()
+    seconds = (time.perf_counter() - started) / steps
     records = engine.steps.after(0)[-steps:]
-    return statistics.median(r.seconds for r in records), int(statistics.median(r.kv_tokens_read for r in records))
+    return seconds, int(statistics.median(r.kv_tokens_read for r in records))
+
+
+@contextlib.contextmanager
+def overlap_off(engine: Engine) -> Iterator[None]:
+    """Reads each step's tokens before planning the next (no overlap scheduling)."""
+    engine.overlap = False
+    try:
+        yield
+    finally:
+        engine.overlap = True
 
 
 @contextlib.contextmanager
@@ -112,6 +131,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
     free, _ = torch.cuda.mem_get_info()
     affordable = (free - HEADROOM_BYTES) // (PAGE * kv_token_bytes)
     engine_config = EngineConfig(
+        overlap=True,
         page_size=PAGE,
         num_pages=int(min(needed_pages, affordable)),
         max_step_tokens=16384,
@@ -152,6 +172,8 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
             replays = engine.runner.graphs.replays
             graph_s, kv_tokens = time_decode(engine, steps)
             assert engine.runner.graphs.replays - replays == WARMUP_STEPS + steps, "every timed step replays a graph"
+            with overlap_off(engine):
+                serial_s, _ = time_decode(engine, steps)
             with eager(engine):
                 eager_s, _ = time_decode(engine, steps)
                 touched = count_touched_experts(engine)
@@ -161,6 +183,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
                 "batch": batch,
                 "context": ctx,
                 "graph_step_ms": graph_s * 1e3,
+                "graph_step_ms_without_overlap": serial_s * 1e3,
                 "eager_step_ms": eager_s * 1e3,
                 "eager_over_graph": eager_s / graph_s,
                 "kv_tokens_read": kv_tokens,
@@ -172,7 +195,8 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
             points.append(point)
             print(
                 f"batch {batch:4d} ctx {ctx:6d}: {total / 1e9:.1f} GB; graphs {1e3 * graph_s:.2f} ms "
-                f"({100 * point['graph_bandwidth_fraction']:.1f}% of copy bandwidth), eager {1e3 * eager_s:.2f} ms "
+                f"({100 * point['graph_bandwidth_fraction']:.1f}% of copy bandwidth; {1e3 * serial_s:.2f} ms without "
+                f"overlap), eager {1e3 * eager_s:.2f} ms "
                 f"({100 * point['eager_bandwidth_fraction']:.1f}%)",
                 flush=True,
             )
@@ -184,8 +208,8 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         "torch": torch.__version__,
         "model": "qwen3-30b-a3b shapes, random bf16 weights, max_context raised to hold 64K",
         "mode": "engine steps replaying the engine's CUDA graphs, then with the graphs set aside (eager)",
-        "timing": f"median Engine.step wall time (StepRecord.seconds) over {steps} decode steps after "
-        f"{WARMUP_STEPS} warm-up steps, each mode",
+        "timing": f"wall time of {steps} Engine.step calls up to their last tokens read, per step, after "
+        f"{WARMUP_STEPS} warm-up steps, each mode; graphs with the overlap scheduler and without it",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "page_size": PAGE,
         "num_pages": engine_config.num_pages,
@@ -228,7 +252,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="unknown", help="the device kind it runs on, recorded in the results")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, help="only plot this results file")
     args = parser.parse_args()

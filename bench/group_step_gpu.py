@@ -116,7 +116,8 @@ def prefill(engine: Engine) -> None:
 
 
 def timed_steps(engine: Engine, s: Settings) -> list[float]:
-    """Seconds of each of `s.steps` decode steps after `s.warmup` more (every rank runs the same steps)."""
+    """Seconds of each of `s.steps` decode steps after `s.warmup` more (every rank runs the same steps). The group
+    reads each step before the next (EngineConfig.overlap off), so a record's seconds are its step alone."""
     for _ in range(s.warmup + s.steps):
         engine.step()
     return [r.seconds for r in engine.steps.after(0)[-s.steps :]]
@@ -300,6 +301,7 @@ def engine_config(s: Settings, device: str) -> EngineConfig:
         dtype="bfloat16" if s.device == "cuda" else None,
         graph_max_batch=s.batches[0],
         static_decode=True,  # on CPU, where no graph is captured, "graph" steps run the buckets' layout eagerly
+        overlap=False,  # each step's record times that step alone: the breakdown's subject
     )
 
 

@@ -47,6 +47,7 @@ def _worker(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         cuda_graphs=not args.no_cuda_graphs,
         graph_max_batch=args.graph_max_batch,
+        overlap=args.overlap,
     )
     server = serve_until_signalled(
         lambda: serve_worker(
@@ -231,6 +232,13 @@ def _add_worker(commands: Commands) -> None:
     worker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     worker.add_argument(
         "--no-cuda-graphs", action="store_true", help="run every step eagerly (default: decode steps replay graphs)"
+    )
+    worker.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan and launch each step while the device runs the one before, reading its tokens after "
+        "(default: on for CUDA devices, off on CPU, where nothing runs apart from the host)",
     )
     worker.add_argument(
         "--graph-max-batch", type=int, default=256, help="the largest decode batch captured as a graph (default 256)"

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nanocp.internal.v1 import worker_pb2, worker_pb2_grpc
 from nanocp.v1 import common_pb2
 from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.model_runner import SampledTokens
 from nanocp.worker.planner import StepInputs
 from nanocp.worker.request import FinishReason, RequestOutput, SamplingParams
 from nanocp.worker.server import SERVICE_NAME, WorkerServer, serve_worker
@@ -29,23 +30,23 @@ def run_batch(poison_after: int | None) -> dict[str, list[RequestOutput]]:
     has that many tokens (as a numerical blow-up in its own activations would)."""
     engine = Engine.from_spec("tiny", CONFIG)
     outputs: dict[str, list[RequestOutput]] = {}
-    run, logits = engine.runner.run, engine.runner.model.logits
+    launch, logits = engine.runner.launch, engine.runner.model.logits
     poisoned_rows: list[int] = []
 
-    def run_marking(inputs: StepInputs) -> list[int]:
+    def launch_marking(inputs: StepInputs, previous: torch.Tensor | None) -> SampledTokens | None:
         poisoned_rows[:] = [
             i
             for i, chunk in enumerate(inputs.sampling_chunks)
             if chunk.request.request_id == "poisoned" and len(chunk.request.output) == poison_after
         ]
-        return run(inputs)
+        return launch(inputs, previous)
 
     def nan_logits(hidden: torch.Tensor) -> torch.Tensor:
         out = logits(hidden)
         out[poisoned_rows] = float("nan")
         return out
 
-    engine.runner.run = run_marking  # type: ignore[method-assign]
+    engine.runner.launch = launch_marking  # type: ignore[method-assign]
     engine.runner.model.logits = nan_logits  # type: ignore[method-assign]
     for request_id, prompt in PROMPTS.items():
         params = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)

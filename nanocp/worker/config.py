@@ -19,6 +19,10 @@ class EngineConfig:
     # Decode steps laid out at the graph buckets' shapes even where no graph replays them (CPU): the layout a replay
     # computes, run eagerly, which is how CPU groups test it. Implied by cuda_graphs on a CUDA device.
     static_decode: bool = False
+    # Overlap scheduling: the host plans and launches step n+1 while the device runs step n, and reads step n's
+    # tokens after (SGLang's overlap scheduler). None: on for CUDA, where the device runs apart from the host; on
+    # CPU the device is the host, so there is nothing to overlap.
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "num_pages", "max_step_tokens", "max_running", "graph_max_batch"):

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -27,7 +27,7 @@ from nanocp.worker.group import Group, StepExchange
 from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache, ShardStore
 from nanocp.worker.model import ExpertShard, Qwen3Moe
-from nanocp.worker.model_runner import NON_FINITE, ModelRunner
+from nanocp.worker.model_runner import NON_FINITE, ModelRunner, SampledTokens, pending_token
 from nanocp.worker.planner import StepInputs, StepPlanner
 from nanocp.worker.request import (
     Admission,
@@ -39,12 +39,25 @@ from nanocp.worker.request import (
     SamplingParams,
 )
 from nanocp.worker.scheduler import Chunk, Scheduler
-from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler
+from nanocp.worker.timing import DeviceSections, StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
 
 __all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A launched step, until the host reads its tokens."""
+
+    step: int
+    chunks: list[Chunk]
+    inputs: StepInputs
+    sampled: SampledTokens | None  # None: no row sampled
+    places: list[tuple[Request, int]]  # per sampling row, its request and the index of its placeholder in output
+    started: float  # time.perf_counter() when its planning began
+    timings: tuple[dict[str, float], DeviceSections | None]  # the step timer's sections (StepTimer.take)
 
 
 class StepObserver(Protocol):
@@ -85,6 +98,9 @@ class Engine:
         self._step = 0  # numbered alike on every member: all run every step the group runs
         self._keys = itertools.count(rank << 40)  # unique in the group: the rank is in the high bits
         self._seeds = random.Random(config.seed)
+        # The launched step whose tokens the host has not read (overlap: read after the next step is launched).
+        self._inflight: InFlight | None = None
+        self.overlap = config.overlap if config.overlap is not None else torch.device(config.device).type == "cuda"
 
     @classmethod
     def from_spec(
@@ -152,6 +168,7 @@ class Engine:
         return True
 
     def fail_all(self, error: str | None, code: str = "INTERNAL") -> None:
+        self._inflight = None  # its tokens belong to the requests that end here
         for request in list(self.requests.values()):
             self._finish(request, FinishReason.ABORT, [], error, code)
         self._emit()
@@ -162,7 +179,7 @@ class Engine:
         if request is None:
             return  # it ended meanwhile
         if shards is None:
-            error = f"no KV memory left to grow its placement after {len(request.output)} tokens"
+            error = f"no KV memory left to grow its placement after {request.completed} tokens"
             self._finish(request, FinishReason.ABORT, [], error, "RESOURCE_EXHAUSTED")
         elif problem := check_growth(request.shards, shards) or check_shards(
             shards, self.group.size, self.config.page_size
@@ -195,7 +212,7 @@ class Engine:
         return f"{grown} more pages asked of rank {self.group.rank}, which has {left} uncommitted"
 
     def has_work(self) -> bool:
-        return bool(self.requests or self.exchange.has_frees)
+        return bool(self.requests or self.exchange.has_frees or self._inflight)
 
     def load(self) -> EngineLoad:
         pool = self.store.pool
@@ -213,7 +230,11 @@ class Engine:
         In a group every instance steps together: one with no work of its own still runs the step with an empty
         batch, because its experts serve the others' tokens.
         """
-        return self.run_chunks(self.scheduler.schedule())
+        chunks = self.scheduler.schedule()
+        if not chunks and self._inflight is not None:  # what runs next may wait on the tokens in flight
+            self.flush()
+            chunks = self.scheduler.schedule()
+        return self.run_chunks(chunks)
 
     def plan_step(self, chunks: list[Chunk]) -> tuple[StepInputs, bool] | None:
         """Agrees on the step with the group and plans it: None when the whole group is idle; otherwise the inputs
@@ -229,8 +250,14 @@ class Engine:
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[Chunk]) -> bool:
-        """Runs a step of the scheduled chunks and samples for those that reach their last token; False when the
-        whole group was idle."""
+        """Runs a step of the scheduled chunks; False when the whole group was idle.
+
+        The step is launched, then the step before it (still in flight) is read: its tokens appended, its requests
+        finished, its outputs emitted, while the device runs this one. Its decodes fed their requests' pending
+        tokens as placeholders, resolved on the device. Without overlap the step is read at once.
+        """
+        if not chunks and self._inflight is not None:
+            self.flush()
         start = time.perf_counter()
         self.timer.start_step()
         planned = self.plan_step(chunks)
@@ -241,34 +268,63 @@ class Engine:
         if not any_tokens:  # only frees travelled: the load changed all the same
             self._emit()
             return True
-        tokens = self.runner.run(inputs)
+        previous = self._inflight
+        sampled = self.runner.launch(inputs, previous.sampled.device if previous and previous.sampled else None)
         for chunk in chunks:
             chunk.request.num_computed += chunk.num_tokens
-        for chunk, token in zip(inputs.sampling_chunks, tokens, strict=True):
+        places = []
+        for row, chunk in enumerate(inputs.sampling_chunks):
+            request = chunk.request
+            request.output.append(pending_token(row))
+            request.pending += 1
+            places.append((request, len(request.output) - 1))
+        self._inflight = InFlight(self._step, chunks, inputs, sampled, places, start, self.timer.take())
+        if previous is not None:
+            self._read(previous)
+        if not self.overlap:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Reads the step in flight, if any: afterwards every request's output holds real tokens only."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._read(inflight)
+
+    def _read(self, step: InFlight) -> None:
+        """Reads a launched step's tokens (waiting for the device if it must), appends them, finishes the requests
+        they end and emits the outputs. A request that ended meanwhile drops its token."""
+        tokens = step.sampled.read() if step.sampled is not None else []
+        for (request, index), token in zip(step.places, tokens, strict=True):
+            request.pending -= 1
+            if self.requests.get(request.request_id) is not request:
+                continue
             if token == NON_FINITE:  # this request's row alone went bad: it ends, the batch goes on
                 error = "the model produced non-finite logits (NaN or inf) for this request"
-                self._finish(chunk.request, FinishReason.ABORT, [], error, "INTERNAL")
+                self._finish(request, FinishReason.ABORT, [], error, "INTERNAL")
             else:
-                self._append(chunk.request, token)
+                request.output[index] = token
+                self._append(request, token, index)
+        inputs = step.inputs
+        host_sections, device_sections = step.timings
         record = StepRecord(
-            self._step,
+            step.step,
             len(inputs.token_ids),
             inputs.kv_tokens_read,
             inputs.rows_routed,
             self.store.pool.num_in_use,
-            time.perf_counter() - start,
-            *self.timer.take(),
-            started=start,
+            time.perf_counter() - step.started,
+            host_sections,
+            device_sections,
+            started=step.started,
         )
         self.steps.add(record)
         if self.observer is not None:
-            self.observer.step(record, chunks)
+            self.observer.step(record, step.chunks)
         self._emit()
-        return True
 
-    def _append(self, request: Request, token: int) -> None:
-        request.output.append(token)
-        reason = request.finish_reason_after(token)
+    def _append(self, request: Request, token: int, index: int) -> None:
+        reason = request.finish_reason_after(token, index)
         if reason is not None:
             self._finish(request, reason, [token])
             return
@@ -305,4 +361,4 @@ class Engine:
 def _output(
     request: Request, new_tokens: list[int], reason: FinishReason | None, error: str | None = None
 ) -> RequestOutput:
-    return RequestOutput(request.request_id, new_tokens, reason, len(request.prompt), len(request.output), error)
+    return RequestOutput(request.request_id, new_tokens, reason, len(request.prompt), request.completed, error)

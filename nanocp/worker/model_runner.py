@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from nanocp.limits import MAX_TEMPERATURE, MIN_TEMPERATURE
 from nanocp.model_config import ModelConfig
-from nanocp.worker.attention import PagedAttention, StaticPlan
+from nanocp.worker.attention import PagedAttention, StaticPlan, int64_to_device, to_device
 from nanocp.worker.cuda_graphs import DecodeGraphs, bucket_for, bucket_sizes
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.model import Qwen3Moe, StepContext
@@ -74,13 +75,17 @@ class ModelRunner:
             return None
         return bucket_for(max_tokens, self.static_sizes)
 
-    def run(self, inputs: StepInputs) -> list[int]:
-        """The step's forward, and the tokens its sampling rows draw (the one read of the device a step)."""
+    def launch(self, inputs: StepInputs, previous: torch.Tensor | None) -> SampledTokens | None:
+        """Queues the step's forward and sampling on the device and returns its tokens on their way to the host
+        (None when no row samples); nothing here waits for the device. previous: the device tokens of the step
+        still in flight, which the placeholders among this step's token ids (pending_token) stand for."""
+        if previous is not None:
+            inputs.token_ids = resolve_pending(inputs.token_ids, previous)
         hidden = self.forward(inputs)
         if not inputs.sampling_chunks:
-            return []
+            return None
         logits = self.model.logits(hidden[inputs.sample_rows])
-        return list(sample(logits, inputs.sampling).tolist())
+        return SampledTokens.of(sample(logits, inputs.sampling))
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """The model over the step's rows: by a graph's replay for a static step, else eagerly."""
@@ -104,6 +109,46 @@ class ModelRunner:
 
 
 NON_FINITE = -1  # the "token" of a row whose logits held NaN or inf: its request ends alone, with an error
+
+
+def pending_token(row: int) -> int:
+    """The placeholder a request's output holds for the token sampling row `row` of the step in flight drew, until
+    the host reads it; as a token id of the next step it stands for that token (resolve_pending)."""
+    return -2 - row
+
+
+def resolve_pending(token_ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """token_ids with each placeholder replaced by the token it stands for, on the device. A NON_FINITE token
+    becomes 0: its request ends when the host reads it, and the row it feeds meanwhile must stay a valid lookup."""
+    rows = (-2 - token_ids).clamp(0, len(previous) - 1)
+    return torch.where(token_ids < 0, previous[rows].clamp(min=0), token_ids)
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """A step's sampled tokens: on the device (what the next step's placeholders resolve from) and on their way
+    to a pinned host copy; read() waits for that copy, the one wait for the device a step."""
+
+    device: torch.Tensor
+    host: torch.Tensor
+    copied: torch.cuda.Event | None  # None on CPU, where the copy is done
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor) -> SampledTokens:
+        if not tokens.is_cuda:
+            return cls(tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(tokens, host, copied)
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return list(self.host.tolist())
+
+
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer: spreads seeds over the stream
 _MIX = (-4658895280553007687, -7723592293110705685)  # SplitMix64's multipliers, signed
 
@@ -121,10 +166,11 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
         return torch.where(finite, greedy, NON_FINITE)
     device, vocab = logits.device, logits.shape[-1]
     # The limits refuse what lies outside these ranges; clamping again keeps a direct caller's value in them too.
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in rows.params], device=device)
+    temperature = to_device([p.temperature if not p.greedy else 1.0 for p in rows.params], torch.float32, device)
     temperature = temperature.clamp(MIN_TEMPERATURE, MAX_TEMPERATURE)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in rows.params], device=device)
-    top_p = torch.tensor([p.top_p for p in rows.params], device=device).clamp(torch.finfo(torch.float32).tiny, 1.0)
+    top_k = int64_to_device((p.top_k if 0 < p.top_k < vocab else vocab for p in rows.params), device)
+    top_p = to_device([p.top_p for p in rows.params], torch.float32, device)
+    top_p = top_p.clamp(torch.finfo(torch.float32).tiny, 1.0)
     # Shifted by the row's maximum first, every scaled logit is <= 0 (or -inf), so softmax never meets inf - inf.
     shifted = logits - logits.max(dim=-1, keepdim=True).values
     probs = torch.softmax(shifted / temperature[:, None], dim=-1)
@@ -136,7 +182,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     # Rounding can put the needle at the very end: the last token of non-zero mass is the one it meant.
     last = vocab - 1 - (probs.flip(-1) > 0).to(torch.int64).argmax(dim=-1)
     drawn = torch.minimum(drawn, last)
-    is_greedy = torch.tensor([p.greedy for p in rows.params], device=device)
+    is_greedy = to_device([p.greedy for p in rows.params], torch.bool, device)
     usable = finite & (is_greedy | (mass > 0))  # `mass > 0` is False for NaN too
     return torch.where(usable, torch.where(is_greedy, greedy, drawn), NON_FINITE)
 
@@ -166,8 +212,8 @@ def reference_filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 def uniform(seeds: list[int], draws: list[int], device: torch.device) -> torch.Tensor:
     """One number in [0, 1) per (seed, draw), float64: SplitMix64 of seed * golden + draw, in int64 arithmetic
     (wrapping, as on every torch device), its top 53 bits as the fraction."""
-    x = torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64, device=device) * _GOLDEN
-    x = x + torch.tensor(draws, dtype=torch.int64, device=device)
+    x = int64_to_device((_signed64(s) for s in seeds), device) * _GOLDEN
+    x = x + int64_to_device(draws, device)
     x = x ^ _shift_right(x, 30)
     x = x * _MIX[0]
     x = x ^ _shift_right(x, 27)

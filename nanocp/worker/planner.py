@@ -16,10 +16,8 @@ Every attention row is one segment of its decode's metadata; a padding row atten
 
 from __future__ import annotations
 
-import array
 import enum
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +25,14 @@ import torch
 from nanocp.kernels import AttentionMetadata
 from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.placement import shard_ends
-from nanocp.worker.attention import AttentionPlan, CPRoutes, Segment, StaticPlan, StaticRoutes
+from nanocp.worker.attention import (
+    AttentionPlan,
+    CPRoutes,
+    Segment,
+    StaticPlan,
+    StaticRoutes,
+    int64_to_device,
+)
 from nanocp.worker.kv_cache import ShardStore
 from nanocp.worker.request import SamplingParams
 from nanocp.worker.routing import Route
@@ -168,10 +173,10 @@ class StepPlanner:
         requests = [c.request for c in sampling_chunks]
         local_kv = sum(a.kv_len for a in out.attends if a.holder == self.rank)
         return StepInputs(
-            _int64(token_ids, self.device),
-            _int64(positions, self.device),
+            int64_to_device(token_ids, self.device),
+            int64_to_device(positions, self.device),
             plan,
-            _int64(sample_rows, self.device),
+            int64_to_device(sample_rows, self.device),
             sampling_chunks,
             SamplingRows([r.params for r in requests], [r.seed for r in requests], [r.token_index for r in requests]),
             kv_tokens_read=local_kv + sum(row[Meta.KV_LEN] for rows in attending for row in rows),
@@ -195,13 +200,17 @@ class StepPlanner:
             routes = CPRoutes(
                 queries=Route(*self._row_counts(out, attending, tails_only=False)),
                 kv=Route(*self._row_counts(out, attending, tails_only=True)),
-                query_send=_int64(query_send, self.device),
-                kv_send=_int64(kv_send, self.device),
-                kv_slots=_int64(kv_slots, self.device),
-                partial_back=_int64(partial_back, self.device),
+                query_send=int64_to_device(query_send, self.device),
+                kv_send=int64_to_device(kv_send, self.device),
+                kv_slots=int64_to_device(kv_slots, self.device),
+                partial_back=int64_to_device(partial_back, self.device),
             )
-        merge = _int64([i for part in merge_index for i in part], self.device).view(len(merge_index), home_rows)
-        return AttentionPlan(home_rows, _int64(local_slots, self.device), segments, self.store.page_size, merge, routes)
+        merge = int64_to_device([i for part in merge_index for i in part], self.device).view(
+            len(merge_index), home_rows
+        )
+        return AttentionPlan(
+            home_rows, int64_to_device(local_slots, self.device), segments, self.store.page_size, merge, routes
+        )
 
     def _local_segments(self, out: Outgoing, local_slots: list[int]) -> list[Segment]:
         """The home's rows over shards held here; the slots of the rows whose tail is here go into local_slots."""
@@ -313,7 +322,7 @@ def static_plan(
         local[a.first_row] = (store.pages_for(a.key, a.shard, a.kv_len), a.kv_len)
         if a.tail:
             local_slots[a.first_row] = store.slots(a.key, a.shard, a.kv_len - 1, 1)[0]
-    plan = StaticPlan(rows, _int64(local_slots, device), _metadata(local, store.page_size, device))
+    plan = StaticPlan(rows, int64_to_device(local_slots, device), _metadata(local, store.page_size, device))
     if not cp_routes:
         return plan
     received = [_padding()] * (peers * rows)
@@ -350,10 +359,10 @@ def _routes(attends: list[Attend], rank: int, peers: int, rows: int, kv_slots: l
             sent_kv[a.holder] += 1
     merge = [[p[i] if i < len(p) else empty for p in parts] for i in range(peers)]
     return StaticRoutes(
-        _int64(query_src, device),
-        _int64(kv_src, device),
-        _int64(kv_slots, device),
-        _int64([i for part in merge for i in part], device).view(peers, rows),
+        int64_to_device(query_src, device),
+        int64_to_device(kv_src, device),
+        int64_to_device(kv_slots, device),
+        int64_to_device([i for part in merge for i in part], device).view(peers, rows),
     )
 
 
@@ -366,16 +375,6 @@ def _metadata(segments: list[tuple[list[int], int]], page_size: int, device: str
     page_indptr = [0]
     for pages, _ in segments:
         page_indptr.append(page_indptr[-1] + len(pages))
-    indices = _int64(itertools.chain.from_iterable(pages for pages, _ in segments), device)
+    indices = int64_to_device(itertools.chain.from_iterable(pages for pages, _ in segments), device)
     qo_indptr = list(range(len(segments) + 1))
     return AttentionMetadata(qo_indptr, page_indptr, indices, [n for _, n in segments], page_size, causal=False)
-
-
-def _int64(values: Iterable[int], device: str) -> torch.Tensor:
-    """Host integers as an int64 tensor on the device, through a packed array: torch.tensor converts a list one
-    Python object at a time, which for the 32K page ids of 64 requests of 8K tokens was 2.3 ms of a step's host time
-    (bench/results/profile_decode_gpu_after.json); packing first takes about half."""
-    packed = array.array("q", values)
-    if not packed:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    return torch.frombuffer(packed, dtype=torch.int64).to(device)

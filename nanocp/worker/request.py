@@ -82,7 +82,10 @@ class Request:
     coverage: int  # positions the shards can hold: the tail's end
     key: int = 0  # names the request to the group's other instances (unique in the group)
     asked_pages_at: int = 0  # the coverage when it last asked for its placement to grow
+    # Generated tokens; the last `pending` of them are placeholders (pending_token) for tokens a launched step has
+    # sampled on the device and the host has not read yet.
     output: list[int] = field(default_factory=list)
+    pending: int = 0
     num_computed: int = 0  # tokens whose K, V are in the cache
     seed: int = 0  # of its random stream when it samples (its own, or one the engine drew)
 
@@ -105,6 +108,17 @@ class Request:
         return len(self.prompt) + len(self.output)
 
     @property
+    def completed(self) -> int:
+        """Generated tokens the host has read (and emitted)."""
+        return len(self.output) - self.pending
+
+    @property
+    def decodable(self) -> bool:
+        """Whether a decode step may run for it: prefilled, its tail has room for the K, V it stores, and it may
+        still sample (a pending token may already be its last)."""
+        return not self.prefilling and self.num_computed < self.coverage and len(self.output) < self.params.max_tokens
+
+    @property
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt)
 
@@ -122,10 +136,11 @@ class Request:
         """Index of the shard covering `position`."""
         return max(i for i, s in enumerate(self.shards) if s.start <= position)
 
-    def finish_reason_after(self, token: int) -> FinishReason | None:
+    def finish_reason_after(self, token: int, index: int) -> FinishReason | None:
+        """Why it ends with `token` as generated token `index`, or None."""
         if token in self.stop_ids:
             return FinishReason.STOP
-        if len(self.output) >= self.params.max_tokens:
+        if index + 1 >= self.params.max_tokens:
             return FinishReason.LENGTH
         return None
 

@@ -42,7 +42,7 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         budget = self.max_step_tokens
         # A decode whose tail is full waits for its placement to grow.
-        chunks = [Chunk(r, 1) for r in self.running if not r.prefilling and r.num_computed < r.coverage][:budget]
+        chunks = [Chunk(r, 1) for r in self.running if r.decodable][:budget]
         budget -= len(chunks)
         for r in self.running:
             if budget > 0 and r.prefilling:

@@ -124,6 +124,7 @@ def test_model_forward_needs_no_host_sync_once_planned(checkpoint: Path) -> None
     for i, prompt in enumerate(prompts(engine.model_config.vocab_size)):
         engine.add_request(f"s{i}", prompt, SamplingParams(temperature=0, max_tokens=4), lambda _: None)
     engine.step()  # prefill; the next step decodes
+    engine.flush()  # its token read: the step planned next feeds it, not a placeholder
     planned = engine.plan_step(engine.scheduler.schedule())
     assert planned is not None
     inputs, _ = planned

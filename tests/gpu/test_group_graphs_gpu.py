@@ -84,6 +84,7 @@ def test_replays_reuse_the_captured_buffers_and_the_forward_never_syncs(
         params = SamplingParams(temperature=0, max_tokens=8)
         engine.add_request(f"s{i}", list(range(1, 30 + i)), params, lambda _: None)
     engine.step()  # prefill; what follows decodes
+    engine.flush()  # its token read: the step planned next feeds it, not a placeholder
     planned = engine.plan_step(engine.scheduler.schedule())
     assert planned is not None
     inputs, _ = planned
