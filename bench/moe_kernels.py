@@ -2,14 +2,16 @@
 the Qwen3-30B-A3B shapes (hidden 2048, expert width 768, 128 experts, top-8, bf16) at several token counts.
 
 Variants: a torch loop over the active experts (the reference implementation), torch._grouped_mm (two grouped GEMMs,
-the GPU path of kernels.grouped_swiglu) and a padded batched GEMM over all experts (torch.bmm, rows padded to the
-busiest expert). Each row is checked against the float32 loop on the same bf16 inputs. Times are medians of
-triton.testing.do_bench (L2 flushed each call), of eager calls and of CUDA-graph replays (grouped_mm with its
-group ends already on the device, as a graph will hold them); the weight bandwidth is the active experts' weight
-bytes over the time, as a fraction of a device-to-device copy measured in the same run. Writes
-bench/results/moe_kernels.json and a plot beside it.
+the GPU path of kernels.grouped_swiglu above gpu_moe.TRITON_MAX_ROWS rows), the Triton expert kernels
+(triton_expert.py, the path up to that many rows; with --triton-blocks, also each given tile choice) and a padded
+batched GEMM over all experts (torch.bmm, rows padded to the busiest expert). Each row is checked against the
+float32 loop on the same bf16 inputs. Times are medians of triton.testing.do_bench (L2 flushed each call), of eager
+calls and of CUDA-graph replays (grouped_mm and Triton with their group ends already on the device, as a graph will
+hold them); the weight bandwidth is the active experts' weight bytes over the time, as a fraction of a
+device-to-device copy measured in the same run. Writes bench/results/moe_kernels.json (or --out) and a plot beside
+it.
 
-    python3 bench/moe_kernels.py [--tokens 1 4 16 64 256 1024 4096]
+    python3 bench/moe_kernels.py [--tokens 1 4 16 64 256 1024 4096] [--triton-blocks 16x128x4x4/32x128x4x4 ...]
 """
 
 from __future__ import annotations
@@ -26,12 +28,40 @@ from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
 from rich.console import Console
 from rich.table import Table
 
-from nanocp.kernels import gpu_moe
+from nanocp.kernels import gpu_moe, triton_expert
 from nanocp.kernels.moe import reference_grouped_swiglu
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 768, 128, 8
 Variant = Callable[[torch.Tensor, list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+ByEnds = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def on_ends(by_ends: ByEnds, ends: torch.Tensor) -> tuple[Variant, Variant]:
+    """(eager: the ends copied to the device per call as kernels.grouped_swiglu does, graphed: the ends already on
+    the device, as a graph holds them)."""
+
+    def eager(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        return by_ends(x, gpu_moe.device_ends(counts, x.device), w_gate_up, w_down)
+
+    return eager, lambda x, _, w_gate_up, w_down: by_ends(x, ends, w_gate_up, w_down)
+
+
+def parse_blocks(text: str) -> tuple[triton_expert.Blocks, triton_expert.Blocks]:
+    """'16x128x4x4/32x128x4x4': gate/up then down tiles as columns x K [x warps x stages]."""
+    gate_up, down = (triton_expert.Blocks(*map(int, part.split("x"))) for part in text.split("/"))
+    return gate_up, down
+
+
+def triton_variant(gate_up: triton_expert.Blocks, down: triton_expert.Blocks) -> ByEnds:
+    def run(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        return triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down, gate_up, down)
+
+    return run
+
+
+def blocks_name(gate_up: triton_expert.Blocks, down: triton_expert.Blocks) -> str:
+    return "/".join("x".join(map(str, b)) for b in (gate_up, down))
 
 
 def padded_bmm(counts: list[int]) -> Variant:
@@ -55,7 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     parser.add_argument("--out", type=Path, default=RESULTS / "moe_kernels.json")
+    parser.add_argument(
+        "--triton-blocks", nargs="*", default=[], help="more Triton tiles to time, as gate_up/down NxK[xWARPSxSTAGES]"
+    )
     args = parser.parse_args()
+    tiles = [parse_blocks(text) for text in args.triton_blocks]
 
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
@@ -74,10 +108,9 @@ def main() -> None:
         padded = padded_bmm(counts)
         variants: dict[str, tuple[Variant, Variant]] = {  # (eager, graphed)
             "loop": (reference_grouped_swiglu, reference_grouped_swiglu),
-            "grouped_mm": (
-                gpu_moe.grouped_swiglu,
-                lambda x, _, w1, w2, ends=ends: gpu_moe.grouped_swiglu_by_ends(x, ends, w1, w2),
-            ),
+            "grouped_mm": on_ends(gpu_moe.grouped_mm_swiglu, ends),
+            "triton": on_ends(triton_expert.grouped_swiglu, ends),
+            **{f"triton {blocks_name(*t)}": on_ends(triton_variant(*t), ends) for t in tiles},
             "padded_bmm": (padded, padded),
         }
         row: dict[str, Any] = {"tokens": tokens, "rows": tokens * TOP_K, "active_experts": active, "variants": {}}
@@ -105,6 +138,8 @@ def main() -> None:
         "torch": torch.__version__,
         "shapes": {"hidden": HIDDEN, "width": WIDTH, "experts": EXPERTS, "top_k": TOP_K, "dtype": "bfloat16"},
         "copy_bandwidth_bytes_per_s": copy_bw,
+        "triton_max_rows": gpu_moe.TRITON_MAX_ROWS,
+        "triton_blocks": blocks_name(triton_expert.GATE_UP_BLOCKS, triton_expert.DOWN_BLOCKS),
         "timing": f"{TIMING}; eager calls, and replays of a CUDA graph of the same call",
         "rows": rows,
     }

@@ -1,6 +1,7 @@
-"""The fused decode kernels (FlashInfer norms, Triton QK-norm + rotary and MoE steps) against the torch reference,
-both on the GPU: the reference runs on float32 copies of the same bf16 inputs (float32 takes the reference path at
-the kernel interface). Outputs by relative error < 1e-2, as in test_kernels_gpu.py; the sort by expert exactly.
+"""The fused decode kernels (FlashInfer norms, Triton QK-norm + rotary, MoE steps and expert SwiGLU) against the torch
+reference, both on the GPU: the reference runs on float32 copies of the same bf16 inputs (float32 takes the reference
+path at the kernel interface). Outputs by relative error < 1e-2, as in test_kernels_gpu.py; the sort by expert and a
+graph replay of the expert kernels against their eager call exactly.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ import pytest
 import torch
 
 from nanocp import kernels
+from nanocp.kernels import gpu_moe
+from nanocp.kernels.moe import reference_grouped_swiglu
 from nanocp.worker.model import Rotary
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton_moe = pytest.importorskip("nanocp.kernels.triton_moe", reason="needs Triton (GPU machines)")
+triton_expert = pytest.importorskip("nanocp.kernels.triton_expert", reason="needs Triton (GPU machines)")
 
-HEADS, KV_HEADS, DIM, HIDDEN, EXPERTS, TOP_K = 32, 4, 128, 2048, 128, 8  # Qwen3-30B-A3B
+HEADS, KV_HEADS, DIM, HIDDEN, EXPERTS, TOP_K, WIDTH = 32, 4, 128, 2048, 128, 8, 768  # Qwen3-30B-A3B
 BF16 = torch.bfloat16
 EPS = 1e-6
 
@@ -84,3 +88,65 @@ def test_combine_and_silu_mul(tokens: int) -> None:
     gate_up = torch.randn(rows, 2 * 768, device="cuda").to(BF16)
     gate, up = gate_up.float().chunk(2, dim=-1)
     assert rel_err(triton_moe.silu_mul(gate_up), torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+def expert_weights(experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w_gate_up = (torch.randn(experts, 2 * WIDTH, HIDDEN, device="cuda") * HIDDEN**-0.5).to(BF16)
+    return w_gate_up, (torch.randn(experts, HIDDEN, WIDTH, device="cuda") * WIDTH**-0.5).to(BF16)
+
+
+def routed_counts(tokens: int, experts: int) -> list[int]:
+    """Each token's top-8 of the experts at random: uneven counts, and at few tokens most experts empty."""
+    scores = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(tokens))
+    chosen = scores.topk(TOP_K, dim=-1).indices.flatten()
+    return torch.bincount(chosen, minlength=experts).tolist()
+
+
+COUNTS = {
+    "1 token": routed_counts(1, EXPERTS),
+    "8 tokens": routed_counts(8, EXPERTS),
+    "64 tokens": routed_counts(64, EXPERTS),
+    "uneven, empty ends": [0, 0, 1, 33, 0, 16, 17, 2, 0, 0],  # row tiles of 16: one row, 2 full + 1, exactly one
+    "one busy expert": [0, 0, 0, 100, 0, 0],
+    "all empty": [0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("case", list(COUNTS))
+def test_triton_expert_swiglu_matches_reference(case: str) -> None:
+    counts = COUNTS[case]
+    w_gate_up, w_down = expert_weights(len(counts))
+    x = torch.randn(sum(counts), HIDDEN, device="cuda").to(BF16)
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    out = triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down)
+    assert out.dtype == BF16 and out.shape == x.shape
+    if sum(counts):
+        ref = reference_grouped_swiglu(x.float(), counts, w_gate_up.float(), w_down.float())
+        assert rel_err(out, ref) < 1e-2
+        assert rel_err(gpu_moe.grouped_mm_swiglu(x, ends, w_gate_up, w_down), ref) < 1e-2
+
+
+def test_triton_expert_swiglu_reads_no_empty_expert_and_replays_exactly() -> None:
+    """Empty experts' weights set to NaN must not reach the output; the interface's path at a decode step's rows is
+    the Triton one, and a CUDA graph's replay equals the eager call bit for bit (no atomics)."""
+    counts = COUNTS["8 tokens"]
+    assert sum(counts) <= gpu_moe.TRITON_MAX_ROWS
+    w_gate_up, w_down = expert_weights(len(counts))
+    empty = torch.tensor(counts, device="cuda") == 0
+    w_gate_up[empty], w_down[empty] = float("nan"), float("nan")
+    x = torch.randn(sum(counts), HIDDEN, device="cuda").to(BF16)
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    eager = kernels.grouped_swiglu_by_ends(x, ends, w_gate_up, w_down)
+    assert torch.equal(eager, triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down))
+    assert not eager.isnan().any()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.grouped_swiglu_by_ends(x, ends, w_gate_up, w_down)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = kernels.grouped_swiglu_by_ends(x, ends, w_gate_up, w_down)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, eager)
