@@ -35,13 +35,12 @@ class Blocks(NamedTuple):
     stages: int = 4
 
 
-# Chosen without a timing (bench/moe_kernels.py --triton-blocks times others). At 1 token (8 active experts) gate/up
-# (768 columns, K 2048) in blocks of 16 gives 48 programs per expert, 384 in all, about 3 per SM of an H100/H200,
-# each streaming two 16 x 128 bf16 weight tiles (8 KiB) per step four steps deep: enough bytes in flight to cover
-# memory latency, all in one wave. Down (2048 columns, K 768) in blocks of 32: 64 programs per expert, 512 in all.
-# K steps of 128 bf16 are 256-byte contiguous runs of each weight row (its K axis is the contiguous one).
-GATE_UP_BLOCKS = Blocks(n=16, k=128)
-DOWN_BLOCKS = Blocks(n=32, k=128)
+# Chosen by measurement on an H200 (bench/moe_kernels.py --triton-blocks, results/moe_kernels_triton_h200.json,
+# Qwen3-30B-A3B expert shapes in graphs): gate/up in blocks of 32 columns, down in blocks of 64, K steps of 128 (256-
+# byte contiguous runs of each weight row) were fastest from 4 to 128 tokens (79-94% of copy bandwidth on the active
+# experts' weights) and tied at 1 token (51%); blocks of 16/32 were 1.1x slower, 16/16 with K steps of 64 1.3x.
+GATE_UP_BLOCKS = Blocks(n=32, k=128)
+DOWN_BLOCKS = Blocks(n=64, k=128)
 
 
 @triton.jit
