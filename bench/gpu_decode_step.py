@@ -33,6 +33,7 @@ import torch
 from gpu_timing import copy_bandwidth
 
 from nanocp.model_config import ModelConfig, load_model_config
+from nanocp.sim.hardware import DEVICES
 from nanocp.worker.engine import Engine, EngineConfig
 from nanocp.worker.model import SparseMoE
 from nanocp.worker.request import SamplingParams
@@ -58,6 +59,27 @@ def weight_bytes(config: ModelConfig, experts_touched: list[int]) -> dict[str, i
         "router": 2 * layers * config.num_experts * h,
         "lm_head": 2 * config.vocab_size * h,
     }
+
+
+def prefill_flops(config: ModelConfig, prompt: int) -> float:
+    """Model FLOPs of prefilling one prompt: 2 per weight a token multiplies (attention projections, router, its top-k
+    experts; the LM head for the last token only) and the causal attention's QK and PV products (half the square)."""
+    h, layers = config.hidden_size, config.num_layers
+    per_token = h * (config.q_size + 2 * config.kv_size) + config.q_size * h + config.num_experts * h
+    per_token += config.experts_per_token * 3 * config.expert_width * h
+    attention = 2 * 2 * (prompt * prompt / 2) * config.num_heads * config.head_dim
+    return layers * (2 * prompt * per_token + attention) + 2 * config.vocab_size * h
+
+
+def with_prefill_mfu(result: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Each prefill's model FLOP utilisation against the device's dense bf16 peak (nanocp.sim.hardware)."""
+    peak = DEVICES["h200" if "H200" in result["device"] else "h100"].flops
+    for row in result["prefill"]:
+        flops = row["prompts"] * prefill_flops(config, row["context"])
+        row["model_flops"] = flops
+        row["mfu"] = flops / row["seconds"] / peak
+    result["peak_bf16_flops"] = peak
+    return result
 
 
 def count_touched_experts(engine: Engine) -> list[int]:
@@ -216,6 +238,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         "points": points,
         "prefill": prefills,
     }
+    result = with_prefill_mfu(result, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -255,7 +278,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, help="only plot this results file")
+    parser.add_argument("--derive", type=Path, help="only add the prefill MFU to this results file (no GPU needed)")
     args = parser.parse_args()
+    if args.derive:
+        config = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
+        args.derive.write_text(json.dumps(with_prefill_mfu(json.loads(args.derive.read_text()), config), indent=2) + "\n")
+        return
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return

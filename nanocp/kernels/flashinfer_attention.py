@@ -31,6 +31,12 @@ WORKSPACE_BYTES = 128 << 20
 BACKEND = "fa2"  # one JIT module serves both tensor-core decode and paged prefill
 
 
+def prefill_backend(device: torch.device) -> str:
+    """FlashAttention-3's kernels (warp-specialised, TMA) for prefill chunks on Hopper, where a long prompt's
+    attention is compute-bound; FlashAttention-2's elsewhere."""
+    return "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else BACKEND
+
+
 @dataclass(frozen=True)
 class _Launch:
     wrapper: Any
@@ -62,7 +68,7 @@ def _take_wrapper(device: torch.device, kind: str) -> Any:
     workspace = _workspace(device)
     if kind == "decode":
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True, backend=BACKEND)
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=BACKEND)
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=prefill_backend(device))
 
 
 def _give_back(device: torch.device, kind: str, wrapper: Any) -> None:
