@@ -282,7 +282,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.derive:
         config = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
-        args.derive.write_text(json.dumps(with_prefill_mfu(json.loads(args.derive.read_text()), config), indent=2) + "\n")
+        derived = with_prefill_mfu(json.loads(args.derive.read_text()), config)
+        args.derive.write_text(json.dumps(derived, indent=2) + "\n")
         return
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
