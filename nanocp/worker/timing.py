@@ -91,7 +91,7 @@ class StepRecord:
     kv_tokens_read: int  # over its own rows and the rows it received
     rows_routed: int  # query rows sent to remote holders plus rows received from homes
     pages_in_use: int
-    seconds: float
+    seconds: float  # from its planning to its tokens read (with overlap the next step's launch falls inside)
     sections: dict[str, float] = field(default_factory=dict)
     pending: DeviceSections | None = None  # device-timed sections not read yet (CUDA), added to `sections` later
     straggler: Straggler | None = None  # known one step later, from the group's exchange
