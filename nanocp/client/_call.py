@@ -133,7 +133,8 @@ class StreamBase:
 
 class ClientBase(Generic[StreamT]):
     """Client and AsyncClient without their calls that block or await. A subclass names the grpc module its channel
-    comes from (`_channels`) and the stream `generate` returns (`_stream_type`), which types it for the caller."""
+    comes from (`_channels`) and the stream `generate` returns (`_stream_type`, also the type parameter, so a caller
+    of Client.generate gets a Stream and of AsyncClient.generate an AsyncStream)."""
 
     _channels: ClassVar[ModuleType]
     _stream_type: Callable[[Any, StreamState], StreamT]
