@@ -27,27 +27,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanocp.client import AsyncClient, Chunk
+from nanocp.client import AsyncClient
+from nanocp.harness.cp_streams import REQUESTS, SPLIT_PAYS, Stream, stream_requests
 from nanocp.local_cluster import free_ports
-from nanocp.router.cost import CostModel
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
 from nanocp.v1 import router_pb2
 
 RESULTS = Path(__file__).parent / "results" / "migration_latency.json"
 NEW = 64
-LONG = list(range(1, 250))
-REQUESTS: dict[str, dict[str, Any]] = {
-    **{f"greedy-{i}": {"prompt": [1 + i, 2, 3], "temperature": 0.0} for i in range(2)},
-    **{f"greedy-long-{i}": {"prompt": [7 + i, *LONG], "temperature": 0.0} for i in range(2)},
-    **{f"seeded-{i}": {"prompt": [5, 6 + i], "temperature": 0.9, "top_k": 40, "seed": 10 + i} for i in range(2)},
-    **{f"seeded-long-{i}": {"prompt": [9 + i, *LONG], "temperature": 1.0, "seed": 20 + i} for i in range(2)},
-}
 
 
 @dataclass
@@ -77,46 +69,6 @@ class Group:
             process.wait()
 
 
-@dataclass
-class Stream:
-    started: float
-    chunks: list[tuple[float, Chunk]] = field(default_factory=list)  # (time.monotonic(), chunk)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for _, c in self.chunks for t in c.token_ids]
-
-    def first_home(self) -> str:
-        placement = self.chunks[0][1].placement
-        assert placement is not None
-        return placement.home
-
-    def moved_at(self) -> float | None:
-        """When its first token from another home arrived (the chunk that carries its new placement)."""
-        return next((t for t, c in self.chunks[1:] if c.placement is not None), None)
-
-
-async def generate(
-    client: AsyncClient, disturb: Callable[[dict[str, Stream]], Awaitable[None]] | None = None
-) -> dict[str, Stream]:
-    streams: dict[str, Stream] = {}
-    started = {name: asyncio.Event() for name in REQUESTS}
-
-    async def one(name: str) -> None:
-        kwargs = dict(REQUESTS[name])
-        stream = streams[name] = Stream(time.monotonic())
-        async for chunk in client.generate(kwargs.pop("prompt"), max_tokens=NEW, ignore_eos=True, **kwargs):
-            stream.chunks.append((time.monotonic(), chunk))
-            started[name].set()
-
-    tasks = [asyncio.create_task(one(name)) for name in REQUESTS]
-    if disturb is not None:
-        await asyncio.gather(*(e.wait() for e in started.values()))
-        await disturb(streams)
-    await asyncio.gather(*tasks)
-    return streams
-
-
 async def wait_ready(client: AsyncClient, count: int, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -130,31 +82,29 @@ async def wait_ready(client: AsyncClient, count: int, timeout: float = 180.0) ->
 async def round_of(client: AsyncClient, groups: dict[str, Group], how: str) -> dict[str, Any]:
     """One undisturbed run and one with a member lost; the moved streams' resume times and the baseline's latencies;
     restarts the failed group."""
-    undisturbed = await generate(client)
+    undisturbed = await stream_requests(client, NEW)
     lost_at, victim = 0.0, ""
 
     async def lose_a_holder(streams: dict[str, Stream]) -> None:
         nonlocal lost_at, victim
-        placement = streams["greedy-long-0"].chunks[0][1].placement
-        assert placement is not None
-        victim = next(s.instance for s in placement.shards if s.instance != placement.home)
+        victim = streams["greedy-long-0"].holder_not_home()
         lost_at = time.monotonic()
         groups[victim[0]].processes[int(victim[1:])].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
-    disturbed = await generate(client, lose_a_holder)
+    disturbed = await stream_requests(client, NEW, lose_a_holder)
     groups[victim[0]].stop()
     groups[victim[0]].start()
     wrong = [name for name, s in disturbed.items() if s.tokens != undisturbed[name].tokens]
     if wrong:
         raise AssertionError(f"streams {wrong} differ from the undisturbed run")
-    moved = {name: s.moved_at() for name, s in disturbed.items() if s.first_home().startswith(victim[0])}
+    moved = {name: s.moved_at() for name, s in disturbed.items() if s.homes[0].startswith(victim[0])}
     return {
         "lost": victim,
         "resume_s": {name: round(t - lost_at, 4) for name, t in moved.items() if t is not None},
         "not_moved": [name for name, t in moved.items() if t is None],  # finished before the loss
-        "baseline_ttft_s": {name: round(s.chunks[0][0] - s.started, 4) for name, s in undisturbed.items()},
+        "baseline_ttft_s": {name: round(s.arrived[0] - s.started, 4) for name, s in undisturbed.items()},
         "baseline_inter_token_s": [
-            statistics.median(later - earlier for (earlier, _), (later, _) in zip(s.chunks, s.chunks[1:], strict=False))
+            statistics.median(later - earlier for earlier, later in zip(s.arrived, s.arrived[1:], strict=False))
             for s in undisturbed.values()
         ],
     }
@@ -182,9 +132,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     groups = {name: Group(name, ports[i : i + 2], args.collective_timeout, logs) for name, i in (("a", 0), ("b", 2))}
     for group in groups.values():
         group.start()
-    # A cost model that prices KV reads alone: dcp splits the long prompts over both members (what the run measures).
-    split_pays = CostModel(kv_token_ms=1.0, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=0.0, cp_step_ms=0.0)
-    policy = make_policy("dcp", shard_tokens=128, max_degree=2, cost=split_pays)
+    # dcp splits the long prompts over both members (what the run measures).
+    policy = make_policy("dcp", shard_tokens=128, max_degree=2, cost=SPLIT_PAYS)
     router = await serve_router("tiny", [f"127.0.0.1:{p}" for p in ports], "127.0.0.1", 0, policy)
     client = AsyncClient(f"127.0.0.1:{router.port}", max_retries=0)
     results: dict[str, list[dict[str, Any]]] = {"killed": [], "stalled": []}

@@ -33,6 +33,7 @@ from typing import TypeVar
 from rich.console import Console
 
 from nanocp.client import Client, NanocpError
+from nanocp.harness.cp_streams import SPLIT_PAYS
 from nanocp.local_cluster import local_cluster
 from nanocp.v1 import router_pb2
 
@@ -42,8 +43,6 @@ GENERATED = ("nanocp/v1/", "nanocp/internal/")
 STAGES = ("SDK", "router", "home worker", "holder worker")
 PROMPT_TOKENS = 200  # over three shards of SHARD_TOKENS: the dcp router splits it over both instances
 SHARD_TOKENS = 64
-# dcp splits only where its cost model predicts a faster group step: this one prices KV reads alone, so it does.
-SPLIT_PAYS = {"kv_token_ms": 1.0, "home_token_ms": 0.0, "routed_row_ms": 0.0, "fixed_ms": 0.0, "cp_step_ms": 0.0}
 MAX_TOKENS = 8
 SETTLE_TIMEOUT_S = 60.0
 IDLE_S = 2.5  # the idle window: two of the router's 1 s heartbeats and the engine's once-a-second idle check
@@ -189,7 +188,7 @@ def measure(console: Console | None = None) -> TokenPath:
         pythonpath = os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)
         env = {"PYTHONPATH": pythonpath, "NANOCP_CALL_WINDOWS": folder}
         cost_model = Path(folder) / "cost_model.json"
-        cost_model.write_text(json.dumps(SPLIT_PAYS))
+        SPLIT_PAYS.save(cost_model)  # so that dcp splits the request
         router_args = ["--policy", "dcp", "--shard-tokens", str(SHARD_TOKENS), "--cost-model", str(cost_model)]
         with (
             local_cluster("tiny", 2, router_args, console, env=env) as cluster,

@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
 
 import grpc
 
-from nanocp.client._call import Credentials, Retry, StreamState, generate_request
+from nanocp.client._call import ClientBase, StreamBase
 from nanocp.client.chunk import Chunk
 from nanocp.client.errors import error_from_rpc
-from nanocp.v1 import router_pb2, router_pb2_grpc
+from nanocp.v1 import router_pb2
 
 
-class AsyncStream(AsyncIterator[Chunk]):
+class AsyncStream(StreamBase, AsyncIterator[Chunk]):
     """The chunks of one request. `cancel()` (or leaving an `async with` block) stops it and frees its KV pages."""
-
-    def __init__(self, stub: Any, state: StreamState) -> None:
-        self._stub = stub
-        self._state = state
-        self._call: Any = None
-
-    @property
-    def request_id(self) -> str:
-        return self._state.request.request_id
 
     async def __anext__(self) -> Chunk:
         while not self._state.closed:
-            if self._call is None:
-                timeout, metadata = self._state.call_options()
-                self._call = self._stub.Generate(self._state.request, timeout=timeout, metadata=metadata)
+            call = self._attempt()
             try:
-                response = await self._call.read()
+                response = await call.read()
             except asyncio.CancelledError:
                 # grpc.aio raises this when the call was cancelled locally; a cancelled task is passed on.
                 task = asyncio.current_task()
@@ -52,11 +39,6 @@ class AsyncStream(AsyncIterator[Chunk]):
             return self._state.chunk(response)
         raise StopAsyncIteration
 
-    def cancel(self) -> None:
-        self._state.closed = True
-        if self._call is not None:
-            self._call.cancel()
-
     async def aclose(self) -> None:
         self.cancel()
 
@@ -67,59 +49,11 @@ class AsyncStream(AsyncIterator[Chunk]):
         self.cancel()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase[AsyncStream]):
     """An asyncio client of the nanocp router at `target` ("host:port"); create it inside the event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        max_retries: int = 3,
-        retry_backoff_s: float = 0.1,
-        token: str | None = None,
-        tls: bool = False,
-        ca_file: str | Path | None = None,
-        server_name: str | None = None,
-    ) -> None:
-        """`token`: sent as `authorization: Bearer`; `tls` (or a `ca_file` of PEM roots) connects over TLS, checking
-        the router's certificate for `server_name` when given (else for the target's host)."""
-        self._credentials = Credentials(token, tls, ca_file, server_name)
-        channel_credentials = self._credentials.channel_credentials()
-        self._channel = (
-            grpc.aio.secure_channel(target, channel_credentials, self._credentials.channel_options())
-            if channel_credentials is not None
-            else grpc.aio.insecure_channel(target)
-        )
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
-        self._retry = Retry(max_retries, retry_backoff_s)
-
-    def generate(
-        self,
-        prompt: str | list[int],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncStream:
-        """Streams the completion of `prompt`, as Client.generate; the call starts at the first `__anext__`."""
-        request = generate_request(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            request_id=request_id,
-        )
-        return AsyncStream(self._stub, StreamState(request, timeout, self._retry, self._credentials))
+    _channels = grpc.aio
+    _stream_type = AsyncStream
 
     async def abort(self, request_id: str, *, timeout: float | None = None) -> None:
         """Stops a live request; its stream ends with finish_reason "abort". NotFound for an unknown id."""

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _fused(x: torch.Tensor) -> bool:
+def fused(x: torch.Tensor) -> bool:
+    """Whether an op on x runs the CUDA kernels (Triton, FlashInfer), which take bfloat16 and float16; anything
+    else runs the torch reference. Here rather than in the package's __init__: norm.py imports it from an op module
+    already on every token's path, so the path gains no file (tests/test_token_path.py bounds it)."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -18,7 +21,7 @@ def route_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-k experts by softmax probability (float32) and their weights (renormalised to sum to one
     if asked), as (weights in dtype, experts int64), both (tokens, top_k)."""
-    if _fused(logits):
+    if fused(logits):
         from nanocp.kernels import triton_moe
 
         return triton_moe.route_topk(logits, top_k, renormalize, dtype)
@@ -49,7 +52,7 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> t
     """Each token's expert outputs weighted and summed in a fixed order (no atomics, so steps are deterministic:
     a graph's replay and an eager step, every member of a group, compute alike). y: (rows, hidden) in sorted order;
     position: each (token, expert) row's place in y; weights: (tokens, top_k)."""
-    if _fused(y):
+    if fused(y):
         from nanocp.kernels import triton_moe
 
         return triton_moe.combine(y, position, weights)

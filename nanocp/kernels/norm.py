@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanocp.kernels.moe import fused
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dimension; x (rows, size) or (rows, heads, size)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if fused(x):
         import flashinfer  # GPU machines only
 
         return flashinfer.norm.rmsnorm(x.contiguous(), weight, eps)
@@ -29,7 +31,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(residual + x), residual + x). On CUDA in place: x becomes the first, residual the second."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous() and residual.is_contiguous():
+    if fused(x) and x.is_contiguous() and residual.is_contiguous():
         import flashinfer
 
         flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
@@ -52,16 +54,19 @@ def qk_norm_rope(
     """Splits a fused QKV projection (tokens, (heads + 2 kv_heads) * dim) into q, k, v (tokens, heads, dim); q and k
     RMS-normalised per head (q_weight, k_weight) then rotated by their token's position (NeoX halves; cos, sin the
     float32 (positions, dim) tables)."""
-    if qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16):
+    dim = cos.shape[-1]
+    v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)  # a view on both paths
+    if fused(qkv):
         from nanocp.kernels import triton_norm_rope
 
-        return triton_norm_rope.qk_norm_rope(qkv, positions, q_weight, k_weight, cos, sin, eps, heads, kv_heads)
-    dim = cos.shape[-1]
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        out = qkv.new_empty(len(qkv), heads, dim), qkv.new_empty(len(qkv), kv_heads, dim)
+        triton_norm_rope.qk_norm_rope_into(qkv, positions, (q_weight, k_weight), (cos, sin), eps, out)
+        return *out, v
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     tables = cos[positions].to(qkv.dtype)[:, None, :], sin[positions].to(qkv.dtype)[:, None, :]
     q = _rotate(reference_rms_norm(q.view(-1, heads, dim), q_weight, eps), tables)
     k = _rotate(reference_rms_norm(k.view(-1, kv_heads, dim), k_weight, eps), tables)
-    return q, k, v.view(-1, kv_heads, dim)
+    return q, k, v
 
 
 def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -54,27 +54,22 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     tl.store(k_out + HALF + d, y2.to(k_ptr.dtype.element_ty), mask=head >= HEADS)
 
 
-def qk_norm_rope(
+def qk_norm_rope_into(
     qkv: torch.Tensor,
     positions: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    tables: tuple[torch.Tensor, torch.Tensor],
     eps: float,
-    heads: int,
-    kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels.qk_norm_rope on CUDA: qkv (tokens, (heads + 2 kv_heads) * dim) with contiguous rows; cos, sin the
-    float32 (positions, dim) tables. Returns q (tokens, heads, dim) and k contiguous, v a view of qkv."""
-    tokens, dim = qkv.shape[0], cos.shape[-1]
-    if qkv.stride(1) != 1:
+    out: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """kernels.qk_norm_rope's q and k on CUDA, written into `out`: q (tokens, heads, dim) and k (tokens, kv_heads,
+    dim), contiguous. qkv (tokens, (heads + 2 kv_heads) * dim); weights the q and k norms'; tables cos and sin, the
+    float32 (positions, dim) tables."""
+    q, k = out
+    tokens, heads, dim = q.shape
+    if qkv.stride(1) != 1:  # the kernel reads each row's columns contiguous
         qkv = qkv.contiguous()
-    q = qkv.new_empty(tokens, heads, dim)
-    k = qkv.new_empty(tokens, kv_heads, dim)
-    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
     if tokens:
-        _qk_norm_rope_kernel[(tokens, heads + kv_heads)](
-            qkv, positions, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps, heads, kv_heads, dim
+        _qk_norm_rope_kernel[(tokens, heads + k.shape[1])](
+            qkv, positions, *weights, *tables, q, k, qkv.stride(0), eps, heads, k.shape[1], dim
         )
-    return q, k, v
