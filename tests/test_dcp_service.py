@@ -13,17 +13,14 @@ import pytest
 from conftest import HEARTBEAT_S, HOST, ProcessGroup, all_ready, wait_until
 
 from nanocp.client import AsyncClient
+from nanocp.harness.cp_streams import SPLIT_PAYS
 from nanocp.harness.offline_group import free_port
-from nanocp.router.cost import CostModel
 from nanocp.router.policies import make_policy
 from nanocp.router.server import serve_router
 
 LONG_PROMPT = list(range(1, 256)) * 5  # 1275 tokens
 SHORT_PROMPTS = [[7, 8, 9], list(range(40, 90))]
 NEW = 24
-# dcp splits only where its cost model predicts a faster group step; pricing KV reads alone makes every split that
-# evens out KV pay, so these tests exercise CP (the tiny model on CPU would never gain from it).
-SPLIT_PAYS = CostModel(kv_token_ms=1.0, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=0.0)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-instances", "4-instances"])
