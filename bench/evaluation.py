@@ -11,6 +11,10 @@ CP route's latency to find where DCP stops paying. The workload is the Mooncake 
 time-scaled; every request asks for max_tokens = 1024. Simulations run in parallel processes (--jobs).
 
     .venv/bin/python bench/evaluation.py [--jobs 2] [--quick]
+    .venv/bin/python bench/evaluation.py --cells 8:infiniband:80,32:nvlink:12 --policies balanced,dcp  # to iterate
+
+A subset (--cells, --policies) writes bench/results/evaluation_subset.json and no report: its rates and fixed-load
+figures only (the fixed load is static's 30 ms rate where static is among the policies, else the best one's).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ DURATION_S = 30.0  # of arrivals at each rate
 FIXED_LOAD_SLO_MS = 30.0
 SENSITIVITY_SLO_MS = 20.0  # where dcp's edge is largest
 P2P_LATENCIES_US = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+REL_TOL = 0.05  # the bisection's resolution
 
 
 def policies(n: int) -> list[PolicySpec]:
@@ -69,6 +74,19 @@ def trace(path: str) -> list[Any]:
     return load_mooncake(Path(path))
 
 
+def chosen_cells(spec: str | None) -> set[tuple[int, str, str]] | None:
+    """--cells "N:link:pool,...", pool 80 or 12 (GB); None: every cell."""
+    if spec is None:
+        return None
+    cells = set()
+    for cell in spec.split(","):
+        n, link, pool = cell.split(":")
+        if link not in LINK_NAMES or f"{pool} GB pool" not in REGIMES:
+            raise SystemExit(f"a cell is N:link:pool with link in {LINK_NAMES} and pool 80 or 12, not {cell}")
+        cells.add((int(n), link, f"{pool} GB pool"))
+    return cells
+
+
 def bisect(job: dict[str, Any]) -> dict[str, Any]:
     """The highest sustainable rate of one policy on one cluster, for each SLO."""
     start = time.perf_counter()
@@ -79,7 +97,7 @@ def bisect(job: dict[str, Any]) -> dict[str, Any]:
         group, policy, trace(job["trace"]), job.get("duration_s", DURATION_S), slos[0], max_tokens=MAX_TOKENS
     )
     runs: dict[float, Any] = {}
-    rates = max_rates(run, slos, guess=3.0 * job["n"], rel_tol=job.get("rel_tol", 0.05), runs=runs)
+    rates = max_rates(run, slos, guess=3.0 * job["n"], rel_tol=job.get("rel_tol", REL_TOL), runs=runs)
     return {
         **job,
         "rates": {str(s.tpot_s * 1e3): rates[s] for s in slos},
@@ -110,20 +128,32 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="simulations in parallel (default 2)")
     parser.add_argument("--quick", action="store_true", help="N = 8 only, 10 s at each rate: to try the pipeline")
     parser.add_argument("--trace", type=Path, default=TRACE, help="Mooncake JSON lines, plain or gzip")
+    parser.add_argument("--rel-tol", type=float, default=REL_TOL, help=f"bisection resolution (default {REL_TOL})")
+    parser.add_argument("--cells", help="only these cells, N:link:pool comma-separated (e.g. 8:infiniband:80)")
+    parser.add_argument("--policies", help="only these policy labels, comma-separated (e.g. balanced,dcp)")
     parser.add_argument("--out", type=Path, default=None, help="the results (default bench/results/evaluation.json)")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where evaluation.md and its plots go")
     args = parser.parse_args()
     if not args.trace.is_file():
         raise SystemExit(f"the evaluation replays a Mooncake trace; it is not at {args.trace}")
     sizes = (8,) if args.quick else SIZES
+    cells = chosen_cells(args.cells)
+    labels = None if args.policies is None else set(args.policies.split(","))
+    subset = cells is not None or labels is not None
     start = time.perf_counter()
     configs = [
         {"n": n, "link": link, "regime": regime, "kv_bytes": kv, "trace": str(args.trace)}
         for n in sizes
         for link in LINK_NAMES
         for regime, kv in REGIMES.items()
+        if cells is None or (n, link, regime) in cells
     ]
-    jobs = [{**c, "policy": vars(p), "label": p.label, "slos_ms": SLOS_MS} for c in configs for p in policies(c["n"])]
+    jobs = [
+        {**c, "policy": vars(p), "label": p.label, "slos_ms": SLOS_MS, "rel_tol": args.rel_tol}
+        for c in configs
+        for p in policies(c["n"])
+        if labels is None or p.label in labels
+    ]
     if args.quick:
         jobs = [{**j, "duration_s": 10.0} for j in jobs]
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -131,7 +161,7 @@ def main() -> None:
         loads = []
         for c in configs:
             mine = [r for r in rates if all(r[k] == c[k] for k in ("n", "link", "regime"))]
-            baseline = next(r for r in mine if r["label"] == "static")["rates"][str(FIXED_LOAD_SLO_MS)]
+            baseline = next((r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine if r["label"] == "static"), None)
             load = baseline or max(r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine)
             loads += [{**c, "policy": r["policy"], "label": r["label"], "rate": load} for r in mine]
         fixed = _each(pool, at_load, loads, "fixed load")
@@ -155,7 +185,7 @@ def main() -> None:
         ]
         if args.quick:
             sensitivity = [{**j, "duration_s": 10.0} for j in sensitivity]
-        latency = _each(pool, bisect, sensitivity, "CP latency")
+        latency = [] if subset else _each(pool, bisect, sensitivity, "CP latency")
     result = {
         "workload": {"trace": args.trace.name, **describe(load_mooncake(args.trace)), "max_tokens": MAX_TOKENS},
         "dcp": {"shard_tokens": PolicySpec("dcp").shard_tokens, "max_degree": PolicySpec("dcp").max_degree},
@@ -167,10 +197,11 @@ def main() -> None:
         "cp_latency": latency,
         "wall_s": time.perf_counter() - start,
     }
-    out = args.out or RESULTS / ("evaluation_quick.json" if args.quick else "evaluation.json")
+    name = "evaluation_subset.json" if subset else "evaluation_quick.json" if args.quick else "evaluation.json"
+    out = args.out or RESULTS / name
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} in {result['wall_s']:.0f} s")
-    if not args.quick:
+    if not args.quick and not subset:
         from evaluation_report import write_report
 
         write_report(result, args.docs)

@@ -63,9 +63,15 @@ class CostModel:
         return self.kv_token_ms * kv_tokens + self.home_token_ms * home_batch + self.fixed_ms
 
     def scorer(self, group: list[InstanceLoad]) -> Callable[[Placement], float]:
-        """A candidate placement's price: group_ms of `group` once it is added, and a split pays its route's
-        latency even when other routes already run. They end; a split that pays only while riding on another's
-        route keeps the group routing for good, which greedy choices made on the sunk latency drift into.
+        """A candidate placement's price: group_ms of `group` once it is added (`parts`, summed)."""
+        parts = self.parts(group)
+        return lambda placement: sum(parts(placement))
+
+    def parts(self, group: list[InstanceLoad]) -> Callable[[Placement], tuple[float, float]]:
+        """A candidate placement's price in its two parts, once it is added to `group`: the slowest instance's own
+        work, and the group-wide price of the routes, where a split pays its route's latency even when other routes
+        already run. They end; a split that pays only while riding on another's route keeps the group routing for
+        good, which greedy choices made on the sunk latency drift into.
         For many candidates: the instances' own times and rows are ranked once, so a candidate costs the instances
         it touches, not the whole group."""
         own_ranked = sorted(((self.own_ms(i), i.id) for i in group), reverse=True)
@@ -73,7 +79,7 @@ class CostModel:
         loads = {i.id: i for i in group}
         routing = bool(rows_ranked) and rows_ranked[0][0] > 0
 
-        def group_ms(placement: Placement) -> float:
+        def price(placement: Placement) -> tuple[float, float]:
             pages: Counter[str] = Counter()
             for shard in placement.shards:
                 pages[shard.instance] += shard.page_quota
@@ -92,9 +98,9 @@ class CostModel:
             own = max(own, next((ms for ms, id in own_ranked if id not in touched), 0.0))
             most_rows = max((loads[id].routed_rows + rows.get(id, 0) for id in touched), default=0)
             most_rows = max(most_rows, next((r for r, id in rows_ranked if id not in touched), 0))
-            return own + self.route_ms(most_rows) + (self.cp_step_ms if rows and routing else 0.0)
+            return own, self.route_ms(most_rows) + (self.cp_step_ms if rows and routing else 0.0)
 
-        return group_ms
+        return price
 
     @classmethod
     def fit(cls, samples: list[tuple[float, float, float, float]]) -> CostModel:

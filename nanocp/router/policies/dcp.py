@@ -7,10 +7,13 @@ gets faster; otherwise exactly where `balanced` puts it.
   instance whose own work is least; its shards go to the home when it has room, then to the instances with the
   least own work or to those with the most free pages (the home's topology domain first), in shares as even as
   their free pages allow: so a request that fits on no single instance still fits in the free pages of several.
-- Choice: the candidate with the fastest predicted group step (nanocp.router.cost: the slowest instance's own work
-  plus the group-wide price of its CP routes, a split paying its route's latency in full), ties to the smaller
-  degree, so dcp splits only when the model says the group gets faster, and never does worse by its own model than
-  `balanced`.
+- Choice: the candidate with the lowest price over the request's life, ties to the smaller degree. Each is priced
+  at its predicted group step (nanocp.router.cost: the slowest instance's own work plus the group-wide price of its
+  CP routes, a split paying its route's latency in full), and a split also pays back the part of the balance it
+  buys (the slowest instance's work it saves against `balanced`'s placement) that will not last: its route slows
+  the group for the request's whole life, while balanced placement of later requests would undo most of a busy
+  group's imbalance long before (`persistence`). So dcp splits only when the model says the group gets faster
+  for the request's life, and never does worse by its own model than `balanced`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from nanocp.router.cost import CostModel, with_placement
 from nanocp.router.placement import InstanceLoad, add_shard, by_group, capped_split, contiguous_shards, grow_tail
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS
+
+DRAIN_LIFETIMES = 0.5  # the remaining life of the requests an instance holds, in lifetimes
 
 
 class DCPPolicy:
@@ -45,11 +50,22 @@ class DCPPolicy:
         return min(scored, key=lambda s: s[:2])[2] if scored else None
 
     def scored(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[tuple[float, int, Placement]]:
-        """Every candidate with its predicted group step (ms) and degree; `balanced`'s placement first."""
+        """Every candidate with its price over the request's life (ms a step) and degree; `balanced`'s placement
+        first, priced at its predicted group step."""
         groups = by_group(instances)
-        scorers = {name: self.cost.scorer(members) for name, members in groups.items()}
+        parts = {name: self.cost.parts(members) for name, members in groups.items()}
         group_of = {i.id: i.group for i in instances}
-        return [(scorers[group_of[p.home]](p), p.cp_degree, p) for p in self.candidates(footprint, instances)]
+        priced = [(parts[group_of[p.home]](p), p) for p in self.candidates(footprint, instances)]
+        whole_own = priced[0][0][0] if priced and priced[0][1].cp_degree == 1 else None
+        scored = []
+        for (own, route), p in priced:
+            price = own + route
+            if whole_own is not None and p.cp_degree > 1:
+                group = groups[group_of[p.home]]
+                level = sum(i.pages_committed for i in group) / len(group)
+                price += (1 - persistence(p, level)) * max(0.0, whole_own - own)
+            scored.append((price, p.cp_degree, p))
+        return scored
 
     def candidates(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[Placement]:
         whole = self.balanced.place(footprint, instances)
@@ -107,3 +123,19 @@ class DCPPolicy:
         group_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
         scored = [(group_ms(c), c.cp_degree, c) for c in (larger_tail, new_shard) if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
+
+
+def persistence(split: Placement, level: float) -> float:
+    """The share of a split's balance that lasts its route's life. The route lasts the request's life; the balance
+    does not: unsplit, the pages the split moves off its home (`moved`) would leave the home that much above the
+    group's level (KV pages an instance holds), and balanced placement of later requests closes that gap by sending
+    them elsewhere while the home's requests drain: a level's worth in their remaining life, which for requests
+    caught at a uniform age is half a lifetime (the router knows no request's output length, so it takes them as
+    equal). The gap closes linearly over moved / level half-lifetimes; averaged over the request's life, the share
+    that lasts is half the closing time when that is under one lifetime, else 1 - 1 / (2 closing time); all of it
+    in an empty group."""
+    moved = sum(s.page_quota for s in split.shards if s.instance != split.home)
+    if level <= 0:
+        return 1.0
+    closing = DRAIN_LIFETIMES * moved / level
+    return closing / 2 if closing <= 1 else 1 - 1 / (2 * closing)
