@@ -131,6 +131,8 @@ def test_defaults_wire_rendezvous_discovery_and_rbac() -> None:
     (router,) = of_kind(manifests, "Deployment")
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     selector = next(a for a in args if a.startswith("--selector=")).removeprefix("--selector=")
+    (config,) = of_kind(manifests, "ConfigMap")
+    assert "--max-migrations=$(NANOCP_MAX_MIGRATIONS)" in args and config["data"]["NANOCP_MAX_MIGRATIONS"] == "2"
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels[k] == v for k, v in (term.split("=") for term in selector.split(",")))
     router_service = services[router["metadata"]["name"]]
@@ -223,6 +225,7 @@ def test_lws_kueue_rdma_tracing_and_network_policy_options() -> None:
         ),
         (["inferencePool.endpointPicker.failureMode=Maybe"], "at '/inferencePool/endpointPicker/failureMode'"),
         (["router.replicas=2"], "at '/router/replicas': value must be 1"),
+        (["policy.maxMigrations=-1"], "at '/policy/maxMigrations': minimum: got -1, want 0"),
     ],
 )
 def test_bad_values_are_rejected_with_a_clear_message(values: list[str], message: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from nanocp.kernels.moe import fused
+
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 
@@ -116,7 +118,7 @@ def paged_attention(
     o = 0 and lse = -inf, which merges as neutral.
     """
     # What FlashInfer runs (its prefill kernels have no configuration for smaller heads); the rest takes the reference.
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in FLASHINFER_HEAD_DIMS:
+    if fused(q) and q.shape[-1] in FLASHINFER_HEAD_DIMS:
         from nanocp.kernels import flashinfer_attention
 
         return flashinfer_attention.paged_attention(q, k_cache, v_cache, meta, scale)
