@@ -17,6 +17,7 @@ from conftest import Cluster, StartCluster, wait_until
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.requests import ClientDisconnect
 from test_router_validation import BAD_REQUESTS
 
 from nanocp import telemetry
@@ -192,6 +193,49 @@ async def test_client_leaving_a_whole_answer_aborts_it_and_frees_its_pages(
         request = asyncio.create_task(http.post("/v1/completions", json=body))
         await wait_until(lambda: is_running(traced_cluster), "the request to run")
         request.cancel()
+    await traced_cluster.wait_all_pages_free()
+    assert cancelled_early(exporter)
+
+
+async def test_client_leaving_before_the_first_stream_chunk_aborts_it_and_frees_its_pages(
+    traced_cluster: Cluster, exporter: InMemorySpanExporter
+) -> None:
+    """The window between the status line's decision (every choice's first event in) and the body's first chunk,
+    driven through ASGI as a server of ASGI spec 2.4 runs it: the connection is reset as the status line goes out,
+    so the body's generator never starts."""
+    app = traced_cluster.router.http_app
+    assert app is not None
+    body = json.dumps({"model": "tiny", "prompt": [1, 2, 3], "stream": True, **BIG}).encode()
+    heard = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal heard
+        heard += 1
+        if heard == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the handler's watch while the first events come: the client is still there
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("connection reset by peer")
+
+    headers = [(b"content-type", b"application/json"), (b"host", b"test")]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": None,
+    }
+    with pytest.raises(ClientDisconnect):
+        await app(scope, receive, send)
     await traced_cluster.wait_all_pages_free()
     assert cancelled_early(exporter)
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from fastapi import FastAPI
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
@@ -60,6 +61,11 @@ class RouterServer:
     @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    @property
+    def http_app(self) -> FastAPI | None:
+        """The HTTP API as an ASGI app (to mount it elsewhere, or to drive it without a socket)."""
+        return self._http.app if self._http is not None else None
 
     async def stop(self, grace: float | None = None) -> None:
         if self._http is not None:

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from nanocp.model_config import ModelConfig
 from nanocp.router.errors import InvalidRequest, RequestError
@@ -65,10 +66,9 @@ class Api:
             first = await _until_disconnected(http, _first_events(choices, len(planned.choices), planned.stream))
             if first is None:
                 return Response(status_code=CLIENT_CLOSED)
-            if planned.stream:  # from here on the stream's own generator aborts the choices when it ends
+            if planned.stream:  # from here on the response aborts the choices when it ends
                 streaming = True
-                events = _sse(choices, first, planned, shape)
-                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return ChoicesStream(_sse(choices, first, planned, shape), choices)
             answers = [Answer() for _ in planned.choices]
             for event in first:
                 answers[event.index].add(event)
@@ -115,6 +115,22 @@ async def _until_disconnected(http: Request, work: Awaitable[T]) -> T | None:
     return task.result() if task.done() and not task.cancelled() else None
 
 
+class ChoicesStream(StreamingResponse):
+    """The SSE response of running choices, which aborts them however it ends: its last event sent, its client
+    gone, or the server shutting down. The body's generator can't do it alone: a client that goes away before the
+    first chunk has Starlette cancel the response before the generator starts, so a `finally` in it never runs."""
+
+    def __init__(self, events: AsyncIterator[str], choices: Choices) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.choices.cancel()
+
+
 async def _sse(choices: Choices, first: list[Delta], plan: Plan, shape: Shape) -> AsyncIterator[str]:
     answers = [Answer() for _ in plan.choices]
     started: set[int] = set()
@@ -127,22 +143,19 @@ async def _sse(choices: Choices, first: list[Delta], plan: Plan, shape: Shape) -
         started.add(event.index)
         return [shape.chunk(event.index, event.text, event.finish_reason, opening, plan.include_usage)]
 
-    try:  # Starlette cancels this generator when the client goes away: `finally` then aborts the choices
-        for delta in first:
-            for chunk in chunks(delta):
-                yield chunk
-        while (event := await choices.next()) is not None:
-            if isinstance(event, Failed):
-                yield sse_error(event.error)
-                break
-            for chunk in chunks(event):
-                yield chunk
-        else:
-            if plan.include_usage:
-                yield shape.usage_chunk(answers, plan.n)
-        yield DONE
-    finally:
-        choices.cancel()
+    for delta in first:
+        for chunk in chunks(delta):
+            yield chunk
+    while (event := await choices.next()) is not None:
+        if isinstance(event, Failed):
+            yield sse_error(event.error)
+            break
+        for chunk in chunks(event):
+            yield chunk
+    else:
+        if plan.include_usage:
+            yield shape.usage_chunk(answers, plan.n)
+    yield DONE
 
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -36,7 +36,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int) -> None:
+    def __init__(self, app: FastAPI, server: uvicorn.Server, task: asyncio.Task[None], port: int) -> None:
+        self.app = app
         self._server = server
         self._task = task
         self.port = port
@@ -55,7 +56,7 @@ class HttpServer:
                 raise OSError(f"the HTTP server on {host}:{bound} stopped while starting")
             await asyncio.sleep(0.01)
         log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, bound)
-        return cls(server, task, bound)
+        return cls(app, server, task, bound)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking connections; requests still streaming get `grace` seconds (at least 1, uvicorn counts whole
