@@ -103,7 +103,12 @@ def test_unset_sampling_fields_take_the_documented_defaults() -> None:
     valid = validate(_validate([1] * 10), TINY, ByteTokenizer())
     s = valid.sampling
     assert (s.temperature, s.top_k, s.top_p, s.max_tokens) == (1.0, 0, 1.0, 256)
-    assert not s.HasField("seed")
+
+
+def test_the_router_seeds_every_sampled_request_so_a_move_continues_its_random_stream() -> None:
+    seeds = [validate(_validate([1]), TINY, None).sampling.seed for _ in range(8)]
+    assert len(set(seeds)) == 8  # 64 random bits each: apart
+    assert not validate(_validate([1], temperature=0.0), TINY, None).sampling.HasField("seed")  # greedy needs none
 
 
 def test_default_max_tokens_shrinks_to_the_room_left_in_the_context() -> None:

@@ -4,8 +4,9 @@ The router knows each request's prompt and every token it has streamed. When the
 unreachable, answers nothing past the group's collective timeout, is removed, or the home's stream fails), the
 request is placed again as a new one would be, with prompt + streamed tokens as its prompt and the remaining
 max_tokens, and submitted (by the service, nanocp.router.service) with the count of tokens it already generated: its
-sampler draws token i with the uniform number of (seed, i) wherever it runs, so greedy and seeded requests go on
-with exactly the tokens an undisturbed run gives. The client sees a pause, then the next token.
+sampler draws token i with the uniform number of (seed, i) wherever it runs, and the router gave every sampled
+request a seed (nanocp.router.validation), so every request goes on with exactly the tokens an undisturbed run
+gives. The client sees a pause, then the next token.
 
 Bounded: at most `max_migrations` moves per request. Past that, with no healthy instance left, or with no room on
 one before the request's deadline, the stream ends UNAVAILABLE naming the lost instance, as without migration.

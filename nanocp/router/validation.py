@@ -1,10 +1,13 @@
 """What a Generate request may ask, checked before it costs anything, with messages that name the field and limit.
 
-Defaults are resolved here too, so every worker sees fully specified sampling settings.
+Defaults are resolved here too, so every worker sees fully specified sampling settings: a sampled request that gives
+no seed gets one drawn here, so that if it moves to another group after a failure (nanocp.router.migration) it goes
+on with the same random stream, exactly as an undisturbed run.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 from nanocp.limits import MAX_REQUEST_ID_CHARS, LimitError, check_request
@@ -64,6 +67,8 @@ def validate(request: router_pb2.GenerateRequest, model: ModelConfig, tokenizer:
     )
     if given.HasField("seed"):
         sampling.seed = given.seed
+    elif sampling.temperature > 0:
+        sampling.seed = secrets.randbits(64)
     try:
         check_request(prompt, sampling, model)
     except LimitError as exc:
