@@ -2,7 +2,7 @@
 docs/evaluation/ and the numbers in bench/results/evaluation.json.
 
 For decode groups of N = 8, 16 and 32 H100s serving Qwen3-30B-A3B, NVLink-class and InfiniBand-class links, and two
-KV pools (the 80 GB an H100 leaves, about 680K tokens, where TPOT binds before memory at 20 and 30 ms; and 12 GB,
+KV pools (the 80 GB an H100 leaves, about 680K tokens, where TPOT binds before memory at 20 ms; and 12 GB,
 about 120K tokens, where memory binds at every SLO), every policy the router has (static, balanced, uniform D = 4 and
 D = N, dcp) gets the highest request rate it sustains under TPOT SLOs of 20, 30 and 50 ms (bisection; 90% of requests
 within the SLO after at most 2 s of admission wait), then one load for all (the rate static sustains at 30 ms):
