@@ -240,6 +240,24 @@ async def test_client_leaving_before_the_first_stream_chunk_aborts_it_and_frees_
     assert cancelled_early(exporter)
 
 
+async def test_a_stop_string_ends_the_request_as_finished_on_its_span_and_frees_its_pages(
+    traced_cluster: Cluster, exporter: InMemorySpanExporter
+) -> None:
+    params: dict[str, Any] = {"model": "tiny", "prompt": "Stop here", "max_tokens": 40, "temperature": 0}
+    params["extra_body"] = {"ignore_eos": True}
+    url = f"{traced_cluster.http_url}/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as client:
+        text = (await client.completions.create(**params)).choices[0].text
+        stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+        stopped = await client.completions.create(**params, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    await traced_cluster.wait_all_pages_free()
+    whole, cut = [s for s in exporter.get_finished_spans() if s.name == "text_completion tiny"]
+    assert cut.attributes is not None and cut.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert cut.status.is_ok and "error.type" not in cut.attributes, "a stop string is a finish, not a cancellation"
+    assert whole.attributes is not None and whole.attributes["gen_ai.response.finish_reasons"] == ("length",)
+
+
 async def test_traceparent_header_makes_the_router_span_a_child_of_the_caller(
     traced_cluster: Cluster, exporter: InMemorySpanExporter
 ) -> None:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import grpc
 
 
+class StopRequested(Exception):
+    """Thrown into a `RouterServicer.generate` stream by a face that ends the request itself (the HTTP API on a stop
+    string): the request is aborted on its workers as a cancelled one is, but its span ends as finished, reason
+    stop, rather than as an error."""
+
+
 class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)

@@ -31,7 +31,7 @@ from nanocp.placement import Footprint, Placement, growth_pages
 from nanocp.router import DEFAULT_MAX_MIGRATIONS
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import Admission, Withdrawn
-from nanocp.router.errors import REQUEST_STATUSES, RequestError
+from nanocp.router.errors import REQUEST_STATUSES, RequestError, StopRequested
 from nanocp.router.growth import grow
 from nanocp.router.listing import list_instances
 from nanocp.router.metrics import LatencyMetrics, MigrationMetrics
@@ -176,6 +176,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             span.set_attribute("error.type", exc.code.name)
             span.set_status(trace.StatusCode.ERROR, exc.message)
             raise
+        except StopRequested:  # the stream ends here; closing the relay (above) aborted the request
+            span.set_attribute("gen_ai.response.finish_reasons", ["stop"])
         except (asyncio.CancelledError, GeneratorExit):
             span.set_attribute("error.type", "CANCELLED")
             span.set_status(trace.StatusCode.ERROR, "cancelled by the client or its deadline")

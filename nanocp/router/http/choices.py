@@ -2,13 +2,15 @@
 
 Each choice is a request of its own (RouterServicer.generate), pumped by a task into one queue, so n choices decode
 side by side. Stop strings are matched here on the text (the engine stops on token ids): text that could still be
-the start of a stop string is held back, and a choice that hits one is closed at once, which aborts it on its home
-worker and frees its KV pages. Cancelling the Choices (a client that went away) does the same for every choice.
+the start of a stop string is held back, and a choice that hits one is ended at once (StopRequested), which aborts
+it on its home worker and frees its KV pages, its span ending as finished. Cancelling the Choices (a client that
+went away) aborts every choice the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
@@ -18,7 +20,7 @@ import grpc
 from opentelemetry.context import Context
 
 from nanocp.auth import Caller
-from nanocp.router.errors import RequestError
+from nanocp.router.errors import RequestError, StopRequested
 from nanocp.router.service import RouterServicer
 from nanocp.v1 import common_pb2, router_pb2
 from nanocp.wire import finish_reason_name
@@ -113,7 +115,9 @@ class Choices:
                 async for response in stream:
                     tokens += len(response.token_ids)
                     text, stopped = strings.push(response.text)
-                    if stopped:  # closing the stream aborts the request and frees its pages
+                    if stopped:  # ending the stream aborts the request and frees its pages
+                        with contextlib.suppress(StopAsyncIteration):
+                            await stream.athrow(StopRequested())
                         await self._queue.put(Delta(index, text, "stop", self._prompt_tokens(request), tokens))
                         return
                     if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
