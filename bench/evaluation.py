@@ -51,6 +51,7 @@ FIXED_LOAD_SLO_MS = 30.0
 SENSITIVITY_SLO_MS = 20.0  # where dcp's edge is largest
 P2P_LATENCIES_US = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 REL_TOL = 0.05  # the bisection's resolution
+WINDOWS = 2  # runs from different points of the trace pooled to judge a rate: one run's attainment is noisy
 
 
 def policies(n: int) -> list[PolicySpec]:
@@ -93,9 +94,8 @@ def bisect(job: dict[str, Any]) -> dict[str, Any]:
     group = cluster(job["n"], job["link"], job["kv_bytes"], job.get("p2p_latency_us"))
     policy = PolicySpec(**job["policy"])
     slos = [Slo(ms / 1e3) for ms in job["slos_ms"]]
-    run = at_rates(
-        group, policy, trace(job["trace"]), job.get("duration_s", DURATION_S), slos[0], max_tokens=MAX_TOKENS
-    )
+    duration = job.get("duration_s", DURATION_S)
+    run = at_rates(group, policy, trace(job["trace"]), duration, slos[0], job["windows"], max_tokens=MAX_TOKENS)
     runs: dict[float, Any] = {}
     rates = max_rates(run, slos, guess=3.0 * job["n"], rel_tol=job.get("rel_tol", REL_TOL), runs=runs)
     return {
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 8 only, 10 s at each rate: to try the pipeline")
     parser.add_argument("--trace", type=Path, default=TRACE, help="Mooncake JSON lines, plain or gzip")
     parser.add_argument("--rel-tol", type=float, default=REL_TOL, help=f"bisection resolution (default {REL_TOL})")
+    parser.add_argument("--windows", type=int, default=WINDOWS, help=f"runs pooled to judge a rate (default {WINDOWS})")
     parser.add_argument("--cells", help="only these cells, N:link:pool comma-separated (e.g. 8:infiniband:80)")
     parser.add_argument("--policies", help="only these policy labels, comma-separated (e.g. balanced,dcp)")
     parser.add_argument("--out", type=Path, default=None, help="the results (default bench/results/evaluation.json)")
@@ -149,7 +150,7 @@ def main() -> None:
         if cells is None or (n, link, regime) in cells
     ]
     jobs = [
-        {**c, "policy": vars(p), "label": p.label, "slos_ms": SLOS_MS, "rel_tol": args.rel_tol}
+        {**c, "policy": vars(p), "label": p.label, "slos_ms": SLOS_MS, "rel_tol": args.rel_tol, "windows": args.windows}
         for c in configs
         for p in policies(c["n"])
         if labels is None or p.label in labels
@@ -178,6 +179,7 @@ def main() -> None:
                 "label": p.label,
                 "slos_ms": (SENSITIVITY_SLO_MS,),
                 "rel_tol": 0.02,
+                "windows": args.windows,
             }
             for regime, kv in list(REGIMES.items())[:1]
             for us in P2P_LATENCIES_US

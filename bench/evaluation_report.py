@@ -336,6 +336,7 @@ def write_report(result: dict[str, Any], docs: Path = DOCS) -> None:
         counts=counts,
         versus_balanced=versus_balanced,
         losses="\n".join(f"- {line}" for line in lost) or "- none",
+        windows=result["rates"][0].get("windows", 1),
         sweep_n=sweep["n"],
         sweep_slo=sweep["slos_ms"][0],
         latency_table=latency,

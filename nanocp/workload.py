@@ -91,9 +91,20 @@ def long_tailed(
 
 def repeat(requests: list[TraceRequest], count: int) -> list[TraceRequest]:
     """The first `count` requests of the trace played over and over, each copy starting where the last one ended."""
-    start = requests[0].arrival_s
-    span = (requests[-1].arrival_s - start) * len(requests) / max(1, len(requests) - 1)
+    span = _period(requests)
     return [
         replace(r, arrival_s=r.arrival_s + (i // len(requests)) * span)
         for i, r in ((i, requests[i % len(requests)]) for i in range(count))
     ]
+
+
+def rotated(requests: list[TraceRequest], first: int) -> list[TraceRequest]:
+    """The trace played from its `first` request, the ones before it following its last one period later (as
+    `repeat` would play them)."""
+    span = _period(requests)
+    return requests[first:] + [replace(r, arrival_s=r.arrival_s + span) for r in requests[:first]]
+
+
+def _period(requests: list[TraceRequest]) -> float:
+    """How long one play of the trace lasts: its first to last arrival and one mean gap more."""
+    return (requests[-1].arrival_s - requests[0].arrival_s) * len(requests) / max(1, len(requests) - 1)

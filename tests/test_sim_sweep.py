@@ -8,7 +8,7 @@ from nanocp.sim.metrics import RequestOutcome, SimResult
 from nanocp.sim.shapes import SHAPES
 from nanocp.sim.steptime import Coefficients
 from nanocp.sim.sweep import Slo, at_rates, max_rates
-from nanocp.workload import long_tailed
+from nanocp.workload import long_tailed, repeat, rotated
 
 
 def fake_run(capacity: float) -> tuple[list[float], object]:
@@ -52,3 +52,21 @@ def test_a_small_sweep_of_the_routers_policies_on_a_long_tailed_mix() -> None:
     result = at_rates(group, PolicySpec("dcp"), trace, 10.0, slo, max_tokens=512)(rates["dcp"])
     assert slo.met(result), "the rate found is one the policy sustains"
     assert result.summary()["cp_degree_mean"] > 1
+
+
+def test_a_rotated_trace_plays_every_request_once_in_time_order() -> None:
+    trace = long_tailed(50, seed=3)
+    turned = rotated(trace, 20)
+    assert [r.input_tokens for r in turned] == [r.input_tokens for r in trace[20:] + trace[:20]]
+    arrivals = [r.arrival_s for r in repeat(turned, 120)]
+    assert arrivals == sorted(arrivals), "no arrival goes back in time"
+
+
+def test_windows_pool_runs_from_different_points_of_the_trace() -> None:
+    group = Cluster(SHAPES["qwen3-30b-a3b"], DEVICES["h100"], LINKS["nvlink"], 4, Coefficients(), kv_bytes=20e9)
+    trace = long_tailed(400, seed=2, long_share=0.3)
+    slo = Slo(0.050)
+    one, two = (at_rates(group, PolicySpec("balanced"), trace, 5.0, slo, w, max_tokens=256)(10.0) for w in (1, 2))
+    assert len(two.outcomes) == 2 * len(one.outcomes) == 2 * (200 - 2 * 20)  # edges left out of each run
+    assert two.outcomes[: len(one.outcomes)] == one.outcomes, "the first window is the single run"
+    assert two.steps.steps > one.steps.steps and not two.stopped

@@ -67,6 +67,20 @@ class SimResult:
         cut = int(edge * len(self.outcomes))
         return SimResult(self.outcomes[cut : len(self.outcomes) - cut], self.steps, self.duration_s, self.stopped)
 
+    @classmethod
+    def pooled(cls, results: list[SimResult]) -> SimResult:
+        """Several runs as one: their requests and steps together; given up if any was."""
+        steps = StepStats()
+        for r in results:
+            for name in vars(steps):
+                setattr(steps, name, getattr(steps, name) + getattr(r.steps, name))
+        return cls(
+            [o for r in results for o in r.outcomes],
+            steps,
+            sum(r.duration_s for r in results),
+            any(r.stopped for r in results),
+        )
+
     def attainment(self, tpot_slo_s: float, max_wait_s: float) -> float:
         """The fraction of all requests (refused ones included) served within the SLO and the wait bound."""
         return sum(o.good(tpot_slo_s, max_wait_s) for o in self.outcomes) / len(self.outcomes)
