@@ -32,6 +32,9 @@ def add_sim_parser(commands: Any) -> None:
     sweep.add_argument("--max-wait-s", type=float, default=2.0, help="admission wait a good request may have (2)")
     sweep.add_argument("--guess", type=float, default=10.0, help="request rate the bisection starts from")
     sweep.add_argument("--duration-s", type=float, default=30.0, help="seconds of arrivals at each rate (default 30)")
+    sweep.add_argument(
+        "--windows", type=int, default=2, help="runs from different points of the workload pooled at each rate (2)"
+    )
     sweep.set_defaults(func=_sweep)
     calibrate = subcommands.add_parser("calibrate", help="refit the coefficients from bench/results/*.json")
     calibrate.add_argument("--results", type=Path, default=None, help="benchmark results (default bench/results)")
@@ -165,6 +168,7 @@ def _sweep(args: argparse.Namespace) -> None:
                 requests,
                 args.duration_s,
                 slos[0],
+                args.windows,
                 max_tokens=args.max_tokens,
                 reserve_output_tokens=args.reserve_output_tokens,
                 queue_size=args.queue_size,
