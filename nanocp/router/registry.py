@@ -196,6 +196,14 @@ class WorkerRegistry:
         except grpc.aio.AioRpcError as exc:
             self._unanswered(instance, exc)
             return
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            # Removed meanwhile: closing its channel cancels the calls on it and refuses new ones. Whoever waited for
+            # the report (ListInstances refreshing the loads) must still get its answer; only our own cancellation
+            # goes on up.
+            task = asyncio.current_task()
+            if self._instances.get(instance.address) is instance or (task is not None and task.cancelling()):
+                raise
+            return
         instance.answered_at = time.monotonic()
         instance.pages_in_use = load.kv_pages_in_use
         if load.draining:  # its streams go on; only new requests must go elsewhere, and not to its group
