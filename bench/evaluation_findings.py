@@ -46,9 +46,13 @@ def by_link_and_regime(rates: Rates) -> list[str]:
             continue
         (best_cell, best), (_, worst) = max(known, key=lambda x: x[1]), min(known, key=lambda x: x[1])
         low = [f"N = {c[0]} at {float(c[3]):g} ms ({r:.2f}x)" for c, r in known if r < MIN_VS_BALANCED]
+        spread = (
+            f"{best:.2f}x in every cell"
+            if f"{worst:.2f}" == f"{best:.2f}"
+            else f"{worst:.2f}-{best:.2f}x, highest at N = {best_cell[0]} and {float(best_cell[3]):g} ms"
+        )
         lines.append(
-            f"- **{link}, {regime}**: dcp / `balanced` {worst:.2f}-{best:.2f}x, highest at N = {best_cell[0]} and "
-            f"{float(best_cell[3]):g} ms; "
+            f"- **{link}, {regime}**: dcp / `balanced` {spread}; "
             + (f"below {MIN_VS_BALANCED:g}x: {', '.join(low)}." if low else f"never below {MIN_VS_BALANCED:g}x.")
         )
     return lines
