@@ -117,8 +117,9 @@ async def _until_disconnected(http: Request, work: Awaitable[T]) -> T | None:
 
 class ChoicesStream(StreamingResponse):
     """The SSE response of running choices, which aborts them however it ends: its last event sent, its client
-    gone, or the server shutting down. The body's generator can't do it alone: a client that goes away before the
-    first chunk has Starlette cancel the response before the generator starts, so a `finally` in it never runs."""
+    gone, or the server shutting down. The body's generator can't do it alone: when the connection fails as the
+    status line goes out (an ASGI 2.4 server raises there), the generator never starts, so a `finally` in it never
+    runs."""
 
     def __init__(self, events: AsyncIterator[str], choices: Choices) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
