@@ -5,11 +5,19 @@ Convention at this interface: log-sum-exp values are natural logarithms (backend
 """
 
 from nanocp.kernels.attention import AttentionMetadata, merge_states, paged_attention, store_kv
-from nanocp.kernels.moe import combine, grouped_swiglu, grouped_swiglu_by_ends, route_topk, sort_by_expert
+from nanocp.kernels.moe import (
+    TokenRows,
+    combine,
+    grouped_swiglu,
+    grouped_swiglu_by_ends,
+    route_topk,
+    sort_by_expert,
+)
 from nanocp.kernels.norm import add_rms_norm, qk_norm_rope, rms_norm
 
 __all__ = [
     "AttentionMetadata",
+    "TokenRows",
     "add_rms_norm",
     "combine",
     "grouped_swiglu",

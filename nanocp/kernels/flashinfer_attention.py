@@ -29,6 +29,9 @@ LN2 = math.log(2.0)
 # one stream; attention overlapped on a second stream needs wrappers with a workspace of their own.
 WORKSPACE_BYTES = 128 << 20
 BACKEND = "fa2"  # one JIT module serves both tensor-core decode and paged prefill
+# Graph buckets of at least this many rows decode on tensor cores; smaller ones run FlashInfer's CUDA-core decode,
+# which at a few rows ...
+TENSOR_CORE_MIN_ROWS = 1
 
 
 def prefill_backend(device: torch.device) -> str:
@@ -183,8 +186,16 @@ class GraphDecode:
 
     PAD_PAGE = 0
 
-    def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
-        """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them."""
+    def __init__(
+        self,
+        rows: int,
+        max_pages: int,
+        plan_args: dict[str, Any],
+        device: torch.device,
+        tensor_cores: bool | None = None,
+    ) -> None:
+        """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them.
+        tensor_cores: FlashInfer's tensor-core decode (None: from TENSOR_CORE_MIN_ROWS rows)."""
         import flashinfer
 
         self.rows = rows
@@ -193,7 +204,7 @@ class GraphDecode:
             _workspace(device),
             "NHD",
             use_cuda_graph=True,
-            use_tensor_cores=True,
+            use_tensor_cores=rows >= TENSOR_CORE_MIN_ROWS if tensor_cores is None else tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=torch.zeros(max_pages + rows, dtype=torch.int32, device=device),
             paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
@@ -220,3 +231,7 @@ class GraphDecode:
         """q: (rows, heads, dim); the output and log-sum-exp (natural log) of every row, padding rows included."""
         out, lse = self.wrapper.run(q, (k_cache, v_cache), return_lse=True)
         return out, lse.mul_(LN2)
+
+    def output(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """run's output alone, for rows with no other partial to merge with: no log-sum-exp written or scaled."""
+        return self.wrapper.run(q, (k_cache, v_cache))

@@ -13,6 +13,8 @@ from itertools import accumulate
 
 import torch
 
+from nanocp.kernels.moe import TokenRows
+
 # Rows (tokens x top-k) up to which the Triton expert kernels run, grouped GEMMs above: x.shape[0] is fixed per
 # CUDA graph, so each graph holds one path. Measured on an H200 (results/moe_kernels_h200_threshold.json): Triton
 # 0.035 ms vs 0.063 at 1 token, 0.32 vs 0.43 at 128, a tie at 256 tokens, 1.8x slower at 512: 256 tokens at top-8.
@@ -32,15 +34,17 @@ def device_ends(counts: list[int], device: torch.device) -> torch.Tensor:
 
 
 def grouped_swiglu_by_ends(
-    x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor | TokenRows, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """The same with each expert's end row (int32, the cumulative counts) already on the device: no host work, so a
-    CUDA graph can capture it. Group ends may be any rows; rows past the last end are no expert's (undefined)."""
-    if x.shape[0] <= TRITON_MAX_ROWS:
+    CUDA graph can capture it. Group ends may be any rows; rows past the last end are no expert's (undefined).
+    TokenRows are read in place by the Triton kernels, gathered first for the grouped GEMMs."""
+    rows = len(x.entries) if isinstance(x, TokenRows) else x.shape[0]
+    if rows <= TRITON_MAX_ROWS:
         from nanocp.kernels import triton_expert
 
         return triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down)
-    return grouped_mm_swiglu(x, ends, w_gate_up, w_down)
+    return grouped_mm_swiglu(x.gather() if isinstance(x, TokenRows) else x, ends, w_gate_up, w_down)
 
 
 def grouped_mm_swiglu(

@@ -5,8 +5,22 @@ on CUDA.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class TokenRows(NamedTuple):
+    """The activations of sorted (token, expert) rows, read where they are: row r is token entries[r] // top_k of
+    x (entries as sort_by_expert answers them), so no gather has to run first."""
+
+    x: torch.Tensor  # (tokens, hidden)
+    entries: torch.Tensor  # (rows,) int64
+    top_k: int
+
+    def gather(self) -> torch.Tensor:
+        return self.x[self.entries // self.top_k]
 
 
 def fused(x: torch.Tensor) -> bool:
@@ -73,15 +87,18 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, 
 
 
 def grouped_swiglu_by_ends(
-    x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor | TokenRows, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """grouped_swiglu with each expert's end row (int32 cumulative counts) on x's device: on CUDA no host sync, so
-    a step's MoE needs none and a CUDA graph can capture it; elsewhere the reference with the counts read back."""
-    if x.is_cuda and x.dtype == torch.bfloat16:
+    a step's MoE needs none and a CUDA graph can capture it; elsewhere the reference with the counts read back.
+    x: the sorted rows, or the tokens they come from (TokenRows: the CUDA expert kernels read them in place)."""
+    tokens = x.x if isinstance(x, TokenRows) else x
+    if tokens.is_cuda and tokens.dtype == torch.bfloat16:
         from nanocp.kernels import gpu_moe
 
         return gpu_moe.grouped_swiglu_by_ends(x, ends, w_gate_up, w_down)
-    return reference_grouped_swiglu(x, torch.diff(ends, prepend=ends.new_zeros(1)).tolist(), w_gate_up, w_down)
+    rows = x.gather() if isinstance(x, TokenRows) else x
+    return reference_grouped_swiglu(rows, torch.diff(ends, prepend=ends.new_zeros(1)).tolist(), w_gate_up, w_down)
 
 
 def reference_grouped_swiglu(

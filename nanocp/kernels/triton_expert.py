@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.moe import TokenRows
+
 # tl.dot wants at least 16 rows; a decode step has 1 to a few rows per expert, so the smallest tile wastes least.
 BLOCK_M = 16
 
@@ -46,10 +48,12 @@ DOWN_BLOCKS = Blocks(n=64, k=128)
 @triton.jit
 def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
+    source_ptr,
     ends_ptr,
     w_ptr,
     out_ptr,
     num_experts,
+    num_rows,
     n_out,
     k_in,
     stride_xm,
@@ -57,6 +61,8 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     stride_wn,
     stride_om,
     GATED: tl.constexpr,
+    DENSE: tl.constexpr,
+    SOURCE_DIV: tl.constexpr,
     EVEN_K: tl.constexpr,
     EXPERTS_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -64,17 +70,24 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     BLOCK_K: tl.constexpr,
 ):
     """out[rows of one expert, cols] = x[rows] @ w[expert, cols].T, or with GATED silu(x @ w[expert, cols].T) *
-    (x @ w[expert, n_out + cols].T): w is (experts, N, K) with K contiguous, read as (K, N) tiles without a copy."""
-    # Program slot s takes the (s+1)-th expert with rows: at 1 token 8 slots, so no program is spent on the idle
-    # experts. A slot past the active experts gets an empty row range (its loads are masked off).
-    slot = tl.program_id(0)
-    e = tl.arange(0, EXPERTS_BLOCK)
-    e_ends = tl.load(ends_ptr + e, mask=e < num_experts, other=0)
-    e_starts = tl.load(ends_ptr + e - 1, mask=(e > 0) & (e < num_experts), other=0)
-    rank = tl.cumsum((e_ends > e_starts).to(tl.int32), axis=0)  # active experts up to and including each
-    expert = tl.sum((rank <= slot).to(tl.int32), axis=0)
-    start = tl.sum(tl.where(e == expert, e_starts, 0), axis=0)
-    end = tl.sum(tl.where(e == expert, e_ends, 0), axis=0)
+    (x @ w[expert, n_out + cols].T): w is (experts, N, K) with K contiguous, read as (K, N) tiles without a copy.
+    DENSE: one expert, all num_rows rows (a plain linear layer). SOURCE_DIV > 0: row r reads x's row
+    source[r] // SOURCE_DIV (a token's (token, expert) entries gathered in the loads, not by a kernel before)."""
+    if DENSE:
+        expert = tl.program_id(0)  # the grid's one slot: 0
+        start = 0
+        end = num_rows
+    else:
+        # Program slot s takes the (s+1)-th expert with rows: at 1 token 8 slots, so no program is spent on the
+        # idle experts. A slot past the active experts gets an empty row range (its loads are masked off).
+        slot = tl.program_id(0)
+        e = tl.arange(0, EXPERTS_BLOCK)
+        e_ends = tl.load(ends_ptr + e, mask=e < num_experts, other=0)
+        e_starts = tl.load(ends_ptr + e - 1, mask=(e > 0) & (e < num_experts), other=0)
+        rank = tl.cumsum((e_ends > e_starts).to(tl.int32), axis=0)  # active experts up to and including each
+        expert = tl.sum((rank <= slot).to(tl.int32), axis=0)
+        start = tl.sum(tl.where(e == expert, e_starts, 0), axis=0)
+        end = tl.sum(tl.where(e == expert, e_ends, 0), axis=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     ks = tl.arange(0, BLOCK_K)
@@ -82,7 +95,8 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     for m0 in range(start, end, BLOCK_M):  # one tile at a decode step; later ones find the weights in L2
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        x_tile = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+        x_rows = tl.load(source_ptr + rows, mask=row_ok, other=0) // SOURCE_DIV if SOURCE_DIV > 0 else rows
+        x_tile = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
@@ -103,31 +117,40 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _expert_matmul(x: torch.Tensor, ends: torch.Tensor, w: torch.Tensor, gated: bool, blocks: Blocks) -> torch.Tensor:
+def _expert_matmul(
+    rows_in: torch.Tensor | TokenRows, ends: torch.Tensor | None, w: torch.Tensor, gated: bool, blocks: Blocks
+) -> torch.Tensor:
     """One launch over (experts, column blocks): (rows, K) x each row's expert's (N, K) weight -> (rows, N), or
-    (rows, N / 2) of silu(gate) * up when gated. Rows past ends[-1] are left unwritten (no expert's)."""
-    n_out = w.shape[1] // 2 if gated else w.shape[1]
-    k_in = w.shape[2]
-    out = x.new_empty(x.shape[0], n_out)
-    if x.shape[0] == 0:
+    (rows, N / 2) of silu(gate) * up when gated. Rows past ends[-1] are left unwritten (no expert's). ends None: w
+    is one (N, K) weight for every row (a linear layer). TokenRows: each row read from its token's."""
+    x, source = (rows_in.x, rows_in) if isinstance(rows_in, TokenRows) else (rows_in, None)
+    n_out = w.shape[-2] // 2 if gated else w.shape[-2]
+    k_in = w.shape[-1]
+    rows = x.shape[0] if source is None else source.entries.shape[0]
+    out = x.new_empty(rows, n_out)
+    if rows == 0:
         return out
-    assert x.stride(1) == 1 and w.stride(2) == 1, "K must be the contiguous axis"
-    experts = w.shape[0]
+    assert x.stride(1) == 1 and w.stride(-1) == 1, "K must be the contiguous axis"
+    experts = 1 if ends is None else w.shape[0]
     # No more experts have rows than there are rows: a static bound (a graph's grid), tight at decode steps.
-    grid = (min(experts, x.shape[0]), triton.cdiv(n_out, blocks.n))
+    grid = (min(experts, rows), triton.cdiv(n_out, blocks.n))
     _expert_matmul_kernel[grid](
         x,
-        ends,
+        x if source is None else source.entries,
+        x if ends is None else ends,
         w,
         out,
         experts,
+        rows,
         n_out,
         k_in,
         x.stride(0),
-        w.stride(0),
-        w.stride(1),
+        w.stride(0) if ends is not None else 0,
+        w.stride(-2),
         out.stride(0),
         GATED=gated,
+        DENSE=ends is None,
+        SOURCE_DIV=0 if source is None else source.top_k,
         EVEN_K=k_in % blocks.k == 0,
         EXPERTS_BLOCK=triton.next_power_of_2(experts),
         BLOCK_M=BLOCK_M,
@@ -140,15 +163,22 @@ def _expert_matmul(x: torch.Tensor, ends: torch.Tensor, w: torch.Tensor, gated: 
 
 
 def grouped_swiglu(
-    x: torch.Tensor,
+    x: torch.Tensor | TokenRows,
     ends: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     gate_up_blocks: Blocks = GATE_UP_BLOCKS,
     down_blocks: Blocks = DOWN_BLOCKS,
 ) -> torch.Tensor:
-    """kernels.grouped_swiglu_by_ends in two launches. x: (rows, hidden) sorted by expert; ends: (experts,) int32
-    each expert's end row; w_gate_up: (experts, 2 width, hidden), gate rows first; w_down: (experts, hidden, width).
-    Returns (rows, hidden) in x's dtype, the intermediate rounded to it as the grouped GEMMs' is."""
+    """kernels.grouped_swiglu_by_ends in two launches. x: (rows, hidden) sorted by expert, or the tokens the rows
+    come from (read in the first launch's loads); ends: (experts,) int32 each expert's end row; w_gate_up: (experts,
+    2 width, hidden), gate rows first; w_down: (experts, hidden, width). Returns (rows, hidden) in x's dtype, the
+    intermediate rounded to it as the grouped GEMMs' is."""
     h = _expert_matmul(x, ends, w_gate_up, True, gate_up_blocks)
     return _expert_matmul(h, ends, w_down, False, down_blocks)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """x @ weight.T for a few rows in one launch: weight (N, K) read once in column blocks, at the weight's copy
+    bandwidth where cuBLAS's small-M GEMMs fall short (and need a split-K reduce launch besides)."""
+    return _expert_matmul(x, None, weight, False, blocks)

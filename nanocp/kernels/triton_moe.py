@@ -24,26 +24,28 @@ def _route_topk_kernel(  # type: ignore[no-untyped-def]
     RENORMALIZE: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + token * num_experts + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
-    # The chosen weights' sum first (each pass takes the largest left and sets it aside), then the choices.
+    # One pass: each step takes the largest left into slot j and sets it aside; the slots are stored at the end,
+    # renormalised by their sum, as one vector each.
+    j = tl.arange(0, K_BLOCK)
+    chosen = tl.zeros((K_BLOCK,), dtype=tl.float32)
+    ids = tl.zeros((K_BLOCK,), dtype=tl.int64)
     left = probs
-    total = 0.0
-    for _ in tl.static_range(TOP_K):
-        total += tl.max(left, axis=0)
-        left = tl.where(e == tl.argmax(left, axis=0), -1.0, left)
-    if not RENORMALIZE:
-        total = 1.0
-    left = probs
-    for j in tl.static_range(TOP_K):
+    for step in tl.static_range(TOP_K):
         best = tl.argmax(left, axis=0)
-        tl.store(weights_ptr + token * TOP_K + j, (tl.max(left, axis=0) / total).to(weights_ptr.dtype.element_ty))
-        tl.store(experts_ptr + token * TOP_K + j, best.to(tl.int64))
+        chosen = tl.where(j == step, tl.max(left, axis=0), chosen)
+        ids = tl.where(j == step, best.to(tl.int64), ids)
         left = tl.where(e == best, -1.0, left)
+    if RENORMALIZE:
+        chosen = chosen / tl.sum(chosen, axis=0)
+    tl.store(weights_ptr + token * TOP_K + j, chosen.to(weights_ptr.dtype.element_ty), mask=j < TOP_K)
+    tl.store(experts_ptr + token * TOP_K + j, ids, mask=j < TOP_K)
 
 
 def route_topk(
@@ -55,9 +57,9 @@ def route_topk(
     weights = torch.empty(tokens, top_k, dtype=dtype, device=logits.device)
     experts = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
     if tokens:
-        _route_topk_kernel[(tokens,)](
-            logits, weights, experts, num_experts, renormalize, top_k, triton.next_power_of_2(num_experts)
-        )
+        # One warp a token: the top_k reductions over the experts stay in warp shuffles, no shared memory.
+        blocks = triton.next_power_of_2(num_experts), triton.next_power_of_2(top_k)
+        _route_topk_kernel[(tokens,)](logits, weights, experts, num_experts, renormalize, top_k, *blocks, num_warps=1)
     return weights, experts
 
 

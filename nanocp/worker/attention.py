@@ -169,6 +169,8 @@ class PagedAttention:
         routes = plan.routes
         if routes is None:
             with self.timer.section("attention"):
+                if plan.decode is not None:  # no partial to merge: the output alone
+                    return plan.decode[0].output(q, k_cache, v_cache)
                 return self._decode(plan, 0, q, k_cache, v_cache)[0]
         with self.timer.section("cp_route"):  # the query rows travel while the home attends its local shards
             queries = routing.start_exchange(q[routes.query_src])

@@ -129,12 +129,12 @@ class SparseMoE(nn.Module):
         # The (token, expert) rows sorted by expert, hence by holder; found on the device, so the step waits for no
         # host round trip per layer.
         entries, position, ends = kernels.sort_by_expert(experts, self.config.num_experts)
-        rows = x[entries // self.config.experts_per_token]
+        rows = kernels.TokenRows(x, entries, self.config.experts_per_token)
         if self.shard.size == 1 and not routing.grouped():
-            with ctx.timer.section("moe_compute"):
+            with ctx.timer.section("moe_compute"):  # the expert kernels read each row from its token
                 y = kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
         else:
-            y = self._routed_experts(rows, experts.flatten()[entries], ends, ctx)
+            y = self._routed_experts(rows.gather(), experts.flatten()[entries], ends, ctx)
         return kernels.combine(y, position, weights)
 
     def _routed_experts(
