@@ -29,9 +29,6 @@ LN2 = math.log(2.0)
 # one stream; attention overlapped on a second stream needs wrappers with a workspace of their own.
 WORKSPACE_BYTES = 128 << 20
 BACKEND = "fa2"  # one JIT module serves both tensor-core decode and paged prefill
-# Graph buckets of at least this many rows decode on tensor cores; smaller ones run FlashInfer's CUDA-core decode,
-# which at a few rows ...
-TENSOR_CORE_MIN_ROWS = 1
 
 
 def prefill_backend(device: torch.device) -> str:
@@ -186,16 +183,10 @@ class GraphDecode:
 
     PAD_PAGE = 0
 
-    def __init__(
-        self,
-        rows: int,
-        max_pages: int,
-        plan_args: dict[str, Any],
-        device: torch.device,
-        tensor_cores: bool | None = None,
-    ) -> None:
+    def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
         """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them.
-        tensor_cores: FlashInfer's tensor-core decode (None: from TENSOR_CORE_MIN_ROWS rows)."""
+        Tensor cores at every batch: FlashInfer's CUDA-core decode is faster at a 16-token context (12.2 vs 16.2 us
+        a graph replay at 1 row) but slower from 1K (22.9 vs 17.9; results/decode_kernels_gpu.json)."""
         import flashinfer
 
         self.rows = rows
@@ -204,7 +195,7 @@ class GraphDecode:
             _workspace(device),
             "NHD",
             use_cuda_graph=True,
-            use_tensor_cores=rows >= TENSOR_CORE_MIN_ROWS if tensor_cores is None else tensor_cores,
+            use_tensor_cores=True,
             paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=torch.zeros(max_pages + rows, dtype=torch.int32, device=device),
             paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),

@@ -53,7 +53,6 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     w_ptr,
     out_ptr,
     num_experts,
-    num_rows,
     n_out,
     k_in,
     stride_xm,
@@ -61,7 +60,6 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     stride_wn,
     stride_om,
     GATED: tl.constexpr,
-    DENSE: tl.constexpr,
     SOURCE_DIV: tl.constexpr,
     EVEN_K: tl.constexpr,
     EXPERTS_BLOCK: tl.constexpr,
@@ -71,23 +69,18 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
 ):
     """out[rows of one expert, cols] = x[rows] @ w[expert, cols].T, or with GATED silu(x @ w[expert, cols].T) *
     (x @ w[expert, n_out + cols].T): w is (experts, N, K) with K contiguous, read as (K, N) tiles without a copy.
-    DENSE: one expert, all num_rows rows (a plain linear layer). SOURCE_DIV > 0: row r reads x's row
-    source[r] // SOURCE_DIV (a token's (token, expert) entries gathered in the loads, not by a kernel before)."""
-    if DENSE:
-        expert = tl.program_id(0)  # the grid's one slot: 0
-        start = 0
-        end = num_rows
-    else:
-        # Program slot s takes the (s+1)-th expert with rows: at 1 token 8 slots, so no program is spent on the
-        # idle experts. A slot past the active experts gets an empty row range (its loads are masked off).
-        slot = tl.program_id(0)
-        e = tl.arange(0, EXPERTS_BLOCK)
-        e_ends = tl.load(ends_ptr + e, mask=e < num_experts, other=0)
-        e_starts = tl.load(ends_ptr + e - 1, mask=(e > 0) & (e < num_experts), other=0)
-        rank = tl.cumsum((e_ends > e_starts).to(tl.int32), axis=0)  # active experts up to and including each
-        expert = tl.sum((rank <= slot).to(tl.int32), axis=0)
-        start = tl.sum(tl.where(e == expert, e_starts, 0), axis=0)
-        end = tl.sum(tl.where(e == expert, e_ends, 0), axis=0)
+    SOURCE_DIV > 0: row r is x's row source[r] // SOURCE_DIV (a (token, expert) entry read from its token, so no
+    gather kernel runs before)."""
+    # Program slot s takes the (s+1)-th expert with rows: at 1 token 8 slots, so no program is spent on the idle
+    # experts. A slot past the active experts gets an empty row range (its loads are masked off).
+    slot = tl.program_id(0)
+    e = tl.arange(0, EXPERTS_BLOCK)
+    e_ends = tl.load(ends_ptr + e, mask=e < num_experts, other=0)
+    e_starts = tl.load(ends_ptr + e - 1, mask=(e > 0) & (e < num_experts), other=0)
+    rank = tl.cumsum((e_ends > e_starts).to(tl.int32), axis=0)  # active experts up to and including each
+    expert = tl.sum((rank <= slot).to(tl.int32), axis=0)
+    start = tl.sum(tl.where(e == expert, e_starts, 0), axis=0)
+    end = tl.sum(tl.where(e == expert, e_ends, 0), axis=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     ks = tl.arange(0, BLOCK_K)
@@ -118,39 +111,37 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
 
 
 def _expert_matmul(
-    rows_in: torch.Tensor | TokenRows, ends: torch.Tensor | None, w: torch.Tensor, gated: bool, blocks: Blocks
+    rows_in: torch.Tensor | TokenRows, ends: torch.Tensor, w: torch.Tensor, gated: bool, blocks: Blocks
 ) -> torch.Tensor:
     """One launch over (experts, column blocks): (rows, K) x each row's expert's (N, K) weight -> (rows, N), or
-    (rows, N / 2) of silu(gate) * up when gated. Rows past ends[-1] are left unwritten (no expert's). ends None: w
-    is one (N, K) weight for every row (a linear layer). TokenRows: each row read from its token's."""
-    x, source = (rows_in.x, rows_in) if isinstance(rows_in, TokenRows) else (rows_in, None)
-    n_out = w.shape[-2] // 2 if gated else w.shape[-2]
-    k_in = w.shape[-1]
-    rows = x.shape[0] if source is None else source.entries.shape[0]
+    (rows, N / 2) of silu(gate) * up when gated. Rows past ends[-1] are left unwritten (no expert's). TokenRows:
+    each row read from its token's."""
+    x, source = (rows_in.x, rows_in.entries) if isinstance(rows_in, TokenRows) else (rows_in, None)
+    n_out = w.shape[1] // 2 if gated else w.shape[1]
+    k_in = w.shape[2]
+    rows = x.shape[0] if source is None else source.shape[0]
     out = x.new_empty(rows, n_out)
     if rows == 0:
         return out
-    assert x.stride(1) == 1 and w.stride(-1) == 1, "K must be the contiguous axis"
-    experts = 1 if ends is None else w.shape[0]
+    assert x.stride(1) == 1 and w.stride(2) == 1, "K must be the contiguous axis"
+    experts = w.shape[0]
     # No more experts have rows than there are rows: a static bound (a graph's grid), tight at decode steps.
     grid = (min(experts, rows), triton.cdiv(n_out, blocks.n))
     _expert_matmul_kernel[grid](
         x,
-        x if source is None else source.entries,
-        x if ends is None else ends,
+        x if source is None else source,
+        ends,
         w,
         out,
         experts,
-        rows,
         n_out,
         k_in,
         x.stride(0),
-        w.stride(0) if ends is not None else 0,
-        w.stride(-2),
+        w.stride(0),
+        w.stride(1),
         out.stride(0),
         GATED=gated,
-        DENSE=ends is None,
-        SOURCE_DIV=0 if source is None else source.top_k,
+        SOURCE_DIV=rows_in.top_k if isinstance(rows_in, TokenRows) else 0,
         EVEN_K=k_in % blocks.k == 0,
         EXPERTS_BLOCK=triton.next_power_of_2(experts),
         BLOCK_M=BLOCK_M,
@@ -176,9 +167,3 @@ def grouped_swiglu(
     intermediate rounded to it as the grouped GEMMs' is."""
     h = _expert_matmul(x, ends, w_gate_up, True, gate_up_blocks)
     return _expert_matmul(h, ends, w_down, False, down_blocks)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """x @ weight.T for a few rows in one launch: weight (N, K) read once in column blocks, at the weight's copy
-    bandwidth where cuBLAS's small-M GEMMs fall short (and need a split-K reduce launch besides)."""
-    return _expert_matmul(x, None, weight, False, blocks)

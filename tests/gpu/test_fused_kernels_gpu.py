@@ -150,3 +150,31 @@ def test_triton_expert_swiglu_reads_no_empty_expert_and_replays_exactly() -> Non
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, eager)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 300])  # 300 x top-8 rows: past TRITON_MAX_ROWS, the grouped GEMMs' path
+def test_expert_rows_read_from_their_tokens_equal_the_gathered_rows(tokens: int) -> None:
+    """TokenRows (each sorted row read from its token in the expert kernel's loads) computes exactly what the same
+    kernels compute on the rows gathered first, and matches the reference."""
+    w_gate_up, w_down = expert_weights(EXPERTS)
+    x = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
+    experts = torch.stack([torch.randperm(EXPERTS, device="cuda")[:TOP_K] for _ in range(tokens)])
+    entries, _, ends = kernels.sort_by_expert(experts, EXPERTS)
+    rows = kernels.TokenRows(x, entries, TOP_K)
+    in_place = kernels.grouped_swiglu_by_ends(rows, ends, w_gate_up, w_down)
+    gathered = x[entries // TOP_K]
+    assert torch.equal(in_place, kernels.grouped_swiglu_by_ends(gathered, ends, w_gate_up, w_down))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    assert (
+        rel_err(in_place, reference_grouped_swiglu(gathered.float(), counts, w_gate_up.float(), w_down.float())) < 1e-2
+    )
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(64, 6), (8, 2), (60, 4)])
+def test_route_topk_at_other_expert_and_top_k_counts(experts: int, top_k: int) -> None:
+    """Top-k counts that are not a power of two (DeepSeek's 6), and expert counts that are not either."""
+    logits = torch.randn(33, experts, device="cuda").to(BF16)
+    weights, chosen = kernels.route_topk(logits, top_k, True, BF16)
+    ref_weights, ref_chosen = kernels.route_topk(logits.float(), top_k, True, torch.float32)
+    assert chosen.shape == (33, top_k) and torch.equal(logits.gather(1, chosen), logits.gather(1, ref_chosen))
+    assert rel_err(weights, ref_weights) < 1e-2
