@@ -185,8 +185,8 @@ class GraphDecode:
 
     def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
         """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them.
-        Tensor cores at every batch: FlashInfer's CUDA-core decode is faster at a 16-token context (12.2 vs 16.2 us
-        a graph replay at 1 row) but slower from 1K (22.9 vs 17.9; results/decode_kernels_gpu.json)."""
+        Tensor cores at every batch: FlashInfer's CUDA-core decode is faster at a 16-token context (12.2 vs 16.2
+        us a graph replay at 1 row) but slower from 1K (22.9 vs 17.9; results/decode_kernels_gpu.json of e775ff1)."""
         import flashinfer
 
         self.rows = rows
