@@ -117,7 +117,10 @@ async def test_failed_generate_marks_the_router_span_as_an_error(
     await cluster.wait_all_pages_free()
     router = by_name(exporter.get_finished_spans(), "text_completion tiny")
     assert not router.status.is_ok
-    assert router.attributes is not None and router.attributes["error.type"] == "CANCELLED"
+    # The router's call to the worker carries the client's deadline: whichever ends the stream first, the client's
+    # cancellation reaching the router (CANCELLED) or that call's own deadline (DEADLINE_EXCEEDED), is the
+    # deadline's doing (seen both ways on a loaded 2-core machine).
+    assert router.attributes is not None and router.attributes["error.type"] in ("CANCELLED", "DEADLINE_EXCEEDED")
 
 
 @pytest.mark.parametrize(
