@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from nanocp.kernels.moe import TokenRows
+from nanocp.kernels.triton_pdl import await_inputs, launch_options
 
 # tl.dot wants at least 16 rows; a decode step has 1 to a few rows per expert, so the smallest tile wastes least.
 BLOCK_M = 16
@@ -66,11 +67,13 @@ def _expert_matmul_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[rows of one expert, cols] = x[rows] @ w[expert, cols].T, or with GATED silu(x @ w[expert, cols].T) *
     (x @ w[expert, n_out + cols].T): w is (experts, N, K) with K contiguous, read as (K, N) tiles without a copy.
     SOURCE_DIV > 0: row r is x's row source[r] // SOURCE_DIV (a (token, expert) entry read from its token, so no
     gather kernel runs before)."""
+    await_inputs(PDL)
     # Program slot s takes the (s+1)-th expert with rows: at 1 token 8 slots, so no program is spent on the idle
     # experts. A slot past the active experts gets an empty row range (its loads are masked off).
     slot = tl.program_id(0)
@@ -149,6 +152,7 @@ def _expert_matmul(
         BLOCK_K=blocks.k,
         num_warps=blocks.warps,
         num_stages=blocks.stages,
+        **launch_options(x),
     )
     return out
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.triton_pdl import await_inputs, launch_options
+
 # The sort keeps every (token, expert) row of a step in one program per expert: up to this many rows (a decode
 # step's; prefill sorts with torch).
 MAX_SORT_ROWS = 8192
@@ -25,7 +27,9 @@ def _route_topk_kernel(  # type: ignore[no-untyped-def]
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + token * num_experts + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
@@ -59,7 +63,9 @@ def route_topk(
     if tokens:
         # One warp a token: the top_k reductions over the experts stay in warp shuffles, no shared memory.
         blocks = triton.next_power_of_2(num_experts), triton.next_power_of_2(top_k)
-        _route_topk_kernel[(tokens,)](logits, weights, experts, num_experts, renormalize, top_k, *blocks, num_warps=1)
+        _route_topk_kernel[(tokens,)](
+            logits, weights, experts, num_experts, renormalize, top_k, *blocks, num_warps=1, **launch_options(logits)
+        )
     return weights, experts
 
 
@@ -72,7 +78,9 @@ def _sort_by_expert_kernel(  # type: ignore[no-untyped-def]
     rows,
     num_experts,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     expert = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     ids = tl.load(experts_ptr + i, mask=i < rows, other=num_experts)
@@ -92,13 +100,14 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     position = torch.empty_like(entries)
     ends = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
     _sort_by_expert_kernel[(num_experts,)](
-        flat, entries, position, ends, rows, num_experts, max(16, triton.next_power_of_2(rows))
+        flat, entries, position, ends, rows, num_experts, max(16, triton.next_power_of_2(rows)), **launch_options(flat)
     )
     return entries, position, ends
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, width, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _silu_mul_kernel(x_ptr, out_ptr, width, BLOCK: tl.constexpr, PDL: tl.constexpr):  # type: ignore[no-untyped-def]
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -114,7 +123,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(rows, width)
     block = 1024
     if rows:
-        _silu_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, block)
+        _silu_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, block, **launch_options(x))
     return out
 
 
@@ -127,7 +136,9 @@ def _combine_kernel(  # type: ignore[no-untyped-def]
     hidden,
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -147,5 +158,7 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> t
     out = y.new_empty(tokens, hidden)
     block = 1024
     if tokens:
-        _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, position, weights, out, hidden, top_k, block)
+        _combine_kernel[(tokens, triton.cdiv(hidden, block))](
+            y, position, weights, out, hidden, top_k, block, **launch_options(y)
+        )
     return out

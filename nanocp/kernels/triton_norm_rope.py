@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.triton_pdl import await_inputs, launch_options
+
 
 @triton.jit
 def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
@@ -27,7 +29,9 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)  # query heads first, then key heads: their columns follow each other in qkv
     HALF: tl.constexpr = DIM // 2
@@ -71,5 +75,5 @@ def qk_norm_rope_into(
         qkv = qkv.contiguous()
     if tokens:
         _qk_norm_rope_kernel[(tokens, heads + k.shape[1])](
-            qkv, positions, *weights, *tables, q, k, qkv.stride(0), eps, heads, k.shape[1], dim
+            qkv, positions, *weights, *tables, q, k, qkv.stride(0), eps, heads, k.shape[1], dim, **launch_options(qkv)
         )

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.triton_pdl import await_inputs, launch_options
+
 
 @triton.jit
 def _store_kv_kernel(  # type: ignore[no-untyped-def]
@@ -24,7 +26,9 @@ def _store_kv_kernel(  # type: ignore[no-untyped-def]
     v_stride,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row).to(tl.int64)  # 64-bit: slot * ROW passes 2**31 in large pools
     if slot >= 0:
@@ -49,7 +53,16 @@ def store_kv(
         k2, v2 = k2.contiguous(), v2.contiguous()
     row = k2.shape[1]
     _store_kv_kernel[(rows,)](
-        k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0), v2.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row)
+        k2,
+        v2,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k2.stride(0),
+        v2.stride(0),
+        ROW=row,
+        BLOCK=triton.next_power_of_2(row),
+        **launch_options(k2),
     )
 
 
@@ -65,7 +78,9 @@ def _merge_states_kernel(  # type: ignore[no-untyped-def]
     DIM: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     vector = tl.program_id(0).to(tl.int64)  # one (row, head)
     p = tl.arange(0, PARTS)
     in_parts = p < parts
@@ -103,5 +118,6 @@ def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
             DIM=dim,
             PARTS=max(2, triton.next_power_of_2(parts)),
             BLOCK_DIM=triton.next_power_of_2(dim),
+            **launch_options(outputs),
         )
     return out, lse
