@@ -5,10 +5,11 @@ GPU (`fit_gpu`), one benchmark per part of the step:
   bandwidth x kv_efficiency) over every context and batch; the merge of partial states gives merge_s;
 - experts: moe_kernels.json (H100, torch._grouped_mm in graphs): latency and weight_efficiency from the
   memory-bound token counts, flops_efficiency from the largest;
-- the rest: gpu_decode_step.json (Qwen3-30B-A3B shapes; engine decode steps replaying its CUDA graphs, host work
-  included, or in older runs the forward alone as a graph): what the parts above, the dense weights and the LM head
-  do not explain is a fixed latency per layer (layer_fixed_s) and a cost per token of the batch (token_s: sampling,
-  inputs, small kernels), by least squares; each point's residual and the whole model's error against the measured
+- the whole step: gpu_decode_step.json (Qwen3-30B-A3B shapes; engine decode steps replaying its CUDA graphs, host
+  work included, or in older runs the forward alone as a graph). The two latencies above come from kernels timed one
+  by one (an H100, the kernels of their day), so the engine's whole steps set their size: one scale for both, and a
+  cost per token of the batch (token_s: sampling, inputs, small kernels), by least squares on what the step model
+  without them leaves of each measured step. Each point's residual and the whole model's error against the measured
   steps are kept in the fit.
 
 CPU (`fit_cpu`) from sim_cpu_steps.json (the 4-instance CPU group on the tiny model), by least squares (refitted
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,31 +103,30 @@ def fit_gpu(results: Path = RESULTS) -> Calibration:
         merge_s=statistics.median(merges),
     )
 
-    # The rest of the forward: a fixed latency per layer.
+    # The rest of the forward. The latencies above were measured kernel by kernel (on an H100, with the kernels of
+    # their day); the engine's whole steps on the device set how large they are in a step: one scale for both, and
+    # a cost per token of the batch (sampling, inputs, small kernels), fit what the step model without them leaves
+    # of each measured step (one instance, its expected experts touched).
     shape = SHAPES["qwen3-30b-a3b"]
-    layers = shape.layers
-    copy = decode["copy_bandwidth_bytes_per_s"]
-    w_bw = copy * coefficients.weight_efficiency
-    flops = peak * coefficients.flops_efficiency
-    residuals, measured = [], []
-    for p in decode["points"]:
-        b = p["bytes"]
-        expert_memory = b["experts"] / w_bw
-        expert_compute = layers * p["batch"] * shape.top_k * 2 * shape.expert_params / flops
-        explained = (
-            layers * (coefficients.attention_latency_s + coefficients.expert_latency_s)
-            + b["kv"] / (copy * coefficients.kv_efficiency)
-            + max(expert_memory, expert_compute)
-            + (b["attention_and_norms"] + b["router"] + b["lm_head"]) / w_bw
-        )
-        measured.append(p.get("graph_step_ms", p.get("forward_graph_ms", 0.0)) / 1e3)
-        residuals.append(measured[-1] - explained)
-    fixed, per_token = lstsq([[1.0, p["batch"]] for p in decode["points"]], residuals)
-    coefficients = Coefficients(**{**asdict(coefficients), "layer_fixed_s": fixed / layers, "token_s": per_token})
-    # The whole model against the whole forward: one instance, its expected experts touched.
     device = "h200" if "H200" in decode["device"] else "h100"
-    model = StepModel(shape, DEVICES[device], Link("none", 1.0, 0.0, 0.0), coefficients, 1)
-    predicted = [model.step([p["batch"]], [p["kv_tokens_read"] // layers], [0]).step_s for p in decode["points"]]
+
+    def predict(c: Coefficients) -> list[float]:
+        model = StepModel(shape, DEVICES[device], Link("none", 1.0, 0.0, 0.0), c, 1)
+        return [model.step([p["batch"]], [p["kv_tokens_read"]], [0]).step_s for p in decode["points"]]
+
+    measured = [p.get("graph_step_ms", p.get("forward_graph_ms", 0.0)) / 1e3 for p in decode["points"]]
+    without = predict(replace(coefficients, attention_latency_s=0.0, expert_latency_s=0.0, token_s=0.0))
+    latency = shape.layers * (coefficients.attention_latency_s + coefficients.expert_latency_s)
+    rows = [[latency, float(p["batch"])] for p in decode["points"]]
+    scale, per_token = lstsq(rows, [m - w for m, w in zip(measured, without, strict=True)])
+    coefficients = replace(
+        coefficients,
+        attention_latency_s=scale * coefficients.attention_latency_s,
+        expert_latency_s=scale * coefficients.expert_latency_s,
+        token_s=per_token,
+    )
+    predicted = predict(coefficients)
+    residuals = [m - p for m, p in zip(measured, predicted, strict=True)]
     fit = {
         "sources": [
             f"cp_attention_split.json ({split['device']})",
