@@ -1,6 +1,6 @@
 """dcp against its own baseline, for any loads, request and cost model (hypothesis): `balanced`'s placement is always
-among dcp's candidates, dcp splits only when its cost model predicts the group's step gets faster, and a split's
-price over the request's life."""
+among dcp's candidates, dcp splits only when its cost model predicts the group's step gets faster, a split's price
+over the request's life, and when a request that fits on no single instance is split rather than left to wait."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nanocp.placement import Footprint, Placement, Shard
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.balanced import BalancedPolicy
-from nanocp.router.policies.dcp import DCPPolicy, persistence
+from nanocp.router.policies.dcp import DCPPolicy, fitting_pays, persistence
 
 PAGE = 16
 COSTS = [
@@ -133,3 +133,37 @@ def test_a_split_greedy_pricing_takes_is_refused_when_its_balance_does_not_outla
     idle = [_load(f"i{r}", r, committed=0, home=0, total=2000) for r in range(4)]
     split = dcp.place(footprint, idle)
     assert split is not None and split.cp_degree == 2, "in an idle group the balance lasts: the split pays"
+
+
+@settings(max_examples=300, deadline=None)
+@cases
+def test_a_request_that_fits_nowhere_whole_is_split_only_where_fitting_pays(
+    loads: list[InstanceLoad], footprint: Footprint, cost: CostModel, shard_tokens: int, max_degree: int
+) -> None:
+    if BalancedPolicy(cost).place(footprint, loads) is not None:
+        return
+    chosen = DCPPolicy(shard_tokens, max_degree, cost).place(footprint, loads)
+    if chosen is not None:
+        group = [i for i in loads if i.group == next(i for i in loads if i.id == chosen.home).group]
+        own, route = cost.parts(group)(chosen)
+        assert fitting_pays(chosen, own, route, group)
+
+
+def test_a_request_that_fits_nowhere_whole_waits_when_its_route_costs_more_than_it_admits() -> None:
+    """Four instances with 400 free pages of 1000 each; a 700-page request fits only split. Its route's share of the
+    step (1 ms of 2.5) is more than its share of the group's pages (700 of 4000): it waits, as under `balanced`;
+    with a route of 0.1 ms it is split. A 1200-page request, larger than any instance, is split either way."""
+    loads = [_load(f"i{r}", r, committed=600, home=2) for r in range(4)]
+    request = Footprint(700 * PAGE - 100, 100)
+    giant = Footprint(1200 * PAGE - 100, 100)
+
+    def dcp(cp_step_ms: float) -> DCPPolicy:
+        cost = CostModel(kv_token_ms=1e-4, home_token_ms=0.0, routed_row_ms=0.0, fixed_ms=1.0, cp_step_ms=cp_step_ms)
+        return DCPPolicy(shard_tokens=256, max_degree=4, cost=cost)
+
+    assert BalancedPolicy(dcp(1.0).cost).place(request, loads) is None
+    assert dcp(1.0).place(request, loads) is None
+    split = dcp(0.1).place(request, loads)
+    assert split is not None and split.cp_degree >= 2
+    giant_split = dcp(1.0).place(giant, loads)
+    assert giant_split is not None and giant_split.cp_degree >= 3

@@ -14,6 +14,10 @@ gets faster; otherwise exactly where `balanced` puts it.
   the group for the request's whole life, while balanced placement of later requests would undo most of a busy
   group's imbalance long before (`persistence`). So dcp splits only when the model says the group gets faster
   for the request's life, and never does worse by its own model than `balanced`.
+- A request that fits on no single instance is split only where the split's route costs the group less than it
+  gains (`fitting_pays`: the route's share of the step against the request's share of the group's pages, so mostly
+  on fast links); otherwise it waits for room as under `balanced`. A request larger than any instance is always
+  split: that is what only DCP can serve.
 """
 
 from __future__ import annotations
@@ -60,10 +64,12 @@ class DCPPolicy:
         scored = []
         for (own, route), p in priced:
             price = own + route
+            group = groups[group_of[p.home]]
             if whole_own is not None and p.cp_degree > 1:
-                group = groups[group_of[p.home]]
                 level = sum(i.pages_committed for i in group) / len(group)
                 price += (1 - persistence(p, level)) * max(0.0, whole_own - own)
+            elif p.cp_degree > 1 and not fitting_pays(p, own, route, group):
+                continue  # waiting for an instance with room serves the group better
             scored.append((price, p.cp_degree, p))
         return scored
 
@@ -139,3 +145,15 @@ def persistence(split: Placement, level: float) -> float:
         return 1.0
     closing = DRAIN_LIFETIMES * moved / level
     return closing / 2 if closing <= 1 else 1 - 1 / (2 * closing)
+
+
+def fitting_pays(split: Placement, own: float, route: float, group: list[InstanceLoad]) -> bool:
+    """Whether a split made only so that the request fits (no instance has room for it whole) beats its waiting for
+    an instance with room. The split's route runs for the request's whole life: where memory bounds the pool, every
+    request the group holds then lives longer by route / own a step, holding its pages that much longer, so the
+    group serves that share fewer requests; admitting this one now puts at most its share of the group's pages to
+    work. A request larger than any instance of the group can only be split."""
+    pages = sum(s.page_quota for s in split.shards)
+    if pages > max(i.pages_total for i in group):
+        return True
+    return route * sum(i.pages_total for i in group) <= own * pages
