@@ -44,12 +44,13 @@ def test_a_small_sweep_of_the_routers_policies_on_a_long_tailed_mix() -> None:
     trace = long_tailed(2000, seed=1, long_share=0.3)
     slo = Slo(0.050)
     rates = {}
-    for policy in (PolicySpec("static"), PolicySpec("dcp", shard_tokens=16384), PolicySpec("uniform", 8)):
+    dcp = PolicySpec("dcp", shard_tokens=16384)
+    for policy in (PolicySpec("static"), dcp, PolicySpec("uniform", 8)):
         run = at_rates(group, policy, trace, 10.0, slo, max_tokens=512)
         rates[policy.label] = max_rates(run, [slo], guess=20.0, rel_tol=0.1)[slo]
     assert all(rate > 0 for rate in rates.values()), rates
     assert rates["dcp"] >= rates["uniform D=8"] / 1.1, rates
-    result = at_rates(group, PolicySpec("dcp"), trace, 10.0, slo, max_tokens=512)(rates["dcp"])
+    result = at_rates(group, dcp, trace, 10.0, slo, max_tokens=512)(rates["dcp"])
     assert slo.met(result), "the rate found is one the policy sustains"
     assert result.summary()["cp_degree_mean"] > 1
 
