@@ -103,10 +103,8 @@ def fit_gpu(results: Path = RESULTS) -> Calibration:
         merge_s=statistics.median(merges),
     )
 
-    # The rest of the forward. The latencies above were measured kernel by kernel (on an H100, with the kernels of
-    # their day); the engine's whole steps on the device set how large they are in a step: one scale for both, and
-    # a cost per token of the batch (sampling, inputs, small kernels), fit what the step model without them leaves
-    # of each measured step (one instance, its expected experts touched).
+    # The whole step (the module's docstring says why the latencies are scaled): one instance, its expected
+    # experts touched.
     shape = SHAPES["qwen3-30b-a3b"]
     device = "h200" if "H200" in decode["device"] else "h100"
 
