@@ -1,25 +1,32 @@
 """The synchronous core of admission that the service and the simulator share: place now, queue, let small requests
-that fit go ahead of a large one (a bounded number), pump on release, refuse what never fits."""
+that fit go ahead of a large one (a bounded number anywhere, then only outside the pages it waits for), pump on
+release, refuse what never fits and what is larger than any instance with no room now."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
 from nanocp.placement import Footprint
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import DEFAULT_MAX_BYPASS, AdmissionQueue, QueueFull
-from nanocp.router.placement import InstanceLoad
+from nanocp.router.placement import InstanceLoad, PlacementPolicy
+from nanocp.router.policies.balanced import BalancedPolicy
+from nanocp.router.policies.dcp import DCPPolicy
 from nanocp.router.policies.static import StaticPolicy
+from nanocp.router.policies.uniform import UniformPolicy
 
 PAGE = 16
 TWO = [InstanceLoad("a", PAGE, 10, group="g"), InstanceLoad("b", PAGE, 10, group="g", rank=1)]
 EIGHT_PAGES = Footprint(100, 29)  # 128 tokens
 TWO_PAGES = Footprint(20, 13)  # 32 tokens
+TEN_PAGES = Footprint(150, 11)  # 160 tokens
 
 
-def queue(size: int = 4, max_bypass: int = DEFAULT_MAX_BYPASS) -> AdmissionQueue:
+def queue(size: int = 4, max_bypass: int = DEFAULT_MAX_BYPASS, policy: PlacementPolicy | None = None) -> AdmissionQueue:
     ledger = Ledger()
-    return AdmissionQueue(StaticPolicy(), ledger, lambda: [ledger.count(i) for i in TWO], size, max_bypass)
+    return AdmissionQueue(policy or StaticPolicy(), ledger, lambda: [ledger.count(i) for i in TWO], size, max_bypass)
 
 
 def test_a_request_that_fits_is_placed_and_committed_at_once() -> None:
@@ -66,15 +73,46 @@ def test_the_oldest_request_gets_precedence_after_max_bypass_others_went_ahead()
     assert first is not None and q.admit("r2", EIGHT_PAGES) is not None
     assert q.admit("big", EIGHT_PAGES) is None
     assert q.admit("s1", TWO_PAGES) is not None, "within the bypass budget"
-    assert q.admit("s2", TWO_PAGES) is None, "budget spent: s2 waits though two pages are free"
+    assert q.admit("s2", TWO_PAGES) is None, "budget spent: the two pages free are those big waits for"
     assert q.pump() == [], "nothing overtakes the oldest any more"
     placed = q.release(first)
     assert [key for key, _ in placed] == ["big", "s2"], "the oldest first, then a fresh budget for the next"
 
 
+def test_once_the_oldest_has_precedence_others_are_placed_only_outside_the_pages_it_waits_for() -> None:
+    q = queue(8, max_bypass=1)
+    assert q.admit("r1", EIGHT_PAGES) is not None  # on a: 2 pages free
+    second = q.admit("r2", TWO_PAGES)  # on b: 8 free
+    assert second is not None and second.home == "b"
+    assert q.admit("big", TEN_PAGES) is None
+    first_small = q.admit("s1", TWO_PAGES)
+    assert first_small is not None and first_small.home == "b", "within the budget: the most free pages, on b"
+    # Budget spent: big waits for ten pages on b, so b takes nothing more; a's two free pages are anyone's.
+    placed = q.admit("s2", TWO_PAGES)
+    assert placed is not None and placed.home == "a"
+    assert q.admit("s3", TWO_PAGES) is None
+    assert q.release(second) == [], "b has 8 pages free, big needs 10, and nothing else may take them"
+    assert [key for key, _ in q.release(first_small)] == ["big"]
+
+
+def test_a_request_larger_than_any_instance_is_split_when_there_is_room_now_else_refused() -> None:
+    q = queue(8, policy=DCPPolicy(shard_tokens=PAGE))
+    huge = Footprint(200, 57)  # 256 tokens: 16 pages, more than an instance's 10
+    placement = q.admit("h1", huge)
+    assert placement is not None and placement.cp_degree == 2, "split over both instances of the idle group"
+    with pytest.raises(QueueFull, match=r"larger than any instance holds .* retry later"):
+        q.admit("h2", huge)
+    assert q.queued == 0, "it does not wait: waiting, it would hold back the requests behind it"
+    q.release(placement)
+    assert q.admit("h3", huge) is not None
+
+
 @pytest.mark.parametrize("max_bypass", [0, 1, 3])
-def test_a_stream_of_small_requests_cannot_starve_a_large_one(max_bypass: int) -> None:
-    q = queue(64, max_bypass)
+@pytest.mark.parametrize("policy", [StaticPolicy, BalancedPolicy, DCPPolicy, lambda: UniformPolicy(2)])
+def test_a_stream_of_small_requests_cannot_starve_a_large_one(
+    max_bypass: int, policy: Callable[[], PlacementPolicy]
+) -> None:
+    q = queue(64, max_bypass, policy())
     running = [q.admit("r1", EIGHT_PAGES), q.admit("r2", EIGHT_PAGES)]
     assert q.admit("big", EIGHT_PAGES) is None
     for n in range(20):  # small requests keep coming and finishing; the large one needs 8 free pages on one

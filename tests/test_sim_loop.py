@@ -43,6 +43,9 @@ class Spy:
         self.grown.append((placement, pages))
         return self.policy.grow(placement, pages, instances)
 
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        return self.policy.reservation(footprint, instances)
+
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[Spy]:

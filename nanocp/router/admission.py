@@ -2,9 +2,17 @@
 
 A request that fits nowhere now waits in a bounded queue and is placed as pages are released or instances join: the
 oldest first when it fits, and when it does not, the requests behind it that fit (a large request at the head does
-not hold up small ones that have room), but only `max_bypass` of them: then the oldest has precedence and nothing
-else is placed until it is, so no request waits forever. A request that could not fit even on an idle cluster is
-refused at once, naming its size and the capacity.
+not hold up small ones that have room), but only `max_bypass` of them anywhere: then the oldest has precedence. From
+then on the free pages it waits for (its policy's `reservation`: its pages on the instance with the most free) are
+kept for it, and the others are placed only in the rest (backfilling, as batch schedulers do): the pages it waits
+for only grow until it fits, while the rest of the group keeps serving. So no request waits forever. With
+`max_bypass` 0 the queue is strictly first in, first out.
+
+A request larger than any instance (only `dcp` serves one, split over several) does not wait: it is placed if the
+group has room for it now, else refused with "retry later". Waiting, it would need pages drained on several
+instances at once and would hold back the requests behind it for longer than it is worth (in the simulator, serving
+such requests from the queue cost `dcp` more of the rate it sustains than they add). A request that could not fit
+even on an idle cluster is refused at once, naming its size and the capacity.
 
 `AdmissionQueue` is that logic, synchronous: the service wraps it in `Admission` (a queued request awaits a future),
 and the simulator (nanocp.sim) drives it directly, so both run the same decisions. Placing and committing happen
@@ -26,7 +34,7 @@ from nanocp.router.errors import NeverFits, RequestError
 from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.registry import WorkerRegistry
 
-DEFAULT_MAX_BYPASS = 32  # requests placed ahead of the oldest waiting one before it has precedence
+DEFAULT_MAX_BYPASS = 32  # requests placed anywhere ahead of the oldest waiting one before it has precedence
 
 
 class Withdrawn(Exception):
@@ -34,7 +42,8 @@ class Withdrawn(Exception):
 
 
 class QueueFull(Exception):
-    """No KV memory is free now and the admission queue is full."""
+    """No KV memory is free now and the request may not wait for it: the admission queue is full, or the request is
+    larger than any instance."""
 
 
 class AdmissionQueue:
@@ -83,12 +92,19 @@ class AdmissionQueue:
         """The request's placement, committed; or None: it waits until `pump` places it. Raises QueueFull.
 
         Those already waiting did not fit when they last tried, and pages have only been taken since (a release
-        pumps), so only the newcomer needs a try; it goes ahead of them while the oldest's bypass budget lasts."""
-        if not self._waiting or self._bypassed < self._max_bypass:
-            placement = self._place(footprint)
-            if placement is not None:
-                self._bypassed += bool(self._waiting)
-                return placement
+        pumps), so only the newcomer needs a try; it goes ahead of them while the oldest's bypass budget lasts, and
+        after that only onto instances the oldest has not reserved."""
+        placement = self._place(footprint, self._fenced())
+        if placement is not None:
+            self._bypassed += bool(self._waiting)
+            return placement
+        largest = max(self._loads(), key=lambda i: i.pages_total, default=None)
+        if largest is not None and footprint.pages(largest.page_size) > largest.pages_total:
+            raise QueueFull(
+                f"the request's KV cache ({footprint.tokens} tokens) is larger than any instance holds "
+                f"({largest.pages_total * largest.page_size} tokens): it is split over several and admitted only when "
+                "they have room now, as waiting for that much would hold back the requests behind it; retry later"
+            )
         if len(self._waiting) >= self._queue_size:
             raise QueueFull(
                 f"no KV memory is free now and the admission queue is full ({self._queue_size} requests wait); "
@@ -111,12 +127,13 @@ class AdmissionQueue:
         return self._waiting.pop(request_id, None) is not None
 
     def pump(self) -> list[tuple[str, Placement]]:
-        """Places waiting requests, answering them: the oldest ones in arrival order while they fit, then, while the
-        oldest's bypass budget lasts, those of the next max_bypass behind it that fit, in arrival order."""
+        """Places waiting requests, answering them: the oldest ones in arrival order while they fit, then those of
+        the next max_bypass behind the oldest that fit, in arrival order (once its bypass budget is spent, only
+        outside its reservation)."""
         placed = []
         while self._waiting:
             request_id, footprint = next(iter(self._waiting.items()))
-            placement = self._place(footprint)
+            placement = self._place(footprint, {})
             if placement is None:
                 break
             del self._waiting[request_id]
@@ -124,17 +141,30 @@ class AdmissionQueue:
             placed.append((request_id, placement))
         # The next max_bypass requests behind the oldest: a bounded look-ahead keeps a pump's work bounded.
         for request_id, footprint in list(itertools.islice(self._waiting.items(), 1, 1 + self._max_bypass)):
-            if self._bypassed >= self._max_bypass:
-                break
-            placement = self._place(footprint)
+            placement = self._place(footprint, self._fenced())
             if placement is not None:
                 del self._waiting[request_id]
                 self._bypassed += 1
                 placed.append((request_id, placement))
         return placed
 
-    def _place(self, footprint: Footprint) -> Placement | None:
-        loads = self._loads()
+    def _fenced(self) -> dict[str, int] | None:
+        """The free pages, by instance, that a request behind the oldest waiting one may not take: none while the
+        oldest's bypass budget lasts, then its reservation; None when nothing may go ahead of it (max_bypass 0)."""
+        if not self._waiting or self._bypassed < self._max_bypass:
+            return {}
+        if self._max_bypass == 0:
+            return None
+        return self.policy.reservation(next(iter(self._waiting.values())), self._loads())
+
+    def _place(self, footprint: Footprint, fenced: dict[str, int] | None) -> Placement | None:
+        if fenced is None:
+            return None
+        # Fenced pages are taken out of the instance's pages (not added to its KV, which the cost model reads).
+        loads = [
+            dataclasses.replace(i, pages_total=i.pages_total - fenced[i.id]) if i.id in fenced else i
+            for i in self._loads()
+        ]
         if not _room_for(footprint, loads):
             return None  # no policy could place it: skip asking (a full group's pump asks for many)
         placement = self.policy.place(footprint, loads)

@@ -78,6 +78,19 @@ class PlacementPolicy(Protocol):
         there is no room."""
         ...
 
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        """The free pages, by instance, that a request which fits nowhere now waits for: once they are free, this
+        policy places it. Admission keeps them for it while it has precedence."""
+        ...
+
+
+def whole_reservation(footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+    """A request placed whole waits for its pages on the instance closest to having them (the most free pages) of
+    those that could hold it; nothing when none could."""
+    fits = [i for i in instances if footprint.pages(i.page_size) <= i.pages_total]
+    best = min(fits, key=lambda i: (-i.pages_free, i.id), default=None)
+    return {best.id: footprint.pages(best.page_size)} if best is not None else {}
+
 
 def grow_tail(placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
     """A larger quota for the tail, when its holder has the pages: the degree stays."""

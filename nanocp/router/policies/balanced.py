@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel
-from nanocp.router.placement import InstanceLoad, by_group, contiguous_shards, grow_tail
+from nanocp.router.placement import InstanceLoad, by_group, contiguous_shards, grow_tail, whole_reservation
 
 
 class BalancedPolicy:
@@ -31,3 +31,6 @@ class BalancedPolicy:
 
     def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
         return grow_tail(placement, pages, instances)
+
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        return whole_reservation(footprint, instances)

@@ -26,7 +26,15 @@ from collections.abc import Iterator
 
 from nanocp.placement import Footprint, Placement
 from nanocp.router.cost import CostModel, with_placement
-from nanocp.router.placement import InstanceLoad, add_shard, by_group, capped_split, contiguous_shards, grow_tail
+from nanocp.router.placement import (
+    InstanceLoad,
+    add_shard,
+    by_group,
+    capped_split,
+    contiguous_shards,
+    grow_tail,
+    whole_reservation,
+)
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.names import DEFAULT_MAX_DEGREE, DEFAULT_SHARD_TOKENS
 
@@ -129,6 +137,10 @@ class DCPPolicy:
         group_ms = self.cost.scorer([with_placement(placement, i, -1) for i in group])
         scored = [(group_ms(c), c.cp_degree, c) for c in (larger_tail, new_shard) if c is not None]
         return min(scored, key=lambda s: s[:2])[2] if scored else None
+
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        """A request waits for room whole, as under `balanced` (one larger than any instance does not wait)."""
+        return whole_reservation(footprint, instances)
 
 
 def persistence(split: Placement, level: float) -> float:

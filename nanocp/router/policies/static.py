@@ -8,7 +8,7 @@ request never waits while another instance could take it.
 from __future__ import annotations
 
 from nanocp.placement import Footprint, Placement
-from nanocp.router.placement import InstanceLoad, contiguous_shards, grow_tail
+from nanocp.router.placement import InstanceLoad, contiguous_shards, grow_tail, whole_reservation
 
 
 def pick_home(instances: list[InstanceLoad]) -> InstanceLoad | None:
@@ -27,3 +27,6 @@ class StaticPolicy:
 
     def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
         return grow_tail(placement, pages, instances)
+
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        return whole_reservation(footprint, instances)

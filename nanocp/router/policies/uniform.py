@@ -35,3 +35,8 @@ class UniformPolicy:
 
     def grow(self, placement: Placement, pages: int, instances: list[InstanceLoad]) -> Placement | None:
         return grow_tail(placement, pages, instances)  # the degree is fixed
+
+    def reservation(self, footprint: Footprint, instances: list[InstanceLoad]) -> dict[str, int]:
+        """Its home is chosen by batch, not by free pages, and its shards spread over D instances: a request that
+        fits nowhere now waits for the whole group to have room (nothing else is placed meanwhile)."""
+        return {i.id: i.pages_total for i in instances}
