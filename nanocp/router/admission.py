@@ -93,8 +93,8 @@ class AdmissionQueue:
 
         Those already waiting did not fit when they last tried, and pages have only been taken since (a release
         pumps), so only the newcomer needs a try; it goes ahead of them while the oldest's bypass budget lasts, and
-        after that only onto instances the oldest has not reserved."""
-        placement = self._place(footprint, self._fenced())
+        after that only outside the pages the oldest waits for. One larger than any instance never waits."""
+        placement = self._place(footprint, self._open_loads())
         if placement is not None:
             self._bypassed += bool(self._waiting)
             return placement
@@ -133,39 +133,41 @@ class AdmissionQueue:
         placed = []
         while self._waiting:
             request_id, footprint = next(iter(self._waiting.items()))
-            placement = self._place(footprint, {})
+            placement = self._place(footprint, self._loads())
             if placement is None:
                 break
             del self._waiting[request_id]
             self._bypassed = 0
             placed.append((request_id, placement))
-        # The next max_bypass requests behind the oldest: a bounded look-ahead keeps a pump's work bounded.
+        # The next max_bypass requests behind the oldest: a bounded look-ahead keeps a pump's work bounded. A request
+        # that does not fit changes nothing, so the loads are asked for again only after a placement.
+        loads = self._open_loads()
         for request_id, footprint in list(itertools.islice(self._waiting.items(), 1, 1 + self._max_bypass)):
-            placement = self._place(footprint, self._fenced())
+            placement = self._place(footprint, loads)
             if placement is not None:
                 del self._waiting[request_id]
                 self._bypassed += 1
                 placed.append((request_id, placement))
+                loads = self._open_loads()
         return placed
 
-    def _fenced(self) -> dict[str, int] | None:
-        """The free pages, by instance, that a request behind the oldest waiting one may not take: none while the
-        oldest's bypass budget lasts, then its reservation; None when nothing may go ahead of it (max_bypass 0)."""
+    def _open_loads(self) -> list[InstanceLoad] | None:
+        """The loads a request behind the oldest waiting one may be placed on: all of them while the oldest's bypass
+        budget lasts, then less the free pages the oldest waits for (its policy's reservation, taken out of the
+        instances' pages, not added to their KV, which the cost model reads); None when nothing may go ahead of it
+        (max_bypass 0)."""
+        loads = self._loads()
         if not self._waiting or self._bypassed < self._max_bypass:
-            return {}
+            return loads
         if self._max_bypass == 0:
             return None
-        return self.policy.reservation(next(iter(self._waiting.values())), self._loads())
-
-    def _place(self, footprint: Footprint, fenced: dict[str, int] | None) -> Placement | None:
-        if fenced is None:
-            return None
-        # Fenced pages are taken out of the instance's pages (not added to its KV, which the cost model reads).
-        loads = [
-            dataclasses.replace(i, pages_total=i.pages_total - fenced[i.id]) if i.id in fenced else i
-            for i in self._loads()
+        fenced = self.policy.reservation(next(iter(self._waiting.values())), loads)
+        return [
+            dataclasses.replace(i, pages_total=i.pages_total - fenced[i.id]) if i.id in fenced else i for i in loads
         ]
-        if not _room_for(footprint, loads):
+
+    def _place(self, footprint: Footprint, loads: list[InstanceLoad] | None) -> Placement | None:
+        if loads is None or not _room_for(footprint, loads):
             return None  # no policy could place it: skip asking (a full group's pump asks for many)
         placement = self.policy.place(footprint, loads)
         if placement is not None:

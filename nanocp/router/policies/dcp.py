@@ -83,13 +83,15 @@ class DCPPolicy:
 
     def candidates(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[Placement]:
         whole = self.balanced.place(footprint, instances)
+        groups = by_group(instances)
+        if whole is None and not any(fit_split_may_pay(footprint, g, self.cost) for g in groups.values()):
+            return []  # it waits: skip pricing splits that cannot pass `fitting_pays` (a waiting queue asks often)
         homes = [i for i in instances if whole is not None and i.id == whole.home]
         least_work = min(
             instances, key=lambda i: (self.cost.own_ms(i), i.home_batch, -i.pages_free, i.id), default=None
         )
         if least_work is not None and least_work not in homes:
             homes.append(least_work)
-        groups = by_group(instances)
         splits = [p for home in homes for p in self._splits(footprint, home, groups[home.group])]
         return ([whole] if whole is not None else []) + splits
 
@@ -169,3 +171,15 @@ def fitting_pays(split: Placement, own: float, route: float, group: list[Instanc
     if pages > max(i.pages_total for i in group):
         return True
     return route * sum(i.pages_total for i in group) <= own * pages
+
+
+def fit_split_may_pay(footprint: Footprint, group: list[InstanceLoad], cost: CostModel) -> bool:
+    """Whether any split of the request within `group` could pass `fitting_pays`: priced with the least route a
+    split pays (one routed row) against the most own work it could leave (the whole request added to the group's
+    slowest instance)."""
+    page_size = group[0].page_size
+    pages = footprint.pages(page_size)
+    if pages > max(i.pages_total for i in group):
+        return True
+    most_own = max(cost.own_ms(i) for i in group) + cost.kv_token_ms * pages * page_size + cost.home_token_ms
+    return cost.route_ms(1) * sum(i.pages_total for i in group) <= most_own * pages
