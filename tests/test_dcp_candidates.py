@@ -11,7 +11,7 @@ from nanocp.placement import Footprint, Placement, Shard
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.balanced import BalancedPolicy
-from nanocp.router.policies.dcp import DCPPolicy, fitting_pays, persistence
+from nanocp.router.policies.dcp import DCPPolicy, fit_split_may_pay, fitting_pays, persistence
 
 PAGE = 16
 COSTS = [
@@ -147,6 +147,24 @@ def test_a_request_that_fits_nowhere_whole_is_split_only_where_fitting_pays(
         group = [i for i in loads if i.group == next(i for i in loads if i.id == chosen.home).group]
         own, route = cost.parts(group)(chosen)
         assert fitting_pays(chosen, own, route, group)
+
+
+@settings(max_examples=300, deadline=None)
+@cases
+def test_the_bound_that_skips_pricing_fit_splits_never_skips_one_that_fitting_pays_would_take(
+    loads: list[InstanceLoad], footprint: Footprint, cost: CostModel, shard_tokens: int, max_degree: int
+) -> None:
+    dcp = DCPPolicy(shard_tokens, max_degree, cost)
+    if BalancedPolicy(cost).place(footprint, loads) is not None:
+        return
+    by_group = {i.group: [j for j in loads if j.group == i.group] for i in loads}
+    for home in loads:
+        group = by_group[home.group]
+        if fit_split_may_pay(footprint, group, cost):
+            continue
+        for split in dcp._splits(footprint, home, group):
+            own, route = cost.parts(group)(split)
+            assert not fitting_pays(split, own, route, group), "the bound said no split of this group could pay"
 
 
 def test_a_request_that_fits_nowhere_whole_waits_when_its_route_costs_more_than_it_admits() -> None:
