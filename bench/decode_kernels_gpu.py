@@ -5,6 +5,9 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
 - experts: the (token, expert) rows gathered by kernels before the expert kernels, against read from their tokens
   in the kernels' loads (kernels.TokenRows, what the model runs);
 - router: the top-k kernel (triton_moe.route_topk) against torch's softmax, topk and renormalisation;
+- fusions: the MoE combine and the next layer's add-norm (two launches) against the combine inside the add-norm
+  (kernels.ExpertOutputs, what the model runs), and the QK-norm + rotary kernel followed by store_kv against the K,
+  V stored by the QK-norm kernel itself;
 - decode attention: FlashInfer's graph decode with the log-sum-exp (a partial, merged with others) and without it
   (a lone instance's rows: GraphDecode.output), at 1 to 256 rows and 16 to 64K tokens a row.
 
@@ -93,6 +96,46 @@ def expert_points() -> list[dict[str, Any]]:
     return points
 
 
+def combine_then_add_norm(outputs: kernels.ExpertOutputs, residual: torch.Tensor, weight: torch.Tensor) -> Any:
+    return kernels.add_rms_norm(outputs.combine(), residual, weight, 1e-6)
+
+
+def norm_rope_then_store(qkv: torch.Tensor, positions: torch.Tensor, store: Any, weights: Any, rotary: Any) -> None:
+    _, k, v = kernels.qk_norm_rope(qkv, positions, *weights, *rotary, 1e-6, HEADS, KV_HEADS)
+    kernels.store_kv(store[0], store[1], k, v, store[2])
+
+
+def fusion_points() -> list[dict[str, Any]]:
+    points = []
+    norm_weight = torch.ones(HIDDEN, device="cuda", dtype=BF16)
+    positions_max = 8192
+    rotary = (torch.randn(positions_max, DIM, device="cuda"), torch.randn(positions_max, DIM, device="cuda"))
+    qk_weights = (torch.ones(DIM, device="cuda", dtype=BF16), torch.ones(DIM, device="cuda", dtype=BF16))
+    caches = [torch.zeros(4096, PAGE, KV_HEADS, DIM, device="cuda", dtype=BF16) for _ in range(2)]
+    for tokens in [1, 8, 64, 256]:
+        y = torch.randn(tokens * TOP_K, HIDDEN, device="cuda").to(BF16)
+        outputs = kernels.ExpertOutputs(y, torch.randperm(tokens * TOP_K, device="cuda"),
+                                        torch.rand(tokens, TOP_K, device="cuda").to(BF16))  # fmt: skip
+        residual = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
+        two_us, _ = per_call_us([partial(combine_then_add_norm, outputs, residual, norm_weight)] * LAYERS)
+        one_us, _ = per_call_us([partial(kernels.add_rms_norm, outputs, residual, norm_weight, 1e-6)] * LAYERS)
+        qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM, device="cuda").to(BF16)
+        positions = torch.randint(0, positions_max, (tokens,), device="cuda")
+        store = (*caches, torch.randperm(4096 * PAGE, device="cuda")[:tokens])
+        then_store_us, _ = per_call_us(
+            [partial(norm_rope_then_store, qkv, positions, store, qk_weights, rotary)] * LAYERS
+        )
+        stored_us, _ = per_call_us(
+            [partial(kernels.qk_norm_rope, qkv, positions, *qk_weights, *rotary, 1e-6, HEADS, KV_HEADS, store=store)]
+            * LAYERS
+        )
+        point = {"tokens": tokens, "combine_then_add_norm_us": two_us, "combine_in_add_norm_us": one_us,
+                 "norm_rope_then_store_kv_us": then_store_us, "norm_rope_storing_us": stored_us}  # fmt: skip
+        points.append(point)
+        console.print(f"fusions {tokens:3} tokens: {point}")
+    return points
+
+
 def attention_points() -> list[dict[str, Any]]:
     points = []
     plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
@@ -123,19 +166,23 @@ def attention_points() -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--parts", default="router,experts,fusions,attention", help="comma-separated, of these")
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = {
+    measure = {"router": router_points, "experts": expert_points, "fusions": fusion_points,
+               "attention": attention_points}  # fmt: skip
+    result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "timing": f"a graph of {LAYERS} calls (one a layer), per call; {TIMING}",
         "copy_bandwidth_bytes_per_s": copy_bandwidth(),
-        "router": router_points(),
-        "experts": expert_points(),
-        "attention": attention_points(),
     }
+    parts = args.parts.split(",")
+    for part in parts:
+        result[part] = measure[part]()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "decode_kernels_gpu.json"
+    name = "decode_kernels_gpu" if len(parts) == len(measure) else "decode_kernels_gpu_" + "_".join(parts)
+    path = args.out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     console.print(f"wrote {path}")
 

@@ -6,6 +6,7 @@ Convention at this interface: log-sum-exp values are natural logarithms (backend
 
 from nanocp.kernels.attention import AttentionMetadata, merge_states, paged_attention, store_kv
 from nanocp.kernels.moe import (
+    ExpertOutputs,
     TokenRows,
     combine,
     grouped_swiglu,
@@ -17,6 +18,7 @@ from nanocp.kernels.norm import add_rms_norm, qk_norm_rope, rms_norm
 
 __all__ = [
     "AttentionMetadata",
+    "ExpertOutputs",
     "TokenRows",
     "add_rms_norm",
     "combine",

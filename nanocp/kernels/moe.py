@@ -23,6 +23,18 @@ class TokenRows(NamedTuple):
         return self.x[self.entries // self.top_k]
 
 
+class ExpertOutputs(NamedTuple):
+    """A MoE layer's expert rows before their combine: the norm after the layer combines them as it adds them to
+    the residual stream (add_rms_norm; one launch on CUDA)."""
+
+    y: torch.Tensor  # (rows, hidden) in sorted order
+    position: torch.Tensor  # (rows,) each (token, expert) row's place in y
+    weights: torch.Tensor  # (tokens, top_k)
+
+    def combine(self) -> torch.Tensor:
+        return combine(self.y, self.position, self.weights)
+
+
 def fused(x: torch.Tensor) -> bool:
     """Whether an op on x runs the CUDA kernels (Triton, FlashInfer), which take bfloat16 and float16; anything
     else runs the torch reference. Here rather than in the package's __init__: norm.py imports it from an op module

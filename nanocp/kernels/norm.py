@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanocp.kernels.moe import fused
+from nanocp.kernels.attention import store_kv
+from nanocp.kernels.moe import ExpertOutputs, fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,9 +29,16 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | ExpertOutputs, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(residual + x), residual + x). On CUDA in place: x becomes the first, residual the second."""
+    """(rms_norm(residual + x), residual + x), x an MoE layer's outputs combined first. On CUDA in place: residual
+    becomes the second (and a tensor x the first)."""
+    if isinstance(x, ExpertOutputs):
+        if not (fused(x.y) and residual.is_contiguous()):
+            return add_rms_norm(x.combine(), residual, weight, eps)
+        from nanocp.kernels import triton_moe
+
+        return triton_moe.combine_add_rms_norm(*x, residual, weight, eps)
     if fused(x) and x.is_contiguous() and residual.is_contiguous():
         import flashinfer
 
@@ -50,22 +58,27 @@ def qk_norm_rope(
     eps: float,
     heads: int,
     kv_heads: int,
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Splits a fused QKV projection (tokens, (heads + 2 kv_heads) * dim) into q, k, v (tokens, heads, dim); q and k
     RMS-normalised per head (q_weight, k_weight) then rotated by their token's position (NeoX halves; cos, sin the
-    float32 (positions, dim) tables)."""
+    float32 (positions, dim) tables). store: (k_cache, v_cache, slots) to write each token's K, V into the paged
+    caches as store_kv does (on CUDA in the same launch)."""
     dim = cos.shape[-1]
     v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)  # a view on both paths
     if fused(qkv):
         from nanocp.kernels import triton_norm_rope
 
         out = qkv.new_empty(len(qkv), heads, dim), qkv.new_empty(len(qkv), kv_heads, dim)
-        triton_norm_rope.qk_norm_rope_into(qkv, positions, (q_weight, k_weight), (cos, sin), eps, out)
+        triton_norm_rope.qk_norm_rope_into(qkv, positions, (q_weight, k_weight), (cos, sin), eps, out, store)
         return *out, v
     q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     tables = cos[positions].to(qkv.dtype)[:, None, :], sin[positions].to(qkv.dtype)[:, None, :]
     q = _rotate(reference_rms_norm(q.view(-1, heads, dim), q_weight, eps), tables)
     k = _rotate(reference_rms_norm(k.view(-1, kv_heads, dim), k_weight, eps), tables)
+    if store is not None:
+        k_cache, v_cache, slots = store
+        store_kv(k_cache, v_cache, k, v, slots)
     return q, k, v
 
 

@@ -128,6 +128,17 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """One token's expert outputs (its columns `cols`) weighted and summed in float32, in a fixed order (no atomics)."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(position_ptr + token * TOP_K + j)
+        weight = tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
+        acc += weight * tl.load(y_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _combine_kernel(  # type: ignore[no-untyped-def]
     y_ptr,
     position_ptr,
@@ -142,11 +153,7 @@ def _combine_kernel(  # type: ignore[no-untyped-def]
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # a fixed order, no atomics
-        row = tl.load(position_ptr + token * TOP_K + j)
-        weight = tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
-        acc += weight * tl.load(y_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+    acc = _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -162,3 +169,63 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> t
             y, position, weights, out, hidden, top_k, block, **launch_options(y)
         )
     return out
+
+
+@triton.jit
+def _combine_add_rms_norm_kernel(  # type: ignore[no-untyped-def]
+    y_ptr,
+    position_ptr,
+    weights_ptr,
+    residual_ptr,
+    norm_weight_ptr,
+    out_ptr,
+    hidden,
+    eps,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    await_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    combined = _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K)
+    # Rounded as combine's output is, added to the residual in float32 (as FlashInfer's fused add-norm does).
+    summed = combined.to(out_ptr.dtype.element_ty).to(tl.float32)
+    summed += tl.load(residual_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(residual_ptr + token * hidden + cols, summed.to(residual_ptr.dtype.element_ty), mask=mask)
+    scale = tl.rsqrt(tl.sum(summed * summed, axis=0) / hidden + eps)
+    norm_weight = tl.load(norm_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, (summed * scale * norm_weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_add_rms_norm(
+    y: torch.Tensor,
+    position: torch.Tensor,
+    weights: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.add_rms_norm of combine(y, position, weights) in one launch: (the normed sum, residual + the
+    combined rows); residual updated in place."""
+    tokens, top_k = weights.shape
+    y, weights = y.contiguous(), weights.contiguous()
+    hidden = y.shape[1]
+    out = y.new_empty(tokens, hidden)
+    if tokens:
+        _combine_add_rms_norm_kernel[(tokens,)](
+            y,
+            position,
+            weights,
+            residual,
+            norm_weight,
+            out,
+            hidden,
+            eps,
+            top_k,
+            triton.next_power_of_2(hidden),
+            num_warps=8,
+            **launch_options(y),
+        )
+    return out, residual

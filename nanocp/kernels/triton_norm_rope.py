@@ -24,23 +24,36 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     sin_ptr,
     q_ptr,
     k_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
     qkv_stride,
     eps,
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
+    STORE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # query heads first, then key heads: their columns follow each other in qkv
+    head = tl.program_id(1)  # query heads, key heads, then (storing) value heads: their columns follow in qkv
     HALF: tl.constexpr = DIM // 2
     d = tl.arange(0, HALF)
     source = qkv_ptr + token * qkv_stride + head * DIM
-    x1 = tl.load(source + d).to(tl.float32)
-    x2 = tl.load(source + HALF + d).to(tl.float32)
-    scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / DIM + eps)
+    x1 = tl.load(source + d)
+    x2 = tl.load(source + HALF + d)
     is_query = head < HEADS
+    is_key = (head >= HEADS) & (head < HEADS + KV_HEADS)
+    if STORE:  # a value head (past the keys) is stored as it is, its rotated values left unwritten
+        slot = tl.load(slot_ptr + token).to(tl.int64)  # -1: K, V not kept here (a remote tail, or padding)
+        cached = slot * (KV_HEADS * DIM) + (head - HEADS) % KV_HEADS * DIM
+        is_value = (head >= HEADS + KV_HEADS) & (slot >= 0)
+        tl.store(v_cache_ptr + cached + d, x1, mask=is_value)
+        tl.store(v_cache_ptr + cached + HALF + d, x2, mask=is_value)
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / DIM + eps)
     w1 = tl.where(is_query, tl.load(q_weight_ptr + d), tl.load(k_weight_ptr + d)).to(tl.float32)
     w2 = tl.where(is_query, tl.load(q_weight_ptr + HALF + d), tl.load(k_weight_ptr + HALF + d)).to(tl.float32)
     x1 = x1 * scale * w1
@@ -48,14 +61,17 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     position = tl.load(positions_ptr + token)
     cos = tl.load(cos_ptr + position * DIM + d)  # the tables' two halves are equal
     sin = tl.load(sin_ptr + position * DIM + d)
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
+    y1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
     q_out = q_ptr + (token * HEADS + head) * DIM
     k_out = k_ptr + (token * KV_HEADS + head - HEADS) * DIM
-    tl.store(q_out + d, y1.to(q_ptr.dtype.element_ty), mask=is_query)
-    tl.store(q_out + HALF + d, y2.to(q_ptr.dtype.element_ty), mask=is_query)
-    tl.store(k_out + d, y1.to(k_ptr.dtype.element_ty), mask=head >= HEADS)
-    tl.store(k_out + HALF + d, y2.to(k_ptr.dtype.element_ty), mask=head >= HEADS)
+    tl.store(q_out + d, y1, mask=is_query)
+    tl.store(q_out + HALF + d, y2, mask=is_query)
+    tl.store(k_out + d, y1, mask=is_key)
+    tl.store(k_out + HALF + d, y2, mask=is_key)
+    if STORE:
+        tl.store(k_cache_ptr + cached + d, y1, mask=is_key & (slot >= 0))
+        tl.store(k_cache_ptr + cached + HALF + d, y2, mask=is_key & (slot >= 0))
 
 
 def qk_norm_rope_into(
@@ -65,15 +81,37 @@ def qk_norm_rope_into(
     tables: tuple[torch.Tensor, torch.Tensor],
     eps: float,
     out: tuple[torch.Tensor, torch.Tensor],
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """kernels.qk_norm_rope's q and k on CUDA, written into `out`: q (tokens, heads, dim) and k (tokens, kv_heads,
     dim), contiguous. qkv (tokens, (heads + 2 kv_heads) * dim); weights the q and k norms'; tables cos and sin, the
-    float32 (positions, dim) tables."""
+    float32 (positions, dim) tables. store: (k_cache, v_cache, slots) to also write each token's K and V into its
+    slot of the paged caches (pages, page_size, kv_heads, dim) contiguous, as kernels.store_kv does (slot -1:
+    not kept), in the same launch."""
     q, k = out
     tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
     if qkv.stride(1) != 1:  # the kernel reads each row's columns contiguous
         qkv = qkv.contiguous()
+    if store is not None and not (store[0].is_contiguous() and store[1].is_contiguous()):
+        raise ValueError("storing K, V needs contiguous caches")
+    k_cache, v_cache, slots = store if store is not None else (k, k, positions)  # unread without STORE
     if tokens:
-        _qk_norm_rope_kernel[(tokens, heads + k.shape[1])](
-            qkv, positions, *weights, *tables, q, k, qkv.stride(0), eps, heads, k.shape[1], dim, **launch_options(qkv)
+        _qk_norm_rope_kernel[(tokens, heads + kv_heads * (1 if store is None else 2))](
+            qkv,
+            positions,
+            *weights,
+            *tables,
+            q,
+            k,
+            k_cache,
+            v_cache,
+            slots,
+            qkv.stride(0),
+            eps,
+            heads,
+            kv_heads,
+            dim,
+            store is not None,
+            **launch_options(qkv),
         )

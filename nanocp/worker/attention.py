@@ -146,9 +146,15 @@ class PagedAttention:
         # (what benchmarks compare).
         self.overlap = True
 
+    def local_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the step's home rows' K, V go on this instance: (k cache, v cache, each row's slot, -1 for none).
+        The caller writes them (kernels.qk_norm_rope's store: the same launch that makes them on CUDA)."""
+        assert self.plan is not None, "a step sets its plan before its forward"
+        return self.cache.k[layer], self.cache.v[layer], self.plan.local_slots
+
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim). Stores the rows' K, V and returns the
-        attention output of the home rows."""
+        """q: (home rows, heads, dim); k, v: (home rows, kv heads, dim), already stored here at local_kv's slots
+        (they travel to the holders of remote tails). Returns the attention output of the home rows."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         plan = self.plan
         if isinstance(plan, StaticPlan):
@@ -165,7 +171,6 @@ class PagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        kernels.store_kv(k_cache, v_cache, k, v, plan.local_slots)
         routes = plan.routes
         if routes is None:
             with self.timer.section("attention"):
@@ -223,7 +228,6 @@ class PagedAttention:
                 received = routes.queries.forward(q[routes.query_send])
                 kv = routes.kv.forward(torch.stack((k, v), dim=1)[routes.kv_send])
         with timer.section("attention"):
-            kernels.store_kv(k_cache, v_cache, k, v, plan.local_slots)
             if routes is not None:
                 kernels.store_kv(k_cache, v_cache, kv[:, 0], kv[:, 1], routes.kv_slots)
             queries = torch.cat((q, received))

@@ -47,8 +47,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream after adding x, normalised, and the stream itself (one kernel on CUDA)."""
+    def add_and_norm(
+        self, x: torch.Tensor | kernels.ExpertOutputs, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding x (an MoE layer's outputs: combined first), normalised, and the stream
+        itself (one kernel on CUDA)."""
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -98,6 +101,7 @@ class Attention(nn.Module):
             c.rms_norm_eps,
             c.num_heads,
             c.num_kv_heads,
+            store=ctx.attention.local_kv(self.layer),
         )
         out = ctx.attention.run(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, c.q_size))
@@ -124,7 +128,8 @@ class SparseMoE(nn.Module):
         c = self.config
         return kernels.route_topk(self.gate(x), c.experts_per_token, c.norm_topk_prob, x.dtype)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> kernels.ExpertOutputs:
+        """The experts' output rows, combined by the next norm as it adds them to the residual stream."""
         weights, experts = self.route(x)
         # The (token, expert) rows sorted by expert, hence by holder; found on the device, so the step waits for no
         # host round trip per layer.
@@ -135,7 +140,7 @@ class SparseMoE(nn.Module):
                 y = kernels.grouped_swiglu_by_ends(rows, ends, self.w_gate_up, self.w_down)
         else:
             y = self._routed_experts(rows.gather(), experts.flatten()[entries], ends, ctx)
-        return kernels.combine(y, position, weights)
+        return kernels.ExpertOutputs(y, position, weights)
 
     def _routed_experts(
         self, rows: torch.Tensor, sorted_experts: torch.Tensor, ends: torch.Tensor, ctx: StepContext
@@ -172,11 +177,12 @@ class DecoderLayer(nn.Module):
         self.moe = SparseMoE(config, shard)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext, rotary: Rotary
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor | kernels.ExpertOutputs, residual: torch.Tensor | None, ctx: StepContext, rotary: Rotary
+    ) -> tuple[kernels.ExpertOutputs, torch.Tensor]:
         """x: the previous layer's MoE output (the embeddings for the first layer, whose residual is None).
         Returns this layer's MoE output and the residual stream before it is added."""
         if residual is None:
+            assert isinstance(x, torch.Tensor), "the first layer takes the embeddings"
             h, residual = self.input_norm(x), x
         else:
             h, residual = self.input_norm.add_and_norm(x, residual)
@@ -199,7 +205,8 @@ class Qwen3Moe(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Hidden states after the final norm, one row per token."""
-        x, residual = self.embed(token_ids), None
+        x: torch.Tensor | kernels.ExpertOutputs = self.embed(token_ids)
+        residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, self.rotary)
         assert residual is not None, "a model has layers"

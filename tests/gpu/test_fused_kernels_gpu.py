@@ -77,6 +77,44 @@ def test_sort_by_expert_is_the_stable_sort(tokens: int) -> None:
     assert torch.equal(ends.cpu(), ref_ends)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_qk_norm_rope_stores_k_and_v_in_their_slots(tokens: int) -> None:
+    """The launch that makes q and k also writes each row's K and V into its slot, exactly what store_kv writes;
+    rows with slot -1 (a remote tail, padding) write nothing."""
+    rotary = Rotary(DIM, 1e6, 4096).cuda()
+    rotary.reset()
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM, device="cuda").to(BF16)
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    q_w, k_w = (1 + 0.1 * torch.randn(2, DIM, device="cuda")).to(BF16)
+    slots = torch.randperm(4 * 16, device="cuda")[:tokens]
+    slots[1::3] = -1  # the first row kept, every third after it not
+    caches = [torch.zeros(4, 16, KV_HEADS, DIM, device="cuda", dtype=BF16) for _ in range(4)]
+    args = (rotary.cos, rotary.sin, EPS, HEADS, KV_HEADS)
+    q, k, v = kernels.qk_norm_rope(qkv, positions, q_w, k_w, *args, store=(caches[0], caches[1], slots))
+    q2, k2, v2 = kernels.qk_norm_rope(qkv, positions, q_w, k_w, *args)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+    kernels.store_kv(caches[2], caches[3], k2, v2, slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].flatten(0, 1)[slots[slots >= 0]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 256])
+def test_combine_add_rms_norm_matches_combine_then_add_norm(tokens: int) -> None:
+    """An MoE layer's rows combined in the next add-norm's launch, against the reference's combine, add and norm."""
+    rows = tokens * TOP_K
+    y = torch.randn(rows, HIDDEN, device="cuda").to(BF16)
+    position = torch.randperm(rows, device="cuda")
+    weights = torch.rand(tokens, TOP_K, device="cuda").to(BF16)
+    residual = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
+    norm_weight = (1 + 0.1 * torch.randn(HIDDEN, device="cuda")).to(BF16)
+    ref_normed, ref_residual = kernels.add_rms_norm(
+        kernels.ExpertOutputs(y.float(), position, weights.float()), residual.float(), norm_weight.float(), EPS
+    )
+    normed, summed = kernels.add_rms_norm(kernels.ExpertOutputs(y, position, weights), residual, norm_weight, EPS)
+    assert summed.data_ptr() == residual.data_ptr(), "the residual stream is updated in place"
+    assert rel_err(summed, ref_residual) < 1e-2 and rel_err(normed, ref_normed) < 1e-2
+
+
 @pytest.mark.parametrize("tokens", [1, 17])
 def test_combine_and_silu_mul(tokens: int) -> None:
     rows = tokens * TOP_K
