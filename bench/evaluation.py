@@ -15,6 +15,10 @@ time-scaled; every request asks for max_tokens = 1024. Simulations run in parall
 
 A subset (--cells, --policies) writes bench/results/evaluation_subset.json and no report: its rates and fixed-load
 figures only (the fixed load is static's 30 ms rate where static is among the policies, else the best one's).
+After a change to one policy, `--rerun dcp` simulates that policy alone and takes every other one's results from the
+committed bench/results/evaluation.json (the same trace and settings), then writes the whole report:
+
+    .venv/bin/python bench/evaluation.py --rerun dcp
 """
 
 from __future__ import annotations
@@ -114,6 +118,29 @@ def at_load(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "summary": result.steady(EDGE).summary()}
 
 
+def kept_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The committed run's results; refused unless that run had these settings."""
+    if args.cells or args.policies or args.quick:
+        raise SystemExit("--rerun reruns policies over the whole evaluation: no --cells, --policies or --quick")
+    previous = json.loads((RESULTS / "evaluation.json").read_text())
+    settings = {"trace": args.trace.name, "max_tokens": MAX_TOKENS, "rel_tol": args.rel_tol, "windows": args.windows}
+    used = {**{k: previous["workload"][k] for k in ("trace", "max_tokens")},
+            **{k: previous["rates"][0][k] for k in ("rel_tol", "windows")}}  # fmt: skip
+    if used != settings:
+        raise SystemExit(f"the committed run used {used}, not {settings}: run the whole evaluation")
+    return {key: previous[key] for key in ("rates", "fixed_load", "cp_latency")}
+
+
+def merged(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The committed run's results in its order, with those of the rerun policies replaced by the new ones."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["n"], r["link"], r["regime"], r["label"], r.get("p2p_latency_us")
+
+    fresh = {key(r): r for r in new}
+    return [fresh.get(key(r), r) for r in previous]
+
+
 def _each(pool: ProcessPoolExecutor, work: Any, jobs: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
     """The jobs' results in order, a line printed as each one finishes."""
     futures = [pool.submit(work, job) for job in jobs]
@@ -132,6 +159,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=WINDOWS, help=f"runs pooled to judge a rate (default {WINDOWS})")
     parser.add_argument("--cells", help="only these cells, N:link:pool comma-separated (e.g. 8:infiniband:80)")
     parser.add_argument("--policies", help="only these policy labels, comma-separated (e.g. balanced,dcp)")
+    parser.add_argument("--rerun", help="only these policy labels; the others' results from the committed run")
     parser.add_argument("--out", type=Path, default=None, help="the results (default bench/results/evaluation.json)")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where evaluation.md and its plots go")
     args = parser.parse_args()
@@ -141,6 +169,9 @@ def main() -> None:
     cells = chosen_cells(args.cells)
     labels = None if args.policies is None else set(args.policies.split(","))
     subset = cells is not None or labels is not None
+    kept = kept_results(args) if args.rerun else None
+    if kept is not None:
+        labels = set(args.rerun.split(","))
     start = time.perf_counter()
     configs = [
         {"n": n, "link": link, "regime": regime, "kv_bytes": kv, "trace": str(args.trace)}
@@ -159,13 +190,16 @@ def main() -> None:
         jobs = [{**j, "duration_s": 10.0} for j in jobs]
     with ProcessPoolExecutor(args.jobs) as pool:
         rates = _each(pool, bisect, sorted(jobs, key=lambda j: -j["n"]), "rates")
+        rates = merged(kept["rates"], rates) if kept else rates
         loads = []
         for c in configs:
             mine = [r for r in rates if all(r[k] == c[k] for k in ("n", "link", "regime"))]
             baseline = next((r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine if r["label"] == "static"), None)
             load = baseline or max(r["rates"][str(FIXED_LOAD_SLO_MS)] for r in mine)
             loads += [{**c, "policy": r["policy"], "label": r["label"], "rate": load} for r in mine]
+        loads = [j for j in loads if labels is None or j["label"] in labels]
         fixed = _each(pool, at_load, loads, "fixed load")
+        fixed = merged(kept["fixed_load"], fixed) if kept else fixed
         n = max(sizes)
         sensitivity = [
             {
@@ -184,10 +218,12 @@ def main() -> None:
             for regime, kv in list(REGIMES.items())[:1]
             for us in P2P_LATENCIES_US
             for p in (PolicySpec("balanced"), PolicySpec("dcp"))
+            if labels is None or p.label in labels
         ]
         if args.quick:
             sensitivity = [{**j, "duration_s": 10.0} for j in sensitivity]
         latency = [] if subset else _each(pool, bisect, sensitivity, "CP latency")
+        latency = merged(kept["cp_latency"], latency) if kept else latency
     result = {
         "workload": {"trace": args.trace.name, **describe(load_mooncake(args.trace)), "max_tokens": MAX_TOKENS},
         "dcp": {"shard_tokens": PolicySpec("dcp").shard_tokens, "max_degree": PolicySpec("dcp").max_degree},
