@@ -102,7 +102,7 @@ async def test_a_router_with_the_internal_token_serves_through_the_worker(
     router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, internal_token=TokenFile(token_file))
     try:
         async with AsyncClient(f"{HOST}:{router.port}") as client:
-            chunks = [c async for c in client.generate([1, 2, 3], max_tokens=3)]
+            chunks = [c async for c in client.generate([1, 2, 3], max_tokens=3, ignore_eos=True)]
             assert chunks[-1].finish_reason == "length"
     finally:
         await router.stop()
@@ -154,7 +154,9 @@ async def test_top_reads_the_workers_steps_with_the_internal_token(worker: Worke
     router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, internal_token=TokenFile(token_file))
     try:
         async with AsyncClient(f"{HOST}:{router.port}") as client:
-            assert [c async for c in client.generate([1, 2, 3], max_tokens=3)][-1].finish_reason == "length"
+            assert [c async for c in client.generate([1, 2, 3], max_tokens=3, ignore_eos=True)][
+                -1
+            ].finish_reason == "length"
         without, with_token = Top(f"{HOST}:{router.port}"), Top(f"{HOST}:{router.port}", internal_token=TOKEN)
         try:
             await without.poll()

@@ -96,7 +96,12 @@ async def test_request_ids_over_the_limit_are_invalid(start_cluster: StartCluste
             pass
     with pytest.raises(InvalidArgument):
         await cluster.client.abort("x" * length)
-    at_limit = [c async for c in cluster.client.generate([1, 2], max_tokens=2, request_id="y" * MAX_REQUEST_ID_CHARS)]
+    at_limit = [
+        c
+        async for c in cluster.client.generate(
+            [1, 2], max_tokens=2, ignore_eos=True, request_id="y" * MAX_REQUEST_ID_CHARS
+        )
+    ]
     assert at_limit[-1].finish_reason == "length"
 
 
@@ -107,10 +112,14 @@ async def test_the_router_serves_tls_to_clients_that_trust_its_ca(worker: Worker
     try:
         target = f"{HOST}:{router.port}"
         async with AsyncClient(target, ca_file=certs["ca_crt"], max_retries=0) as trusted:
-            assert [c async for c in trusted.generate([1, 2], max_tokens=2)][-1].finish_reason == "length"
+            assert [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)][
+                -1
+            ].finish_reason == "length"
         renamed = f"localhost:{router.port}"  # as through a port-forward: the certificate holds another name
         async with AsyncClient(renamed, ca_file=certs["ca_crt"], server_name="nanocp-worker") as trusted:
-            assert [c async for c in trusted.generate([1, 2], max_tokens=2)][-1].finish_reason == "length"
+            assert [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)][
+                -1
+            ].finish_reason == "length"
         async with AsyncClient(target, max_retries=0) as plaintext:
             with pytest.raises(Unavailable):
                 await plaintext.list_instances(timeout=30)
