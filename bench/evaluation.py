@@ -128,6 +128,9 @@ def kept_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             **{k: previous["rates"][0][k] for k in ("rel_tol", "windows")}}  # fmt: skip
     if used != settings:
         raise SystemExit(f"the committed run used {used}, not {settings}: run the whole evaluation")
+    unknown = set(args.rerun.split(",")) - {r["label"] for r in previous["rates"]}
+    if unknown:  # found before an hour of simulation, not after
+        raise SystemExit(f"the committed run has no policy {sorted(unknown)}: run the whole evaluation")
     return {key: previous[key] for key in ("rates", "fixed_load", "cp_latency")}
 
 
@@ -138,6 +141,9 @@ def merged(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[di
         return r["n"], r["link"], r["regime"], r["label"], r.get("p2p_latency_us")
 
     fresh = {key(r): r for r in new}
+    missing = fresh.keys() - {key(r) for r in previous}
+    if missing:  # a policy or cell the committed run lacks would be dropped from the report
+        raise SystemExit(f"the committed run has no results for {sorted(missing)}: run the whole evaluation")
     return [fresh.get(key(r), r) for r in previous]
 
 
