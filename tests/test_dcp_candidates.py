@@ -11,7 +11,7 @@ from nanocp.placement import Footprint, Placement, Shard
 from nanocp.router.cost import CostModel
 from nanocp.router.placement import InstanceLoad
 from nanocp.router.policies.balanced import BalancedPolicy
-from nanocp.router.policies.dcp import DCPPolicy, fit_split_may_pay, fitting_pays, persistence
+from nanocp.router.policies.dcp import DCPPolicy, persistence, route_may_pay, route_pays
 
 PAGE = 16
 COSTS = [
@@ -137,7 +137,7 @@ def test_a_split_greedy_pricing_takes_is_refused_when_its_balance_does_not_outla
 
 @settings(max_examples=300, deadline=None)
 @cases
-def test_a_request_that_fits_nowhere_whole_is_split_only_where_fitting_pays(
+def test_a_request_that_fits_nowhere_whole_is_split_only_where_route_pays(
     loads: list[InstanceLoad], footprint: Footprint, cost: CostModel, shard_tokens: int, max_degree: int
 ) -> None:
     if BalancedPolicy(cost).place(footprint, loads) is not None:
@@ -146,12 +146,12 @@ def test_a_request_that_fits_nowhere_whole_is_split_only_where_fitting_pays(
     if chosen is not None:
         group = [i for i in loads if i.group == next(i for i in loads if i.id == chosen.home).group]
         own, route = cost.parts(group)(chosen)
-        assert fitting_pays(chosen, own, route, group)
+        assert route_pays(chosen, own, route, group)
 
 
 @settings(max_examples=300, deadline=None)
 @cases
-def test_the_bound_that_skips_pricing_fit_splits_never_skips_one_that_fitting_pays_would_take(
+def test_the_bound_that_skips_pricing_fit_splits_never_skips_one_that_route_pays_would_take(
     loads: list[InstanceLoad], footprint: Footprint, cost: CostModel, shard_tokens: int, max_degree: int
 ) -> None:
     dcp = DCPPolicy(shard_tokens, max_degree, cost)
@@ -160,11 +160,11 @@ def test_the_bound_that_skips_pricing_fit_splits_never_skips_one_that_fitting_pa
     by_group = {i.group: [j for j in loads if j.group == i.group] for i in loads}
     for home in loads:
         group = by_group[home.group]
-        if fit_split_may_pay(footprint, group, cost):
+        if route_may_pay(footprint, group, cost):
             continue
         for split in dcp._splits(footprint, home, group):
             own, route = cost.parts(group)(split)
-            assert not fitting_pays(split, own, route, group), "the bound said no split of this group could pay"
+            assert not route_pays(split, own, route, group), "the bound said no split of this group could pay"
 
 
 def test_a_request_that_fits_nowhere_whole_waits_when_its_route_costs_more_than_it_admits() -> None:

@@ -1,6 +1,7 @@
 """The synchronous core of admission that the service and the simulator share: place now, queue, let small requests
 that fit go ahead of a large one (a bounded number anywhere, then only outside the pages it waits for), pump on
-release, refuse what never fits and what is larger than any instance with no room now."""
+release, refuse what never fits, and admit what is larger than any instance only from memory its group has to
+spare."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from nanocp.placement import Footprint
 from nanocp.router.accounting import Ledger
 from nanocp.router.admission import DEFAULT_MAX_BYPASS, AdmissionQueue, QueueFull
+from nanocp.router.cost import CostModel
 from nanocp.router.placement import InstanceLoad, PlacementPolicy
 from nanocp.router.policies.balanced import BalancedPolicy
 from nanocp.router.policies.dcp import DCPPolicy
@@ -105,6 +107,45 @@ def test_a_request_larger_than_any_instance_is_split_when_there_is_room_now_else
     assert q.queued == 0, "it does not wait: waiting, it would hold back the requests behind it"
     q.release(placement)
     assert q.admit("h3", huge) is not None
+
+
+FOUR = [InstanceLoad(f"i{r}", PAGE, 10, group="g", rank=r) for r in range(4)]
+GIANT = Footprint(200, 57)  # 16 pages: more than an instance's 10
+
+
+def dcp_queue_of_four() -> AdmissionQueue:
+    """dcp on four instances of 10 pages, with a CP route so slow that only a giant is ever split."""
+    ledger = Ledger()
+    dcp = DCPPolicy(shard_tokens=PAGE, cost=CostModel(cp_step_ms=1e3))
+    return AdmissionQueue(dcp, ledger, lambda: [ledger.count(i) for i in FOUR], 8)
+
+
+def test_a_request_larger_than_any_instance_is_refused_while_another_waits_for_memory() -> None:
+    q = dcp_queue_of_four()
+    for n in range(4):
+        assert q.admit(f"s{n}", TWO_PAGES) is not None
+    assert q.admit("big", TEN_PAGES) is None, "no instance has 10 pages free: it waits"
+    with pytest.raises(QueueFull, match="nobody waits for memory"):
+        q.admit("g1", GIANT)  # 24 pages are free, but the pages that free up are the waiting request's
+    assert q.withdraw("big")
+    placement = q.admit("g2", GIANT)
+    assert placement is not None and placement.cp_degree >= 2
+
+
+@pytest.mark.parametrize("small_requests, admitted", [(6, True), (7, False)])
+def test_a_request_larger_than_any_instance_is_admitted_only_while_its_group_keeps_what_the_others_hold_free(
+    small_requests: int, admitted: bool
+) -> None:
+    q = dcp_queue_of_four()
+    for n in range(small_requests):
+        assert q.admit(f"s{n}", TWO_PAGES) is not None
+    # 12 pages held: 40 - 12 - 16 = 12 stay free; 14 held: only 10 would, though the giant fits in the 26 free.
+    if admitted:
+        assert q.admit("giant", GIANT) is not None
+    else:
+        with pytest.raises(QueueFull, match="as many pages free as the others hold"):
+            q.admit("giant", GIANT)
+    assert q.queued == 0
 
 
 @pytest.mark.parametrize("max_bypass", [0, 1, 3])

@@ -8,11 +8,15 @@ kept for it, and the others are placed only in the rest (backfilling, as batch s
 for only grow until it fits, while the rest of the group keeps serving. So no request waits forever. With
 `max_bypass` 0 the queue is strictly first in, first out.
 
-A request larger than any instance (only `dcp` serves one, split over several) does not wait: it is placed if the
-group has room for it now, else refused with "retry later". Waiting, it would need pages drained on several
-instances at once and would hold back the requests behind it for longer than it is worth (in the simulator, serving
-such requests from the queue cost `dcp` more of the rate it sustains than they add). A request that could not fit
-even on an idle cluster is refused at once, naming its size and the capacity.
+A request larger than any instance (a giant: only `dcp` serves one, split over several) does not wait, and is
+served only from memory the group has to spare: it is placed when nobody waits for memory and, with it, the group
+keeps at least as many pages free as the other requests hold (`_spare_for_giant`: the group's load could double
+before anyone waited); else it is refused with "retry later". A giant holds the pages of many ordinary requests for
+its whole life: waiting, it would need pages drained on several instances at once and hold back the requests behind
+it, and admitted into a filling group, the requests arriving during its life wait for its pages instead (in the
+simulator, one giant admitted into a group filling at the rate `balanced` sustains cost `dcp` a bisection step). So
+under memory pressure the requests that cost most per request are the ones shed. A request that could not fit even
+on an idle cluster is refused at once, naming its size and the capacity.
 
 `AdmissionQueue` is that logic, synchronous: the service wraps it in `Admission` (a queued request awaits a future),
 and the simulator (nanocp.sim) drives it directly, so both run the same decisions. Placing and committing happen
@@ -31,7 +35,7 @@ import grpc
 from nanocp.placement import Footprint, Placement
 from nanocp.router.accounting import Ledger
 from nanocp.router.errors import NeverFits, RequestError
-from nanocp.router.placement import InstanceLoad, PlacementPolicy
+from nanocp.router.placement import InstanceLoad, PlacementPolicy, by_group
 from nanocp.router.registry import WorkerRegistry
 
 DEFAULT_MAX_BYPASS = 32  # requests placed anywhere ahead of the oldest waiting one before it has precedence
@@ -93,17 +97,23 @@ class AdmissionQueue:
 
         Those already waiting did not fit when they last tried, and pages have only been taken since (a release
         pumps), so only the newcomer needs a try; it goes ahead of them while the oldest's bypass budget lasts, and
-        after that only outside the pages the oldest waits for. One larger than any instance never waits."""
-        placement = self._place(footprint, self._open_loads())
+        after that only outside the pages the oldest waits for. One larger than any instance never waits, and is
+        placed only in a group with memory to spare."""
+        loads = self._loads()
+        largest = max(loads, key=lambda i: i.pages_total, default=None)
+        giant = largest is not None and footprint.pages(largest.page_size) > largest.pages_total
+        if giant:
+            placement = None if self._waiting else self._place(footprint, _spare_for_giant(footprint, loads))
+        else:
+            placement = self._place(footprint, self._open_loads())
         if placement is not None:
             self._bypassed += bool(self._waiting)
             return placement
-        largest = max(self._loads(), key=lambda i: i.pages_total, default=None)
-        if largest is not None and footprint.pages(largest.page_size) > largest.pages_total:
+        if giant and largest is not None:
             raise QueueFull(
                 f"the request's KV cache ({footprint.tokens} tokens) is larger than any instance holds "
                 f"({largest.pages_total * largest.page_size} tokens): it is split over several and admitted only when "
-                "they have room now, as waiting for that much would hold back the requests behind it; retry later"
+                "nobody waits for memory and its group keeps as many pages free as the others hold; retry later"
             )
         if len(self._waiting) >= self._queue_size:
             raise QueueFull(
@@ -265,6 +275,18 @@ def _room_for(footprint: Footprint, loads: list[InstanceLoad]) -> bool:
             return True
         free[i.group] = free.get(i.group, 0) + i.pages_free
     return False
+
+
+def _spare_for_giant(footprint: Footprint, loads: list[InstanceLoad]) -> list[InstanceLoad]:
+    """The instances of the groups that keep, with the giant placed, at least as many pages free as their other
+    requests hold: an idle group takes any giant it can hold; a group more than half full takes none."""
+    spare = []
+    for members in by_group(loads).values():
+        committed = sum(i.pages_committed for i in members)
+        free_after = sum(i.pages_total for i in members) - committed - footprint.pages(members[0].page_size)
+        if free_after >= committed:
+            spare.extend(members)
+    return spare
 
 
 def _never_fits(footprint: Footprint, idle: list[InstanceLoad], policy: str) -> str:

@@ -14,10 +14,11 @@ gets faster; otherwise exactly where `balanced` puts it.
   the group for the request's whole life, while balanced placement of later requests would undo most of a busy
   group's imbalance long before (`persistence`). So dcp splits only when the model says the group gets faster
   for the request's life, and never does worse by its own model than `balanced`.
-- A request that fits on no single instance is split only where the split's route costs the group less than it
-  gains (`fitting_pays`: the route's share of the step against the request's share of the group's pages, so mostly
-  on fast links); otherwise it waits for room as under `balanced`. A request larger than any instance is always
-  split: that is what only DCP can serve.
+- Every split must also pay for its route in memory (`route_pays`): the route's share of the step at most the
+  request's share of the pages the group holds, so mostly on fast links and for large requests, and freely in an
+  idle group. A request that fits on no single instance and fails it waits for room as under `balanced`; one larger
+  than any instance is always split: that is what only DCP can serve (admission takes it only from memory the
+  group has to spare: nanocp.router.admission).
 """
 
 from __future__ import annotations
@@ -73,19 +74,19 @@ class DCPPolicy:
         for (own, route), p in priced:
             price = own + route
             group = groups[group_of[p.home]]
+            if p.cp_degree > 1 and not route_pays(p, own, route, group):
+                continue  # its route would cost the group more than admitting (or balancing) it this way gains
             if whole_own is not None and p.cp_degree > 1:
                 level = sum(i.pages_committed for i in group) / len(group)
                 price += (1 - persistence(p, level)) * max(0.0, whole_own - own)
-            elif p.cp_degree > 1 and not fitting_pays(p, own, route, group):
-                continue  # waiting for an instance with room serves the group better
             scored.append((price, p.cp_degree, p))
         return scored
 
     def candidates(self, footprint: Footprint, instances: list[InstanceLoad]) -> list[Placement]:
         whole = self.balanced.place(footprint, instances)
         groups = by_group(instances)
-        if whole is None and not any(fit_split_may_pay(footprint, g, self.cost) for g in groups.values()):
-            return []  # it waits: skip pricing splits that cannot pass `fitting_pays` (a waiting queue asks often)
+        if not any(route_may_pay(footprint, g, self.cost) for g in groups.values()):
+            return [whole] if whole is not None else []  # skip pricing splits that cannot pass `route_pays`
         homes = [i for i in instances if whole is not None and i.id == whole.home]
         least_work = min(
             instances, key=lambda i: (self.cost.own_ms(i), i.home_batch, -i.pages_free, i.id), default=None
@@ -161,20 +162,22 @@ def persistence(split: Placement, level: float) -> float:
     return closing / 2 if closing <= 1 else 1 - 1 / (2 * closing)
 
 
-def fitting_pays(split: Placement, own: float, route: float, group: list[InstanceLoad]) -> bool:
-    """Whether a split made only so that the request fits (no instance has room for it whole) beats its waiting for
-    an instance with room. The split's route runs for the request's whole life: where memory bounds the pool, every
-    request the group holds then lives longer by route / own a step, holding its pages that much longer, so the
-    group serves that share fewer requests; admitting this one now puts at most its share of the group's pages to
-    work. A request larger than any instance of the group can only be split."""
+def route_pays(split: Placement, own: float, route: float, group: list[InstanceLoad]) -> bool:
+    """Whether a split's route costs the group less than the request's pages are worth. The route runs for the
+    request's whole life: every request the group holds then lives longer by route / own a step, holding its pages
+    that much longer, so where memory bounds the pool the group serves that share fewer requests; splitting this one
+    (to fit it now, or to balance) puts at most its share of the pages the group holds to work. The pages held, not
+    the pool: in an idle group a route slows no one else, and splits there cut the latency DCP is for. Balance
+    splits are held to it too: those that failed it cost dcp one bisection step at 20 ms on two 80 GB cells of the
+    evaluation. A request larger than any instance of the group can only be split."""
     pages = sum(s.page_quota for s in split.shards)
     if pages > max(i.pages_total for i in group):
         return True
-    return route * sum(i.pages_total for i in group) <= own * pages
+    return route * sum(i.pages_committed for i in group) <= own * pages
 
 
-def fit_split_may_pay(footprint: Footprint, group: list[InstanceLoad], cost: CostModel) -> bool:
-    """Whether any split of the request within `group` could pass `fitting_pays`: priced with the least route a
+def route_may_pay(footprint: Footprint, group: list[InstanceLoad], cost: CostModel) -> bool:
+    """Whether any split of the request within `group` could pass `route_pays`: priced with the least route a
     split pays (one routed row) against the most own work it could leave (the whole request added to the group's
     slowest instance)."""
     page_size = group[0].page_size
@@ -182,4 +185,4 @@ def fit_split_may_pay(footprint: Footprint, group: list[InstanceLoad], cost: Cos
     if pages > max(i.pages_total for i in group):
         return True
     most_own = max(cost.own_ms(i) for i in group) + cost.kv_token_ms * pages * page_size + cost.home_token_ms
-    return cost.route_ms(1) * sum(i.pages_total for i in group) <= most_own * pages
+    return cost.route_ms(1) * sum(i.pages_committed for i in group) <= most_own * pages
