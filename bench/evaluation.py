@@ -240,6 +240,7 @@ def main() -> None:
         "fixed_load": fixed,
         "cp_latency": latency,
         "wall_s": time.perf_counter() - start,
+        "rerun": sorted(labels) if kept and labels else [],  # these policies simulated again, the others kept
     }
     name = "evaluation_subset.json" if subset else "evaluation_quick.json" if args.quick else "evaluation.json"
     out = args.out or RESULTS / name

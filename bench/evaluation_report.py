@@ -344,9 +344,21 @@ def write_report(result: dict[str, Any], docs: Path = DOCS) -> None:
         pages=pages_table(result),
         calibration=calibration_section(),
         speed=speed_section(),
-        wall=result["wall_s"] / 60,
+        generated=generated_by(result),
     )
     (docs / "evaluation.md").write_text(text)
+
+
+def generated_by(result: dict[str, Any]) -> str:
+    """How the numbers were made: a full run, or some policies simulated again into the last full run's results."""
+    minutes = result["wall_s"] / 60
+    if not result.get("rerun"):
+        return f"`make evaluation` (`bench/evaluation.py`, {minutes:.0f} minutes on 2 cores)"
+    policies = ",".join(result["rerun"])
+    return (
+        f"`bench/evaluation.py --rerun {policies}` (after a change to {policies}: its results simulated again in "
+        f"{minutes:.0f} minutes on 2 cores, every other policy's kept from the last full `make evaluation`)"
+    )
 
 
 if __name__ == "__main__":
