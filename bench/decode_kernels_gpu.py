@@ -9,7 +9,8 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
   (kernels.ExpertOutputs, what the model runs), and the QK-norm + rotary kernel followed by store_kv against the K,
   V stored by the QK-norm kernel itself;
 - decode attention: FlashInfer's graph decode with the log-sum-exp (a partial, merged with others) and without it
-  (a lone instance's rows: GraphDecode.output), at 1 to 256 rows and 16 to 64K tokens a row.
+  (a lone instance's rows: GraphDecode.output), at 1 to 256 rows and 16 to 64K tokens a row;
+- split: the graph decode with FlashInfer's KV split and without it, uniform and skewed batches of 32 to 256 rows.
 
 The alternatives are checked against each other (bit-equality where the arithmetic is the same, agreement of the
 chosen experts otherwise). Times are medians of triton.testing.do_bench over replays (L2 flushed before each).
@@ -163,14 +164,51 @@ def attention_points() -> list[dict[str, Any]]:
     return points
 
 
+def split_points() -> list[dict[str, Any]]:
+    """A graph's decode with FlashInfer's KV split and without it (GraphDecode's split_kv), around the rows where
+    the graphs stop splitting (GraphDecode.can_split): uniform batches, and skewed ones where one row reads 64K
+    tokens and the others 1K or 16 (the case a split helps, where one can still happen)."""
+    points = []
+    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
+                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
+    num_pages = 64 * 8192 // PAGE + 65536 // PAGE + 8
+    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
+    v_cache = torch.randn_like(k_cache)
+    cases = [(32, [8192] * 32), (64, [1024] * 64), (64, [8192] * 64), (80, [1024] * 80), (128, [1024] * 128),
+             (256, [1024] * 256), (64, [65536] + [1024] * 63), (80, [65536] + [1024] * 79),
+             (64, [65536] + [16] * 63)]  # fmt: skip
+    for rows, lens in cases:
+        counts = [-(-n // PAGE) for n in lens]
+        page_indptr = [0]
+        for c in counts:
+            page_indptr.append(page_indptr[-1] + c)
+        page_indices = torch.randperm(num_pages, device="cuda")[: page_indptr[-1]]
+        meta = kernels.AttentionMetadata([*range(rows + 1)], page_indptr, page_indices, lens, PAGE, False)
+        q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
+        times, outs = {}, {}
+        for split in (True, False):
+            decode = flashinfer_attention.GraphDecode(rows, num_pages, plan_args, q.device, split_kv=split)
+            decode.plan(meta)
+            times[split], out = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
+            outs[split] = out[0][0].clone()
+        diff = (outs[True].float() - outs[False].float()).abs().max().item()
+        kind = "uniform" if len(set(lens)) == 1 else "skewed"
+        point = {"rows": rows, "kind": kind, "max_context": max(lens), "mean_context": sum(lens) / rows,
+                 "split_us": times[True], "no_split_us": times[False], "max_abs_diff": diff}  # fmt: skip
+        points.append(point)
+        console.print(f"split {rows:3} rows {kind} (max {max(lens)}, mean {sum(lens) / rows:.0f}): split "
+                      f"{times[True]:.1f} us, no split {times[False]:.1f} us, max |diff| {diff:.2e}")  # fmt: skip
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--parts", default="router,experts,fusions,attention", help="comma-separated, of these")
+    parser.add_argument("--parts", default="router,experts,fusions,attention,split", help="comma-separated, of these")
     args = parser.parse_args()
     torch.manual_seed(0)
     measure = {"router": router_points, "experts": expert_points, "fusions": fusion_points,
-               "attention": attention_points}  # fmt: skip
+               "attention": attention_points, "split": split_points}  # fmt: skip
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -183,14 +183,19 @@ class GraphDecode:
 
     PAD_PAGE = 0
 
-    def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
+    def __init__(
+        self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device, split_kv: bool | None = None
+    ) -> None:
         """plan_args: num_qo_heads, num_kv_heads, head_dim, page_size and the dtypes and scale, as plan() takes them.
         Tensor cores at every batch: FlashInfer's CUDA-core decode is faster at a 16-token context (12.2 vs 16.2
-        us a graph replay at 1 row) but slower from 1K (22.9 vs 17.9; results/decode_kernels_gpu.json of e775ff1)."""
+        us a graph replay at 1 row) but slower from 1K (22.9 vs 17.9; results/decode_kernels_gpu.json of e775ff1).
+        split_kv: whether FlashInfer may split a row's KV across CTAs; fixed for the wrapper's life (a captured
+        graph has the merge kernel or not). None: only where a split can happen (`can_split`)."""
         import flashinfer
 
         self.rows = rows
         self.plan_args = plan_args
+        self.split_kv = self.can_split(rows, plan_args["num_kv_heads"], device) if split_kv is None else split_kv
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             _workspace(device),
             "NHD",
@@ -201,6 +206,16 @@ class GraphDecode:
             paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
             backend=BACKEND,
         )
+
+    @staticmethod
+    def can_split(rows: int, num_kv_heads: int, device: torch.device) -> bool:
+        """Whether FlashInfer's graph decode can split any row's KV at this many rows. Under CUDA graphs it plans a
+        split at every step (partials in the workspace, then a merge kernel), but its chunks number at most
+        2 * SMs / kv_heads (66 on an H200 with 4 KV heads), one a row at least: from there on it splits nothing and
+        the partials and the merge only cost (4 to 8 us a layer at 80 to 256 rows of 1K on an H200;
+        results/decode_kernels_gpu_split_h200.json). Below, a split can pay a lot: 64 rows, one of 64K tokens and
+        63 of 1K, take 303 us with it and 887 us without."""
+        return rows * num_kv_heads < 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
     def plan(self, meta: AttentionMetadata | None) -> None:
         """Plans the segments of `meta` (one row each, in row order; None: none) and pads to the graph's rows."""
@@ -216,7 +231,7 @@ class GraphDecode:
         indices = torch.cat((indices, indices.new_full((padding,), self.PAD_PAGE)))
         last = torch.cat((last, torch.ones(padding, dtype=torch.int32)))
         with torch.inference_mode(False):  # the wrapper's buffers are normal tensors, updated in place
-            self.wrapper.plan(indptr, indices, last, **self.plan_args)
+            self.wrapper.plan(indptr, indices, last, disable_split_kv=not self.split_kv, **self.plan_args)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (rows, heads, dim); the output and log-sum-exp (natural log) of every row, padding rows included."""

@@ -176,3 +176,27 @@ def test_grouped_swiglu_matches_reference(counts: list[int]) -> None:
     ref = reference_grouped_swiglu(x.float(), counts, w_gate_up.float(), w_down.float())
     assert out.dtype == BF16 and out.shape == x.shape
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "one-long-row"])
+def test_graph_decode_with_and_without_kv_split_match_the_reference(skewed: bool) -> None:
+    """A graph's decode lets FlashInfer split a row's KV only where it can (GraphDecode.can_split); both ways are
+    exact up to bf16 arithmetic, on the row counts either side of where the graphs stop splitting."""
+    from nanocp.kernels.flashinfer_attention import GraphDecode
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    last_split = (2 * sms - 1) // KV_HEADS  # the most rows a graph still splits at
+    assert GraphDecode.can_split(last_split, KV_HEADS, torch.device("cuda"))
+    assert not GraphDecode.can_split(last_split + 1, KV_HEADS, torch.device("cuda"))
+    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
+                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": SCALE}  # fmt: skip
+    for rows in (last_split, last_split + 1):
+        lens = [8192] + [300] * (rows - 1) if skewed else [1000] * rows
+        case = Case([(1, kv) for kv in lens], causal=True, seed=rows)
+        ref, ref_lse = case.reference()
+        for split in (True, False):
+            decode = GraphDecode(rows, case.k_cache.shape[0], plan_args, case.q.device, split_kv=split)
+            decode.plan(case.meta)
+            out, lse = decode.run(case.q, case.k_cache, case.v_cache)
+            assert rel_err(out, ref) < 1e-2, (rows, split)
+            assert_lse_close(lse, ref_lse)
