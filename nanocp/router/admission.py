@@ -105,7 +105,7 @@ class AdmissionQueue:
         if giant:
             placement = None if self._waiting else self._place(footprint, _spare_for_giant(footprint, loads))
         else:
-            placement = self._place(footprint, self._open_loads())
+            placement = self._place(footprint, self._open_loads(loads))
         if placement is not None:
             self._bypassed += bool(self._waiting)
             return placement
@@ -151,22 +151,21 @@ class AdmissionQueue:
             placed.append((request_id, placement))
         # The next max_bypass requests behind the oldest: a bounded look-ahead keeps a pump's work bounded. A request
         # that does not fit changes nothing, so the loads are asked for again only after a placement.
-        loads = self._open_loads()
+        loads = self._open_loads(self._loads())
         for request_id, footprint in list(itertools.islice(self._waiting.items(), 1, 1 + self._max_bypass)):
             placement = self._place(footprint, loads)
             if placement is not None:
                 del self._waiting[request_id]
                 self._bypassed += 1
                 placed.append((request_id, placement))
-                loads = self._open_loads()
+                loads = self._open_loads(self._loads())
         return placed
 
-    def _open_loads(self) -> list[InstanceLoad] | None:
-        """The loads a request behind the oldest waiting one may be placed on: all of them while the oldest's bypass
-        budget lasts, then less the free pages the oldest waits for (its policy's reservation, taken out of the
-        instances' pages, not added to their KV, which the cost model reads); None when nothing may go ahead of it
-        (max_bypass 0)."""
-        loads = self._loads()
+    def _open_loads(self, loads: list[InstanceLoad]) -> list[InstanceLoad] | None:
+        """The loads (the ledger's now) a request behind the oldest waiting one may be placed on: all of them while
+        the oldest's bypass budget lasts, then less the free pages the oldest waits for (its policy's reservation,
+        taken out of the instances' pages, not added to their KV, which the cost model reads); None when nothing may
+        go ahead of it (max_bypass 0)."""
         if not self._waiting or self._bypassed < self._max_bypass:
             return loads
         if self._max_bypass == 0:
