@@ -118,8 +118,8 @@ def at_load(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "summary": result.steady(EDGE).summary()}
 
 
-def kept_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """The committed run's results; refused unless that run had these settings."""
+def kept_results(args: argparse.Namespace, rerun: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The committed run's results; refused unless that run had these settings and the `rerun` policies."""
     if args.cells or args.policies or args.quick:
         raise SystemExit("--rerun reruns policies over the whole evaluation: no --cells, --policies or --quick")
     previous = json.loads((RESULTS / "evaluation.json").read_text())
@@ -128,7 +128,7 @@ def kept_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             **{k: previous["rates"][0][k] for k in ("rel_tol", "windows")}}  # fmt: skip
     if used != settings:
         raise SystemExit(f"the committed run used {used}, not {settings}: run the whole evaluation")
-    unknown = set(args.rerun.split(",")) - {r["label"] for r in previous["rates"]}
+    unknown = rerun - {r["label"] for r in previous["rates"]}
     if unknown:  # found before an hour of simulation, not after
         raise SystemExit(f"the committed run has no policy {sorted(unknown)}: run the whole evaluation")
     return {key: previous[key] for key in ("rates", "fixed_load", "cp_latency")}
@@ -175,9 +175,10 @@ def main() -> None:
     cells = chosen_cells(args.cells)
     labels = None if args.policies is None else set(args.policies.split(","))
     subset = cells is not None or labels is not None
-    kept = kept_results(args) if args.rerun else None
-    if kept is not None:
+    kept = None
+    if args.rerun:
         labels = set(args.rerun.split(","))
+        kept = kept_results(args, labels)
     start = time.perf_counter()
     configs = [
         {"n": n, "link": link, "regime": regime, "kv_bytes": kv, "trace": str(args.trace)}
@@ -240,7 +241,9 @@ def main() -> None:
         "fixed_load": fixed,
         "cp_latency": latency,
         "wall_s": time.perf_counter() - start,
-        "rerun": sorted(labels) if kept and labels else [],  # these policies simulated again, the others kept
+        "rerun": sorted(labels)
+        if kept is not None and labels is not None
+        else [],  # these policies simulated again, the others kept
     }
     name = "evaluation_subset.json" if subset else "evaluation_quick.json" if args.quick else "evaluation.json"
     out = args.out or RESULTS / name

@@ -154,9 +154,8 @@ async def test_top_reads_the_workers_steps_with_the_internal_token(worker: Worke
     router = await serve_router("tiny", [f"{HOST}:{worker.port}"], HOST, 0, internal_token=TokenFile(token_file))
     try:
         async with AsyncClient(f"{HOST}:{router.port}") as client:
-            assert [c async for c in client.generate([1, 2, 3], max_tokens=3, ignore_eos=True)][
-                -1
-            ].finish_reason == "length"
+            chunks = [c async for c in client.generate([1, 2, 3], max_tokens=3, ignore_eos=True)]
+            assert chunks[-1].finish_reason == "length"
         without, with_token = Top(f"{HOST}:{router.port}"), Top(f"{HOST}:{router.port}", internal_token=TOKEN)
         try:
             await without.poll()

@@ -112,14 +112,12 @@ async def test_the_router_serves_tls_to_clients_that_trust_its_ca(worker: Worker
     try:
         target = f"{HOST}:{router.port}"
         async with AsyncClient(target, ca_file=certs["ca_crt"], max_retries=0) as trusted:
-            assert [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)][
-                -1
-            ].finish_reason == "length"
+            chunks = [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)]
+            assert chunks[-1].finish_reason == "length"
         renamed = f"localhost:{router.port}"  # as through a port-forward: the certificate holds another name
         async with AsyncClient(renamed, ca_file=certs["ca_crt"], server_name="nanocp-worker") as trusted:
-            assert [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)][
-                -1
-            ].finish_reason == "length"
+            chunks = [c async for c in trusted.generate([1, 2], max_tokens=2, ignore_eos=True)]
+            assert chunks[-1].finish_reason == "length"
         async with AsyncClient(target, max_retries=0) as plaintext:
             with pytest.raises(Unavailable):
                 await plaintext.list_instances(timeout=30)
