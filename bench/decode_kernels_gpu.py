@@ -10,13 +10,16 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
   V stored by the QK-norm kernel itself;
 - decode attention: FlashInfer's graph decode with the log-sum-exp (a partial, merged with others) and without it
   (a lone instance's rows: GraphDecode.output), at 1 to 256 rows and 16 to 64K tokens a row;
-- split: the graph decode with FlashInfer's KV split and without it, uniform and skewed batches of 32 to 256 rows.
+- split: the graph decode with FlashInfer's KV split and without it, uniform and skewed batches of 32 to 256 rows;
+- linear: the layer's projections (qkv, o, the router's gate) at 1 to 4 rows, cuBLAS against the Triton kernel that
+  reads its weight while the kernel before it runs (triton_linear), each after a norm as in the
+  model (FlashInfer's norm, launched with PDL), every layer with weights of its own (2.2 GB, past the L2).
 
 The alternatives are checked against each other (bit-equality where the arithmetic is the same, agreement of the
 chosen experts otherwise). Times are medians of triton.testing.do_bench over replays (L2 flushed before each).
 Writes bench/results/decode_kernels_gpu.json (or --out). A first version of this script (git history) also
-measured a Triton one-launch linear against cuBLAS (no faster at 1 to 64 rows) and FlashInfer's CUDA-core decode
-(faster at 16 tokens, slower from 1K): neither is used.
+measured a Triton one-launch linear without PDL against cuBLAS (no faster at 1 to 64 rows, called back to back) and
+FlashInfer's CUDA-core decode (faster at 16 tokens, slower from 1K): neither is used.
 
     python3 bench/decode_kernels_gpu.py [--out DIR]
 """
@@ -36,7 +39,7 @@ from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
 from rich.console import Console
 
 from nanocp import kernels
-from nanocp.kernels import flashinfer_attention, triton_expert, triton_moe
+from nanocp.kernels import flashinfer_attention, triton_expert, triton_linear, triton_moe
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, HEADS, KV_HEADS, DIM, EXPERTS, TOP_K, WIDTH = 2048, 32, 4, 128, 128, 8, 768
@@ -201,14 +204,45 @@ def split_points() -> list[dict[str, Any]]:
     return points
 
 
+def norm_then_project(
+    x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, project: Callable[..., Any]
+) -> Any:
+    return project(kernels.rms_norm(x, norm_weight, 1e-6), weight)
+
+
+def linear_points() -> list[dict[str, Any]]:
+    points = []
+    shapes = {"qkv": ((HEADS + 2 * KV_HEADS) * DIM, HIDDEN), "o": (HIDDEN, HEADS * DIM), "gate": (EXPERTS, HIDDEN)}
+    for name, (outputs, depth) in shapes.items():
+        weights = [(torch.randn(outputs, depth, device="cuda") * depth**-0.5).to(BF16) for _ in range(LAYERS)]
+        norm_weight = torch.ones(depth, device="cuda", dtype=BF16)
+        for rows in [1, 2, 4]:
+            x = torch.randn(rows, depth, device="cuda").to(BF16)
+            us, outs = {}, {}
+            for label, project in (("cublas", F.linear), ("triton", triton_linear.small_linear)):
+                calls = [partial(norm_then_project, x, norm_weight, w, project) for w in weights]
+                us[label], outs[label] = per_call_us(calls)
+            diff = max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(outs["cublas"], outs["triton"], strict=True)
+            )
+            point = {"projection": name, "rows": rows, "outputs": outputs, "depth": depth, "cublas_us": us["cublas"],
+                     "triton_us": us["triton"], "max_abs_diff": diff}  # fmt: skip
+            points.append(point)
+            console.print(f"linear {name:4} {rows} rows: add-norm + cuBLAS {us['cublas']:.2f} us, add-norm + Triton "
+                          f"{us['triton']:.2f} us, max |diff| {diff:.2e}")  # fmt: skip
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--parts", default="router,experts,fusions,attention,split", help="comma-separated, of these")
+    parser.add_argument(
+        "--parts", default="router,experts,fusions,attention,split,linear", help="comma-separated, of these"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     measure = {"router": router_points, "experts": expert_points, "fusions": fusion_points,
-               "attention": attention_points, "split": split_points}  # fmt: skip
+               "attention": attention_points, "split": split_points, "linear": linear_points}  # fmt: skip
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanocp import kernels
@@ -55,6 +56,22 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """A projection without bias; on CUDA a decode step's few rows take one Triton launch that reads the weight
+    while the kernel before it still runs (kernels/triton_linear.py), more rows cuBLAS."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__(inputs, outputs, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from nanocp.kernels import triton_linear
+
+            if triton_linear.applies(x, self.weight):
+                return triton_linear.small_linear(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 class Rotary(nn.Module):
     """The rotary tables in float32 (positions, head_dim), as transformers computes them; the attention block looks
     up its tokens' rows (inside its fused kernel on CUDA)."""
@@ -84,8 +101,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer = layer
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size)
+        self.o_proj = Linear(config.q_size, config.hidden_size)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
@@ -119,7 +136,7 @@ class SparseMoE(nn.Module):
         self.config = config
         self.shard = shard
         e, w, h = len(shard.local_experts(config.num_experts)), config.expert_width, config.hidden_size
-        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.gate = Linear(h, config.num_experts)
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * w, h))
         self.w_down = nn.Parameter(torch.empty(e, h, w))
 
