@@ -1,6 +1,7 @@
 """Where a graphed decode step's time goes on one GPU (Qwen3-30B-A3B shapes, random bf16 weights): the engine's step
-wall time, the graph replay alone on the device (CUDA events), the host's share between the two, and the kernels a
-replay launches (torch profiler: count per layer, and the kernels by total time).
+wall time, the graph replay alone on the device (CUDA events) and launched back to back (what the driver adds between
+two launches of one graph), the host's share, and the kernels a replay launches (torch profiler: count per layer, and
+the kernels by total time).
 
 The first point is a near-empty step (one request, one page of context): its fixed cost is its step time less the
 time its bytes take at copy bandwidth (the weights of one token's experts, attention, router and LM head).
@@ -55,6 +56,20 @@ def replay_ms(engine: Engine, replays: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def back_to_back_ms(engine: Engine, replays: int) -> float:
+    """Wall time a replay of the current bucket's graph, launched `replays` times with no host work between: above
+    the device time, the gap the driver leaves between two launches of one graph."""
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    bucket = graphs.buckets[(graphs.sizes[_bucket_index(engine)], False)]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(replays):
+        bucket.graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - started) / replays
 
 
 def _bucket_index(engine: Engine) -> int:
@@ -169,6 +184,7 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             "plan_and_prepare_ms": 1e3 * statistics.median(hosts),
             "planned_replay_wall_ms": 1e3 * statistics.median(walls),
             "replay_device_ms": replay_ms(engine, STEPS),
+            "back_to_back_replay_ms": back_to_back_ms(engine, STEPS),
             "kv_tokens_read": records[-1].kv_tokens_read,
             **kernels_of_replay(engine, layers),
             "host_functions": _top_functions(host_profile, STEPS),
@@ -180,7 +196,8 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
         points.append(point)
         print(
             f"batch {batch} ctx {ctx}: engine step {point['engine_step_ms']:.2f} ms, "
-            f"replay {point['replay_device_ms']:.2f} ms on the device, "
+            f"replay {point['replay_device_ms']:.2f} ms on the device "
+            f"({point['back_to_back_replay_ms']:.2f} back to back), "
             f"plan+prepare {point['plan_and_prepare_ms']:.2f} ms, "
             f"{point['kernels_per_layer']:.1f} kernels a layer",
             flush=True,
