@@ -52,3 +52,48 @@ def test_rows_on_the_home_only_take_no_route_and_attend_locally() -> None:
     assert inputs.plan.routes is None
     assert inputs.plan.local_slots.tolist() == home.store.slots(9, 0, 0, 6)
     assert inputs.sample_rows.tolist() == [5] and inputs.sampling.draws == [0]
+
+
+def test_a_holder_that_cannot_commit_a_quota_opens_nothing_and_tells_the_home() -> None:
+    """A placement the router never makes: rank 1 is asked for 4 pages with 2 uncommitted. It opens nothing, the
+    rows attend nothing there and their K, V land nowhere, and its next step's rows tell the home (after frees)."""
+    home, holder = planners()
+    holder.store.pool.commit(30)
+    request = cp_request(key=7, prompt_tokens=12)
+    request.num_computed = 8
+    chunks = [Chunk(request, 4)]
+    out = home.outgoing(chunks, frees={})
+    assert out.opens_remote, "the holder sees this quota for the first time"
+
+    at_holder = holder.build([], holder.outgoing([], {}), incoming=[out.meta[1], []], cp_routes=True)
+    assert holder.store.quota(7, 1) == 0 and holder.store.pool.committed == 30, "nothing opened or committed"
+    assert at_holder.plan.routes is not None and at_holder.plan.routes.kv_slots.tolist() == [-1] * 4
+    ((metadata, _),) = at_holder.plan.groups
+    assert metadata.kv_lens == [0], "the refused rows attend no key"
+    assert holder.has_refusals
+
+    told = holder.outgoing([], frees={0: [5]}).meta[0]
+    assert [row[Meta.FREE] for row in told] == [1, 0] and told[1][Meta.REFUSED] == 1
+    assert (told[1][Meta.KEY], told[1][Meta.SHARD], told[1][Meta.QUOTA]) == (7, 1, 4)
+    assert not holder.has_refusals, "a refusal is told once"
+    at_home = home.build([], home.outgoing([], {}), incoming=[[], told], cp_routes=False)
+    assert at_home.refused == [(1, told[1])]
+    assert not home.outgoing(chunks, frees={}).opens_remote, "the same quota again asks nothing new"
+
+
+def test_a_static_step_keeps_a_refused_row_padding_and_the_next_kv_slot_in_order() -> None:
+    """At a graph bucket's shapes: the refused decode stays a padding row at the holder and stores nothing, while
+    the next decode's K, V still land in its own slot."""
+    home, holder = planners()
+    refused, held = cp_request(key=7, prompt_tokens=9), cp_request(key=8, prompt_tokens=9)
+    for request in (refused, held):
+        request.num_computed = 9
+    refused.shards = [Shard(0, 0, 2), Shard(1, 8, 30)]  # 30 pages: more than rank 1 has once the other holds 4
+    refused.coverage = 8 + 30 * PAGE
+    chunks = [Chunk(held, 1), Chunk(refused, 1)]
+    out = home.outgoing(chunks, frees={})
+    at_holder = holder.build([], holder.outgoing([], {}), [out.meta[1], []], cp_routes=True, static_rows=2)
+    plan = at_holder.plan
+    assert plan.routes is not None and plan.received is not None
+    assert plan.routes.kv_slots.tolist()[:2] == [holder.store.slots(8, 1, 1, 1)[0], -1]
+    assert holder.store.quota(7, 1) == 0 and holder.has_refusals

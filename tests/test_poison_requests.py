@@ -108,22 +108,39 @@ def generate(**sampling: Any) -> Poison:
     return lambda s, _: status_of(s.public.Generate(request))
 
 
+def submit_request(
+    request_id: str, prompt: list[int], placed: list[tuple[int, int, int]], **sampling: Any
+) -> worker_pb2.SubmitRequest:
+    sampling.setdefault("max_tokens", 8)
+    return worker_pb2.SubmitRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(**sampling),
+        placement=common_pb2.Placement(shards=[common_pb2.Shard(rank=r, start=s, page_quota=q) for r, s, q in placed]),
+    )
+
+
 def submit(request_id: str = "poison", prompt: list[int] | None = None, shards: Any = None, **sampling: Any) -> Poison:
     """A Submit straight to the bystander's home; `shards(home_rank)` gives the placement (default: all there)."""
 
     def send(_: Setup, target: Target) -> Awaitable[tuple[Code, str]]:
         placed = shards(target.home_rank) if shards else [(target.home_rank, 0, 4)]
-        request = worker_pb2.SubmitRequest(
-            request_id=target.request_id if request_id == "<bystander>" else request_id,
-            prompt_token_ids=prompt or [1, 2, 3],
-            sampling=common_pb2.SamplingParams(max_tokens=8, **sampling),
-            placement=common_pb2.Placement(
-                shards=[common_pb2.Shard(rank=r, start=s, page_quota=q) for r, s, q in placed]
-            ),
-        )
-        return status_of(target.home.Submit(request))
+        request_id_sent = target.request_id if request_id == "<bystander>" else request_id
+        return status_of(target.home.Submit(submit_request(request_id_sent, prompt or [1, 2, 3], placed, **sampling)))
 
     return send
+
+
+async def over_commit_the_peer(_: Setup, target: Target) -> tuple[Code, str]:
+    """Two Submits whose shards on the peer fit its 512 pages alone, not together (a placement no router makes): the
+    peer refuses the second one's shard, and that request ends alone."""
+    peer = 1 - target.home_rank
+    held = target.home.Submit(submit_request("held", [1, 2, 3], [(peer, 0, 300)], max_tokens=64, ignore_eos=True))
+    await held.read()  # its first token: the peer holds its 300 pages
+    try:
+        return await status_of(target.home.Submit(submit_request("over", [1, 2, 3], [(peer, 0, 300)])))
+    finally:
+        held.cancel()
 
 
 def extend(shards: Callable[[int], list[tuple[int, int, int]]], request_id: str = "<bystander>") -> Poison:
@@ -204,6 +221,9 @@ POISONS: list[Any] = [
     ),
     pytest.param(submit(shards=lambda r: [(1 - r, 0, 4)]), Code.OK, "", id="submit_kv_all_on_the_peer"),
     pytest.param(submit(shards=lambda r: [(r, 0, 1), (1 - r, 16, 4)]), Code.OK, "", id="submit_kv_over_both"),
+    pytest.param(
+        over_commit_the_peer, Code.RESOURCE_EXHAUSTED, "cannot commit the 300 KV pages", id="submit_over_commits_peer"
+    ),
     pytest.param(
         extend(lambda r: [(r, 0, HUGE_QUOTA)]), Code.RESOURCE_EXHAUSTED, "1000000 KV pages", id="extend_huge_quota"
     ),

@@ -44,6 +44,7 @@ class OfflineRequest:
 class RankResult:
     rank: int
     tokens: dict[str, list[int]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> "CODE: message", for requests that failed
     steps: list[StepRecord] = field(default_factory=list)  # sections are timed when asked for
     pages_in_use: int = 0  # at the end: anything left is a leak
     pages_committed: int = 0
@@ -192,6 +193,8 @@ def _rank_main(
 
         def collect(out: RequestOutput) -> None:
             result.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.error is not None:
+                result.errors[out.request_id] = f"{out.error_code}: {out.error}"
 
         for r in requests:
             engine.add_request(r.request_id, r.prompt, r.params, collect, r.shards)

@@ -28,7 +28,7 @@ from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache, ShardStore
 from nanocp.worker.model import ExpertShard, Qwen3Moe
 from nanocp.worker.model_runner import NON_FINITE, ModelRunner, SampledTokens, pending_token
-from nanocp.worker.planner import StepInputs, StepPlanner
+from nanocp.worker.planner import Meta, MetaRow, StepInputs, StepPlanner
 from nanocp.worker.request import (
     Admission,
     EngineLoad,
@@ -212,7 +212,7 @@ class Engine:
         return f"{grown} more pages asked of rank {self.group.rank}, which has {left} uncommitted"
 
     def has_work(self) -> bool:
-        return bool(self.requests or self.exchange.has_frees or self._inflight)
+        return bool(self.requests or self.exchange.has_frees or self.planner.has_refusals or self._inflight)
 
     def load(self) -> EngineLoad:
         pool = self.store.pool
@@ -231,10 +231,15 @@ class Engine:
         batch, because its experts serve the others' tokens.
         """
         chunks = self.scheduler.schedule()
-        if not chunks and self._inflight is not None:  # what runs next may wait on the tokens in flight
+        if not chunks and self._readable():  # what runs next may wait on the tokens in flight
             self.flush()
             chunks = self.scheduler.schedule()
         return self.run_chunks(chunks)
+
+    def _readable(self) -> bool:
+        """Whether a step is in flight whose tokens may be read before the next exchange: not one that asked a
+        holder for a new quota, whose refusal would come with that exchange."""
+        return self._inflight is not None and not self._inflight.inputs.awaits_holders
 
     def plan_step(self, chunks: list[Chunk]) -> tuple[StepInputs, bool] | None:
         """Agrees on the step with the group and plans it: None when the whole group is idle; otherwise the inputs
@@ -256,16 +261,19 @@ class Engine:
         finished, its outputs emitted, while the device runs this one. Its decodes fed their requests' pending
         tokens as placeholders, resolved on the device. Without overlap the step is read at once.
         """
-        if not chunks and self._inflight is not None:
+        if not chunks and self._readable():
             self.flush()
         start = time.perf_counter()
         self.timer.start_step()
         planned = self.plan_step(chunks)
         if planned is None:
+            self.flush()  # nothing travelled, so no holder refused what the step in flight asked of it
             return False
         self._step += 1
         inputs, any_tokens = planned
-        if not any_tokens:  # only frees travelled: the load changed all the same
+        if not any_tokens:  # only frees and refusals travelled: the load changed all the same
+            self._end_refused(inputs.refused)
+            self.flush()
             self._emit()
             return True
         previous = self._inflight
@@ -279,11 +287,26 @@ class Engine:
             request.pending += 1
             places.append((request, len(request.output) - 1))
         self._inflight = InFlight(self._step, chunks, inputs, sampled, places, start, self.timer.take())
+        self._end_refused(inputs.refused)  # before their tokens are read: none reaches the client
         if previous is not None:
             self._read(previous)
-        if not self.overlap:
+        if not self.overlap and not inputs.awaits_holders:
             self.flush()
         return True
+
+    def _end_refused(self, refused: list[tuple[int, MetaRow]]) -> None:
+        """Ends each request a holder could not commit a shard for (one that ended meanwhile is gone already)."""
+        if not refused:
+            return
+        by_key = {r.key: r for r in self.requests.values()}
+        for holder, row in refused:
+            request = by_key.pop(row[Meta.KEY], None)
+            if request is not None:
+                error = (
+                    f"rank {holder} of the group cannot commit the {row[Meta.QUOTA]} KV pages its placement gives "
+                    f"shard {row[Meta.SHARD]}: fewer are uncommitted there (retry later)"
+                )
+                self._finish(request, FinishReason.ABORT, [], error, "RESOURCE_EXHAUSTED")
 
     def flush(self) -> None:
         """Reads the step in flight, if any: afterwards every request's output holds real tokens only."""

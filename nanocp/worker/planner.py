@@ -12,13 +12,20 @@ Home row r is the step's r-th decode; rows past the step's decodes are padding. 
 this home sends to peer p takes slot p * rows + i of the query route (and its K, V, when p holds the tail, the next
 slot of p's share of the K, V route); at a holder, the i-th metadata row from peer p is receive slot p * rows + i.
 Every attention row is one segment of its decode's metadata; a padding row attends one token of page 0.
+
+A holder that cannot commit a shard's quota (a placement the router did not make: its ledger never over-commits)
+opens nothing for it: the rows attend nothing there and their K, V are stored nowhere, and at the next step the
+holder sends the home a refusal row, so the home ends that request alone (RESOURCE_EXHAUSTED) before reading any token
+the missing shard touched.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +40,7 @@ from nanocp.worker.attention import (
     StaticRoutes,
     int64_to_device,
 )
-from nanocp.worker.kv_cache import ShardStore
+from nanocp.worker.kv_cache import OverCommit, ShardStore
 from nanocp.worker.request import SamplingParams
 from nanocp.worker.routing import Route
 from nanocp.worker.scheduler import Chunk
@@ -50,9 +57,12 @@ class Meta(enum.IntEnum):
     APPENDS = 5  # 1 when the rows' K, V are sent too (the shard is their tail)
     CAUSAL = 6
     FREE = 7  # 1: the request ended, free its shards (the other columns are unused)
+    REFUSED = 8  # 1: sent back to the home: this holder could not commit the shard's QUOTA (KEY, SHARD set)
 
 
 MetaRow = list[int]  # len(Meta) integers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,18 +79,27 @@ class Attend:
     holder: int
 
     def meta(self) -> MetaRow:
-        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0]
+        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0, 0]
 
 
 def free_row(key: int) -> MetaRow:
-    return [key, 0, 0, 0, 0, 0, 0, 1]
+    return [key, 0, 0, 0, 0, 0, 0, 1, 0]
+
+
+def refusal_row(key: int, shard: int, quota: int) -> MetaRow:
+    return [key, shard, quota, 0, 0, 0, 0, 0, 1]
+
+
+# Whether this instance holds the shard of a peer's metadata row (opening it: False when it cannot commit the quota).
+Holds = Callable[[int, MetaRow], bool]
 
 
 @dataclass(frozen=True)
 class Outgoing:
     attends: list[Attend]  # all of them, local ones too, in chunk order
-    meta: list[list[MetaRow]]  # per peer, the rows it is told (frees first)
+    meta: list[list[MetaRow]]  # per peer, the rows it is told (frees and refusals first)
     rank: int
+    opens_remote: bool = False  # some row asks a holder for a quota it was not asked before
 
     @property
     def remote(self) -> list[Attend]:
@@ -112,6 +131,8 @@ class StepInputs:
     kv_tokens_read: int  # by this instance's attention, per layer
     rows_routed: int  # query rows sent out plus received
     group_max_tokens: int = 0  # the most home tokens of any member this step (its own, alone)
+    refused: list[tuple[int, MetaRow]] = field(default_factory=list)  # (holder, row): shards a holder refused
+    awaits_holders: bool = False  # a holder first sees a quota: a refusal of it comes with the next step
 
 
 class StepPlanner:
@@ -120,9 +141,16 @@ class StepPlanner:
         self.rank = rank
         self.size = size
         self.device = device
+        self._asked: dict[int, dict[int, int]] = {}  # home side: request key -> shard -> quota announced to its holder
+        self._refusals: dict[int, list[MetaRow]] = {}  # holder side: home rank -> refusals to send at the next step
+
+    @property
+    def has_refusals(self) -> bool:
+        return bool(self._refusals)
 
     def outgoing(self, chunks: list[Chunk], frees: dict[int, list[int]]) -> Outgoing:
-        """The home's view: what each chunk attends, and the metadata rows for remote holders (frees first)."""
+        """The home's view: what each chunk attends, and the metadata rows for remote holders (frees and the
+        refusals of the last step first)."""
         attends: list[Attend] = []
         row = 0
         for chunk in chunks:
@@ -135,10 +163,20 @@ class StepPlanner:
                 attends.append(Attend(row, chunk.num_tokens, r.key, j, shard.page_quota, kv_len, j == tail, shard.rank))
             row += chunk.num_tokens
         meta: list[list[MetaRow]] = [[free_row(key) for key in frees.get(peer, [])] for peer in range(self.size)]
+        for keys in frees.values():
+            for key in keys:
+                self._asked.pop(key, None)
+        for peer, refusals in self._refusals.items():
+            meta[peer].extend(refusals)
+        self._refusals = {}
+        opens = False
         for a in attends:
             if a.holder != self.rank:
                 meta[a.holder].append(a.meta())
-        return Outgoing(attends, meta, self.rank)
+                asked = self._asked.setdefault(a.key, {})
+                opens |= a.quota > asked.get(a.shard, 0)
+                asked[a.shard] = max(a.quota, asked.get(a.shard, 0))
+        return Outgoing(attends, meta, self.rank, opens)
 
     def build(
         self,
@@ -153,11 +191,14 @@ class StepPlanner:
         rows this step (then every instance runs the routes, with zero rows where it has none, so the collectives
         match). group_max_tokens: the most home tokens of any member this step (what sizes fixed-capacity routes).
         static_rows: lay the step out at this graph bucket's shapes (a decode-only step of the whole group)."""
-        for rows in incoming:  # requests that ended at their homes: free their shards here before anything else
+        refused = []
+        for peer, rows in enumerate(incoming):  # requests that ended at their homes: free their shards here first
             for row in rows:
                 if row[Meta.FREE]:
                     self.store.free(row[Meta.KEY])
-        attending = [[row for row in rows if not row[Meta.FREE]] for rows in incoming]
+                elif row[Meta.REFUSED]:
+                    refused.append((peer, row))
+        attending = [[row for row in rows if not (row[Meta.FREE] or row[Meta.REFUSED])] for rows in incoming]
         token_ids, positions, sample_rows = _home_rows(chunks)
         home_rows = len(token_ids)
         plan: AttentionPlan | StaticPlan
@@ -165,7 +206,15 @@ class StepPlanner:
             plan = self._dynamic_plan(out, attending, home_rows, cp_routes)
         else:
             plan = static_plan(
-                out.attends, attending, self.store, self.rank, self.size, static_rows, cp_routes, self.device
+                out.attends,
+                attending,
+                self.store,
+                self._holds,
+                self.rank,
+                self.size,
+                static_rows,
+                cp_routes,
+                self.device,
             )
             token_ids += [0] * (static_rows - home_rows)  # padding rows: token 0 at position 0, their output dropped
             positions += [0] * (static_rows - home_rows)
@@ -182,7 +231,21 @@ class StepPlanner:
             kv_tokens_read=local_kv + sum(row[Meta.KV_LEN] for rows in attending for row in rows),
             rows_routed=sum(a.rows for a in out.remote) + sum(row[Meta.ROWS] for rows in attending for row in rows),
             group_max_tokens=max(group_max_tokens, home_rows),
+            refused=refused,
+            awaits_holders=out.opens_remote,
         )
+
+    def _holds(self, peer: int, row: MetaRow) -> bool:
+        """Opens the shard of a peer's metadata row here; a quota beyond this pool's uncommitted pages is refused
+        (told to the home at the next step) and nothing is opened."""
+        key, shard, quota = row[Meta.KEY], row[Meta.SHARD], row[Meta.QUOTA]
+        try:
+            self.store.open(key, shard, quota)
+        except OverCommit as refusal:
+            log.warning("refused shard %d of request %d from rank %d: %s", shard, key, peer, refusal)
+            self._refusals.setdefault(peer, []).append(refusal_row(key, shard, quota))
+            return False
+        return True
 
     def _dynamic_plan(
         self, out: Outgoing, attending: list[list[MetaRow]], home_rows: int, cp_routes: bool
@@ -234,14 +297,20 @@ class StepPlanner:
         the K, V rows that come with them; returns the segment index of each received row."""
         received_row = home_rows
         received_segments: list[int] = []
-        for key, shard, quota, rows, kv_len, appends, causal, _ in (row for peer in attending for row in peer):
-            self.store.open(key, shard, quota)
-            pages = self.store.pages_for(key, shard, kv_len)
-            if appends:
-                kv_slots.extend(self.store.slots(key, shard, kv_len - rows, rows))
-            received_segments.extend([len(segments)] * rows)
-            segments.append(Segment(list(range(received_row, received_row + rows)), pages, kv_len, bool(causal)))
-            received_row += rows
+        for peer, meta_rows in enumerate(attending):
+            for row in meta_rows:
+                key, shard, _, rows, kv_len, appends, causal = row[: Meta.FREE]
+                if not self._holds(peer, row):  # refused: the rows attend nothing here, their K, V go nowhere
+                    kv_len = 0
+                    kv_slots.extend([-1] * (rows if appends else 0))
+                    pages = []
+                else:
+                    pages = self.store.pages_for(key, shard, kv_len)
+                    if appends:
+                        kv_slots.extend(self.store.slots(key, shard, kv_len - rows, rows))
+                received_segments.extend([len(segments)] * rows)
+                segments.append(Segment(list(range(received_row, received_row + rows)), pages, kv_len, bool(causal)))
+                received_row += rows
         return received_segments
 
     def _row_counts(
@@ -306,13 +375,15 @@ def static_plan(
     attends: list[Attend],
     attending: list[list[MetaRow]],
     store: ShardStore,
+    holds: Holds,
     rank: int,
     peers: int,
     rows: int,
     cp_routes: bool,
     device: str,
 ) -> StaticPlan:
-    """attends: the home's, in row order (one row a decode); attending: the metadata rows from each peer."""
+    """attends: the home's, in row order (one row a decode); attending: the metadata rows from each peer, whose
+    shards `holds` opens (a refused one's row stays padding, its K, V stored nowhere)."""
     local = [_padding()] * rows
     local_slots = [-1] * rows
     for a in attends:
@@ -329,11 +400,14 @@ def static_plan(
     kv_slots = [-1] * (peers * rows)
     for peer, meta_rows in enumerate(attending):
         appended = 0
-        for i, (key, shard, quota, _, kv_len, appends, _, _) in enumerate(meta_rows):
-            store.open(key, shard, quota)
-            received[peer * rows + i] = (store.pages_for(key, shard, kv_len), kv_len)
-            if appends:
-                kv_slots[peer * rows + appended] = store.slots(key, shard, kv_len - 1, 1)[0]
+        for i, row in enumerate(meta_rows):
+            key, shard, kv_len, appends = row[Meta.KEY], row[Meta.SHARD], row[Meta.KV_LEN], row[Meta.APPENDS]
+            held = holds(peer, row)
+            if held:
+                received[peer * rows + i] = (store.pages_for(key, shard, kv_len), kv_len)
+            if appends:  # the K, V rows arrive in order: a refused row's slot stays -1
+                if held:
+                    kv_slots[peer * rows + appended] = store.slots(key, shard, kv_len - 1, 1)[0]
                 appended += 1
     plan.routes = _routes(attends, rank, peers, rows, kv_slots, device)
     plan.received = _metadata(received, store.page_size, device)
