@@ -259,7 +259,8 @@ class Engine:
 
         The step is launched, then the step before it (still in flight) is read: its tokens appended, its requests
         finished, its outputs emitted, while the device runs this one. Its decodes fed their requests' pending
-        tokens as placeholders, resolved on the device. Without overlap the step is read at once.
+        tokens as placeholders, resolved on the device. Without overlap the step is read at once, unless it asked a
+        holder for a new quota: then after the next exchange, which brings the holder's refusal if there is one.
         """
         if not chunks and self._readable():
             self.flush()
