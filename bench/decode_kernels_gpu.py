@@ -13,7 +13,9 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
 - split: the graph decode with FlashInfer's KV split and without it, uniform and skewed batches of 32 to 256 rows;
 - linear: the layer's projections (qkv, o, the router's gate) at 1 to 4 rows, cuBLAS against the Triton kernel that
   reads its weight while the kernel before it runs (triton_linear), each after a norm as in the
-  model (FlashInfer's norm, launched with PDL), every layer with weights of its own (2.2 GB, past the L2).
+  model (FlashInfer's norm, launched with PDL), every layer with weights of its own (2.2 GB, past the L2);
+- triton_decode: the candidate split-KV decode of bench/triton_decode.py against FlashInfer's graph decode (with
+  the log-sum-exp, as a CP partial needs it) at 1 to 16 rows.
 
 The alternatives are checked against each other (bit-equality where the arithmetic is the same, agreement of the
 chosen experts otherwise). Times are medians of triton.testing.do_bench over replays (L2 flushed before each).
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import triton_decode
 from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
 from rich.console import Console
 
@@ -233,16 +236,57 @@ def linear_points() -> list[dict[str, Any]]:
     return points
 
 
+def triton_decode_points() -> list[dict[str, Any]]:
+    points = []
+    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
+                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
+    num_pages = 16 * 8192 // PAGE + 65536 // PAGE + 8
+    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
+    v_cache = torch.randn_like(k_cache)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for rows, context in [(1, 16), (1, 1024), (1, 8192), (1, 65536), (2, 1024), (4, 1024), (8, 1024), (8, 8192),
+                          (16, 1024)]:  # fmt: skip
+        pages = -(-context // PAGE)
+        page_indices = torch.randperm(num_pages, device="cuda")[: rows * pages]
+        meta = kernels.AttentionMetadata(
+            [*range(rows + 1)], [b * pages for b in range(rows + 1)], page_indices, [context] * rows, PAGE, False
+        )
+        q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
+        decode = flashinfer_attention.GraphDecode(rows, num_pages, plan_args, q.device)
+        decode.plan(meta)
+        flashinfer_us, theirs = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
+        indptr = torch.arange(0, (rows + 1) * pages, pages, dtype=torch.int32, device="cuda")
+        kv_lens = torch.full((rows,), context, dtype=torch.int32, device="cuda")
+        splits = triton_decode.splits_for(rows, KV_HEADS, sms)
+        call = partial(
+            triton_decode.decode, q, k_cache, v_cache, indptr, page_indices.int(), kv_lens, DIM**-0.5, splits
+        )
+        triton_us, ours = per_call_us([call] * LAYERS)
+        o_diff = (ours[0][0].float() - theirs[0][0].float()).abs().max().item()
+        lse_diff = (ours[0][1] - theirs[0][1]).abs().max().item()
+        point = {"rows": rows, "context": context, "splits": splits, "flashinfer_us": flashinfer_us,
+                 "triton_us": triton_us, "max_abs_diff": o_diff, "lse_max_abs_diff": lse_diff}  # fmt: skip
+        points.append(point)
+        console.print(
+            f"decode {rows:2} rows x {context:5}: FlashInfer {flashinfer_us:.1f} us, Triton ({splits} splits) "
+            f"{triton_us:.1f} us, max |diff| {o_diff:.2e} (lse {lse_diff:.2e})"
+        )
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--parts", default="router,experts,fusions,attention,split,linear", help="comma-separated, of these"
+        "--parts",
+        default="router,experts,fusions,attention,split,linear,triton_decode",
+        help="comma-separated, of these",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
     measure = {"router": router_points, "experts": expert_points, "fusions": fusion_points,
-               "attention": attention_points, "split": split_points, "linear": linear_points}  # fmt: skip
+               "attention": attention_points, "split": split_points, "linear": linear_points,
+               "triton_decode": triton_decode_points}  # fmt: skip
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
