@@ -143,23 +143,38 @@ def fusion_points() -> list[dict[str, Any]]:
     return points
 
 
+PLAN_ARGS = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
+             "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
+
+
+def paged_caches(num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
+    return k_cache, torch.randn_like(k_cache)
+
+
+def uniform_decode(
+    rows: int, context: int, num_pages: int
+) -> tuple[torch.Tensor, torch.Tensor, flashinfer_attention.GraphDecode]:
+    """`rows` rows of `context` tokens on random pages: their pages (row by row), a query, and FlashInfer's graph
+    decode planned for them."""
+    pages = -(-context // PAGE)
+    page_indices = torch.randperm(num_pages, device="cuda")[: rows * pages]
+    meta = kernels.AttentionMetadata(
+        [*range(rows + 1)], [b * pages for b in range(rows + 1)], page_indices, [context] * rows, PAGE, False
+    )
+    q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
+    decode = flashinfer_attention.GraphDecode(rows, num_pages, PLAN_ARGS, q.device)
+    decode.plan(meta)
+    return page_indices, q, decode
+
+
 def attention_points() -> list[dict[str, Any]]:
     points = []
-    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
-                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
     num_pages = 64 * 8192 // PAGE + 8
-    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache = paged_caches(num_pages)
     for rows, context in [(1, 16), (1, 1024), (1, 8192), (1, 65536), (8, 1024), (8, 8192), (64, 1024),
                           (64, 8192), (256, 1024)]:  # fmt: skip
-        pages = -(-context // PAGE)
-        page_indices = torch.randperm(num_pages, device="cuda")[: rows * pages]
-        meta = kernels.AttentionMetadata(
-            [*range(rows + 1)], [b * pages for b in range(rows + 1)], page_indices, [context] * rows, PAGE, False
-        )
-        q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
-        decode = flashinfer_attention.GraphDecode(rows, num_pages, plan_args, q.device)
-        decode.plan(meta)
+        _, q, decode = uniform_decode(rows, context, num_pages)
         with_lse_us, a = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
         output_us, b = per_call_us([partial(decode.output, q, k_cache, v_cache)] * LAYERS)
         equal = torch.equal(a[0][0], b[0])
@@ -175,11 +190,8 @@ def split_points() -> list[dict[str, Any]]:
     the graphs stop splitting (GraphDecode.can_split): uniform batches, and skewed ones where one row reads 64K
     tokens and the others 1K or 16 (the case a split helps, where one can still happen)."""
     points = []
-    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
-                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
     num_pages = 64 * 8192 // PAGE + 65536 // PAGE + 8
-    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache = paged_caches(num_pages)
     cases = [(32, [8192] * 32), (64, [1024] * 64), (64, [8192] * 64), (80, [1024] * 80), (128, [1024] * 128),
              (256, [1024] * 256), (64, [65536] + [1024] * 63), (80, [65536] + [1024] * 79),
              (64, [65536] + [16] * 63)]  # fmt: skip
@@ -193,7 +205,7 @@ def split_points() -> list[dict[str, Any]]:
         q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
         times, outs = {}, {}
         for split in (True, False):
-            decode = flashinfer_attention.GraphDecode(rows, num_pages, plan_args, q.device, split_kv=split)
+            decode = flashinfer_attention.GraphDecode(rows, num_pages, PLAN_ARGS, q.device, split_kv=split)
             decode.plan(meta)
             times[split], out = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
             outs[split] = out[0][0].clone()
@@ -238,23 +250,14 @@ def linear_points() -> list[dict[str, Any]]:
 
 def triton_decode_points() -> list[dict[str, Any]]:
     points = []
-    plan_args = {"num_qo_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": DIM, "page_size": PAGE,
-                 "q_data_type": BF16, "kv_data_type": BF16, "sm_scale": DIM**-0.5}  # fmt: skip
     num_pages = 16 * 8192 // PAGE + 65536 // PAGE + 8
-    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, DIM, device="cuda").to(BF16)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache = paged_caches(num_pages)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for rows, context in [(1, 16), (1, 1024), (1, 8192), (1, 65536), (2, 1024), (4, 1024), (8, 1024), (8, 8192),
                           (16, 1024)]:  # fmt: skip
-        pages = -(-context // PAGE)
-        page_indices = torch.randperm(num_pages, device="cuda")[: rows * pages]
-        meta = kernels.AttentionMetadata(
-            [*range(rows + 1)], [b * pages for b in range(rows + 1)], page_indices, [context] * rows, PAGE, False
-        )
-        q = torch.randn(rows, HEADS, DIM, device="cuda").to(BF16)
-        decode = flashinfer_attention.GraphDecode(rows, num_pages, plan_args, q.device)
-        decode.plan(meta)
+        page_indices, q, decode = uniform_decode(rows, context, num_pages)
         flashinfer_us, theirs = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
+        pages = -(-context // PAGE)
         indptr = torch.arange(0, (rows + 1) * pages, pages, dtype=torch.int32, device="cuda")
         kv_lens = torch.full((rows,), context, dtype=torch.int32, device="cuda")
         splits = triton_decode.splits_for(rows, KV_HEADS, sms)
