@@ -93,7 +93,8 @@ def _partials_kernel(  # type: ignore[no-untyped-def]
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     part = (row * KV_HEADS + kv_head) * SPLITS + split
-    tl.store(o_ptr + (part * GROUP + g[:, None]) * DIM + d[None, :], o, mask=g[:, None] < GROUP)
+    # An empty split's o is never read (the merge skips parts with lse = -inf): short rows move few bytes.
+    tl.store(o_ptr + (part * GROUP + g[:, None]) * DIM + d[None, :], o, mask=(g[:, None] < GROUP) & has[:, None])
     tl.store(lse_ptr + part * GROUP + g, lse2, mask=g < GROUP)
 
 
@@ -122,7 +123,9 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     top = tl.where(top == float("-inf"), 0.0, top)
     weights = tl.exp2(lse2 - top)
     total = tl.sum(weights, axis=0)
-    o = tl.load(o_ptr + (parts[:, None] * GROUP + g) * DIM + d[None, :])
+    o = tl.load(
+        o_ptr + (parts[:, None] * GROUP + g) * DIM + d[None, :], mask=(lse2 > float("-inf"))[:, None], other=0.0
+    )
     merged = tl.sum(o * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + (row * KV_HEADS * GROUP + head) * DIM + d, merged.to(out_ptr.dtype.element_ty))
     tl.store(out_lse_ptr + row * KV_HEADS * GROUP + head, (top + tl.log2(total)) * 0.6931471805599453)
