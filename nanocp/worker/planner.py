@@ -174,8 +174,9 @@ class StepPlanner:
             if a.holder != self.rank:
                 meta[a.holder].append(a.meta())
                 asked = self._asked.setdefault(a.key, {})
-                opens |= a.quota > asked.get(a.shard, 0)
-                asked[a.shard] = max(a.quota, asked.get(a.shard, 0))
+                before = asked.get(a.shard, 0)
+                opens |= a.quota > before
+                asked[a.shard] = max(a.quota, before)
         return Outgoing(attends, meta, self.rank, opens)
 
     def build(
