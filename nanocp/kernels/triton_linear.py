@@ -26,8 +26,8 @@ from nanocp.kernels.triton_pdl import await_inputs, launch_options
 MAX_ROWS = 2
 # A small weight (the router's gate, 128 x 2048) gains up to this many rows.
 MAX_ROWS_SMALL, SMALL_WEIGHT = 4, 1 << 20
-# Weight elements a block holds: 8K bfloat16 = 16 KB, 32 registers a thread at 4 warps, so many blocks fit on an
-# SM beside the kernel before.
+# Weight elements a block holds: 8K (16 KB of bfloat16; 64 registers a thread at 4 warps once widened to float32),
+# so many blocks fit on an SM beside the kernel before.
 _TILE = 8 * 1024
 _MAX_DEPTH = 8192
 
