@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from nanocp.placement import Shard
 from nanocp.worker.kv_cache import PagePool, ShardStore
-from nanocp.worker.planner import Meta, StepPlanner
+from nanocp.worker.planner import StepPlanner
 from nanocp.worker.request import Request, SamplingParams
 from nanocp.worker.scheduler import Chunk
+from nanocp.worker.step_meta import Meta
 
 PAGE = 4
 

@@ -28,7 +28,7 @@ from nanocp.worker.group_spec import GroupSpec
 from nanocp.worker.kv_cache import KVCache, ShardStore
 from nanocp.worker.model import ExpertShard, Qwen3Moe
 from nanocp.worker.model_runner import NON_FINITE, ModelRunner, SampledTokens, pending_token
-from nanocp.worker.planner import Meta, MetaRow, StepInputs, StepPlanner
+from nanocp.worker.planner import StepInputs, StepPlanner
 from nanocp.worker.request import (
     Admission,
     EngineLoad,
@@ -39,6 +39,7 @@ from nanocp.worker.request import (
     SamplingParams,
 )
 from nanocp.worker.scheduler import Chunk, Scheduler
+from nanocp.worker.step_meta import Meta, MetaRow
 from nanocp.worker.timing import DeviceSections, StepLog, StepRecord, StepTimer, Straggler
 from nanocp.worker.weights import build_model
 

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from nanocp.worker.group_spec import GroupSpec
-from nanocp.worker.planner import Meta, MetaRow, Outgoing
+from nanocp.worker.planner import Outgoing
+from nanocp.worker.step_meta import Meta, MetaRow
 from nanocp.worker.timing import StepLog, StepRecord, StepTimer, Straggler, exchange_row
 
 log = logging.getLogger(__name__)

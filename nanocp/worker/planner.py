@@ -21,65 +21,32 @@ the missing shard touched.
 
 from __future__ import annotations
 
-import enum
-import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from nanocp.kernels import AttentionMetadata
-from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.placement import shard_ends
 from nanocp.worker.attention import (
     AttentionPlan,
     CPRoutes,
     Segment,
     StaticPlan,
-    StaticRoutes,
     int64_to_device,
 )
 from nanocp.worker.kv_cache import OverCommit, ShardStore
 from nanocp.worker.request import SamplingParams
 from nanocp.worker.routing import Route
 from nanocp.worker.scheduler import Chunk
-
-
-class Meta(enum.IntEnum):
-    """Columns of a metadata row, one per (request, shard) a home's rows attend on a remote holder this step."""
-
-    KEY = 0
-    SHARD = 1
-    QUOTA = 2
-    ROWS = 3  # query rows sent
-    KV_LEN = 4  # shard tokens attended, after this step's K, V are stored
-    APPENDS = 5  # 1 when the rows' K, V are sent too (the shard is their tail)
-    CAUSAL = 6
-    FREE = 7  # 1: the request ended, free its shards (the other columns are unused)
-    REFUSED = 8  # 1: sent back to the home: this holder could not commit the shard's QUOTA (KEY, SHARD set)
-
-
-MetaRow = list[int]  # len(Meta) integers
+from nanocp.worker.static_layout import static_plan
+from nanocp.worker.step_meta import Attend, Meta, MetaRow
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Attend:
-    """A chunk's query rows attending one of its request's shards."""
-
-    first_row: int  # the chunk's first row among this step's home rows
-    rows: int
-    key: int
-    shard: int
-    quota: int
-    kv_len: int
-    tail: bool  # the rows' K, V go here, and the mask is causal
-    holder: int
-
-    def meta(self) -> MetaRow:
-        return [self.key, self.shard, self.quota, self.rows, self.kv_len, int(self.tail), int(self.tail), 0, 0]
+def announce(a: Attend) -> MetaRow:
+    """The metadata row telling a remote holder of an attend."""
+    return [a.key, a.shard, a.quota, a.rows, a.kv_len, int(a.tail), int(a.tail), 0, 0]
 
 
 def free_row(key: int) -> MetaRow:
@@ -88,10 +55,6 @@ def free_row(key: int) -> MetaRow:
 
 def refusal_row(key: int, shard: int, quota: int) -> MetaRow:
     return [key, shard, quota, 0, 0, 0, 0, 0, 1]
-
-
-# Whether this instance holds the shard of a peer's metadata row (opening it: False when it cannot commit the quota).
-Holds = Callable[[int, MetaRow], bool]
 
 
 @dataclass(frozen=True)
@@ -172,7 +135,7 @@ class StepPlanner:
         opens = False
         for a in attends:
             if a.holder != self.rank:
-                meta[a.holder].append(a.meta())
+                meta[a.holder].append(announce(a))
                 asked = self._asked.setdefault(a.key, {})
                 before = asked.get(a.shard, 0)
                 opens |= a.quota > before
@@ -367,89 +330,3 @@ def _merge_layout(
     empty = partial + len(query_send)
     width = max((len(p) for p in parts), default=1) or 1
     return [[p[i] if i < len(p) else empty for p in parts] for i in range(width)], partial_back
-
-
-# A static step's layout (what a CUDA graph replays).
-
-
-def static_plan(
-    attends: list[Attend],
-    attending: list[list[MetaRow]],
-    store: ShardStore,
-    holds: Holds,
-    rank: int,
-    peers: int,
-    rows: int,
-    cp_routes: bool,
-    device: str,
-) -> StaticPlan:
-    """attends: the home's, in row order (one row a decode); attending: the metadata rows from each peer, whose
-    shards `holds` opens (a refused one's row stays padding, its K, V stored nowhere)."""
-    local = [_padding()] * rows
-    local_slots = [-1] * rows
-    for a in attends:
-        if a.holder != rank:
-            continue
-        store.open(a.key, a.shard, a.quota)
-        local[a.first_row] = (store.pages_for(a.key, a.shard, a.kv_len), a.kv_len)
-        if a.tail:
-            local_slots[a.first_row] = store.slots(a.key, a.shard, a.kv_len - 1, 1)[0]
-    plan = StaticPlan(rows, int64_to_device(local_slots, device), _metadata(local, store.page_size, device))
-    if not cp_routes:
-        return plan
-    received = [_padding()] * (peers * rows)
-    kv_slots = [-1] * (peers * rows)
-    for peer, meta_rows in enumerate(attending):
-        appended = 0
-        for i, row in enumerate(meta_rows):
-            key, shard, kv_len, appends = row[Meta.KEY], row[Meta.SHARD], row[Meta.KV_LEN], row[Meta.APPENDS]
-            held = holds(peer, row)
-            if held:
-                received[peer * rows + i] = (store.pages_for(key, shard, kv_len), kv_len)
-            if appends:  # the K, V rows arrive in order: a refused row's slot stays -1
-                if held:
-                    kv_slots[peer * rows + appended] = store.slots(key, shard, kv_len - 1, 1)[0]
-                appended += 1
-    plan.routes = _routes(attends, rank, peers, rows, kv_slots, device)
-    plan.received = _metadata(received, store.page_size, device)
-    return plan
-
-
-def _routes(attends: list[Attend], rank: int, peers: int, rows: int, kv_slots: list[int], device: str) -> StaticRoutes:
-    query_src, kv_src = [0] * (peers * rows), [0] * (peers * rows)
-    returned, empty = rows + peers * rows, rows + 2 * peers * rows  # offsets in [local; received; returned; empty]
-    parts: list[list[int]] = [[r] for r in range(rows)]  # a row attends its local shard, or it is padding...
-    has_local = {a.first_row for a in attends if a.holder == rank}
-    for r in range(rows):
-        if r not in has_local and any(a.first_row == r for a in attends):
-            parts[r] = []  # ...unless its shards are all elsewhere
-    sent, sent_kv = [0] * peers, [0] * peers
-    for a in sorted((a for a in attends if a.holder != rank), key=lambda a: a.holder):
-        slot = a.holder * rows + sent[a.holder]
-        sent[a.holder] += 1
-        query_src[slot] = a.first_row
-        parts[a.first_row].append(returned + slot)
-        if a.tail:
-            kv_src[a.holder * rows + sent_kv[a.holder]] = a.first_row
-            sent_kv[a.holder] += 1
-    merge = [[p[i] if i < len(p) else empty for p in parts] for i in range(peers)]
-    return StaticRoutes(
-        int64_to_device(query_src, device),
-        int64_to_device(kv_src, device),
-        int64_to_device(kv_slots, device),
-        int64_to_device([i for part in merge for i in part], device).view(peers, rows),
-    )
-
-
-def _padding() -> tuple[list[int], int]:
-    return [GraphDecode.PAD_PAGE], 1  # the page a graph's decode pads with: both layouts agree
-
-
-def _metadata(segments: list[tuple[list[int], int]], page_size: int, device: str) -> AttentionMetadata:
-    """One single-row segment per attention row."""
-    page_indptr = [0]
-    for pages, _ in segments:
-        page_indptr.append(page_indptr[-1] + len(pages))
-    indices = int64_to_device(itertools.chain.from_iterable(pages for pages, _ in segments), device)
-    qo_indptr = list(range(len(segments) + 1))
-    return AttentionMetadata(qo_indptr, page_indptr, indices, [n for _, n in segments], page_size, causal=False)
