@@ -14,8 +14,8 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
 - linear: the layer's projections (qkv, o, the router's gate) at 1 to 4 rows, cuBLAS against the Triton kernel that
   reads its weight while the kernel before it runs (triton_linear), each after a norm as in the
   model (FlashInfer's norm, launched with PDL), every layer with weights of its own (2.2 GB, past the L2);
-- triton_decode: the candidate split-KV decode of bench/triton_decode.py against FlashInfer's graph decode (with
-  the log-sum-exp, as a CP partial needs it) at 1 to 16 rows.
+- triton_decode: the split-KV decode of the small graph buckets (kernels/triton_decode.py) against FlashInfer's graph
+  decode (with the log-sum-exp, as a CP partial needs it) at 1 to 16 rows, at each split cap.
 
 The alternatives are checked against each other (bit-equality where the arithmetic is the same, agreement of the
 chosen experts otherwise). Times are medians of triton.testing.do_bench over replays (L2 flushed before each).
@@ -37,12 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton_decode
 from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
 from rich.console import Console
 
 from nanocp import kernels
-from nanocp.kernels import flashinfer_attention, triton_expert, triton_linear, triton_moe
+from nanocp.kernels import flashinfer_attention, triton_decode, triton_expert, triton_linear, triton_moe
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, HEADS, KV_HEADS, DIM, EXPERTS, TOP_K, WIDTH = 2048, 32, 4, 128, 128, 8, 768
@@ -253,27 +252,28 @@ def triton_decode_points() -> list[dict[str, Any]]:
     num_pages = 16 * 8192 // PAGE + 65536 // PAGE + 8
     k_cache, v_cache = paged_caches(num_pages)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for rows, context in [(1, 16), (1, 1024), (1, 8192), (1, 65536), (2, 1024), (4, 1024), (8, 1024), (8, 8192),
-                          (16, 1024)]:  # fmt: skip
+    for rows, context in [(1, 16), (1, 1024), (1, 8192), (1, 65536), (2, 1024), (2, 65536), (4, 1024), (8, 1024),
+                          (8, 8192), (16, 1024)]:  # fmt: skip
         page_indices, q, decode = uniform_decode(rows, context, num_pages)
         flashinfer_us, theirs = per_call_us([partial(decode.run, q, k_cache, v_cache)] * LAYERS)
         pages = -(-context // PAGE)
         indptr = torch.arange(0, (rows + 1) * pages, pages, dtype=torch.int32, device="cuda")
         kv_lens = torch.full((rows,), context, dtype=torch.int32, device="cuda")
-        splits = triton_decode.splits_for(rows, KV_HEADS, sms)
-        call = partial(
-            triton_decode.decode, q, k_cache, v_cache, indptr, page_indices.int(), kv_lens, DIM**-0.5, splits
-        )
-        triton_us, ours = per_call_us([call] * LAYERS)
-        o_diff = (ours[0][0].float() - theirs[0][0].float()).abs().max().item()
-        lse_diff = (ours[0][1] - theirs[0][1]).abs().max().item()
-        point = {"rows": rows, "context": context, "splits": splits, "flashinfer_us": flashinfer_us,
-                 "triton_us": triton_us, "max_abs_diff": o_diff, "lse_max_abs_diff": lse_diff}  # fmt: skip
+        point = {"rows": rows, "context": context, "flashinfer_us": flashinfer_us, "triton_us_by_splits": {}}
+        for splits in sorted({triton_decode.splits_for(rows, KV_HEADS, sms, most) for most in (64, 128, 256)}):
+            call = partial(
+                triton_decode.decode, q, k_cache, v_cache, indptr, page_indices.int(), kv_lens, DIM**-0.5, splits
+            )
+            triton_us, ours = per_call_us([call] * LAYERS)
+            o_diff = (ours[0][0].float() - theirs[0][0].float()).abs().max().item()
+            lse_diff = (ours[0][1] - theirs[0][1]).abs().max().item()
+            point["triton_us_by_splits"][splits] = triton_us
+            point[f"max_abs_diff_{splits}"] = max(o_diff, lse_diff)
+            console.print(
+                f"decode {rows:2} rows x {context:5}: FlashInfer {flashinfer_us:.1f} us, Triton ({splits} splits) "
+                f"{triton_us:.1f} us, max |diff| {o_diff:.2e} (lse {lse_diff:.2e})"
+            )
         points.append(point)
-        console.print(
-            f"decode {rows:2} rows x {context:5}: FlashInfer {flashinfer_us:.1f} us, Triton ({splits} splits) "
-            f"{triton_us:.1f} us, max |diff| {o_diff:.2e} (lse {lse_diff:.2e})"
-        )
     return points
 
 

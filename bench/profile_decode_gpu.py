@@ -21,6 +21,7 @@ import json
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ POINTS = [(1, 16), (1, 1024), (64, 1024), (64, 8192)]  # (batch, context)
 PAGE = 16
 STEPS = 20
 WARMUP_STEPS = 5
+RUNS = 3  # replays or steps under the torch profiler
 MAX_TOKENS = 4 * STEPS + 64  # decode room: the timed and profiled steps, the engine's own steps and warm-ups
 
 
@@ -81,30 +83,67 @@ def _bucket_index(engine: Engine) -> int:
 
 def kernels_of_replay(engine: Engine, layers: int) -> dict[str, Any]:
     """Kernels one graph replay launches (profiled over three), by name, with their device time."""
-    from torch.profiler import ProfilerActivity, profile
-
     graphs = engine.runner.graphs
     assert graphs is not None
     bucket = graphs.buckets[(graphs.sizes[_bucket_index(engine)], False)]
     bucket.graph.replay()
     torch.cuda.synchronize()
+    count, micros, _ = _device_work(lambda: [bucket.graph.replay() for _ in range(RUNS)], None)
+    total = sum(count.values())
+    top = [{"kernel": name, "per_step": count[name], "us_per_step": micros[name]} for name, _ in micros.most_common(25)]
+    return {"kernels_per_step": total, "kernels_per_layer": total / layers, "top": top}
+
+
+def outside_the_replay(engine: Engine, replay_top: list[dict[str, Any]], trace: Path | None) -> dict[str, Any]:
+    """What three engine steps run on the device beyond their graph replays (the LM head, sampling, the copies of
+    inputs and tables), and how long the device idles between its work: the engine step less the replay, taken
+    apart. The first step starts from a drained pipeline (no step in flight to hide its host work behind), so the
+    idle time holds that step's planning once, spread over the three; the chrome trace (`trace`, where to write
+    it) shows the steady steps' gaps apart. Primed with a step in flight instead, the profile would count part of
+    that step's replay as work beyond the replays."""
+
+    def steps() -> None:
+        for _ in range(RUNS):
+            engine.step()
+        engine.flush()
+
+    count, micros, idle_us = _device_work(steps, trace)
+    in_replay = {row["kernel"]: row["per_step"] for row in replay_top}
+    extra = [
+        {"kernel": name, "per_step": count[name] - in_replay.get(name, 0), "us_per_step": micros[name]}
+        for name, _ in micros.most_common()
+        if round(count[name] - in_replay.get(name, 0), 3) > 0  # counts are sums of 1 / RUNS
+    ]
+    return {"device_idle_us_per_step": idle_us, "beyond_the_replay": extra[:25]}
+
+
+def _device_work(
+    runs: Callable[[], object], trace: Path | None
+) -> tuple[collections.Counter[str], collections.Counter[str], float]:
+    """Kernels and copies of `runs` (RUNS runs of some work, profiled) by name, per run: their count, their device
+    time (us), and the us per run the device idled between the first and the last."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            bucket.graph.replay()
+        runs()
         torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     count: collections.Counter[str] = collections.Counter()
     micros: collections.Counter[str] = collections.Counter()
+    spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = event.name[:90]
-            count[name] += 1
-            micros[name] += event.device_time_total
-    total = sum(count.values()) / 3
-    top = [
-        {"kernel": name, "per_step": count[name] / 3, "us_per_step": micros[name] / 3}
-        for name, _ in micros.most_common(25)
-    ]
-    return {"kernels_per_step": total, "kernels_per_layer": total / layers, "top": top}
+            count[name] += 1 / RUNS
+            micros[name] += event.device_time_total / RUNS
+            spans.append((event.time_range.start, event.time_range.end))
+    spans.sort()
+    busy, reach = 0.0, spans[0][0]
+    for start, end in spans:  # the union of the intervals (PDL overlaps a kernel with the one before)
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return count, micros, (reach - spans[0][0] - busy) / RUNS
 
 
 def _top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]]:
@@ -117,7 +156,8 @@ def _top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: -r["ms_per_step"])[:25]
 
 
-def run(label: str, layers: int, out: Path) -> dict[str, Any]:
+def run(label: str, layers: int, out: Path, trace: bool) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
     base = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
     config = replace(base, num_layers=layers, max_context=16384)
@@ -186,7 +226,8 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             "replay_device_ms": replay_ms(engine, STEPS),
             "back_to_back_replay_ms": back_to_back_ms(engine, STEPS),
             "kv_tokens_read": records[-1].kv_tokens_read,
-            **kernels_of_replay(engine, layers),
+            **(replay := kernels_of_replay(engine, layers)),
+            **outside_the_replay(engine, replay["top"], out / f"trace_{label}_b{batch}_c{ctx}.json" if trace else None),
             "host_functions": _top_functions(host_profile, STEPS),
         }
         if batch == 1:
@@ -206,6 +247,9 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             print(f"    host {row['ms_per_step']:7.2f} ms  {row['function']}", flush=True)
         for row in point["top"][:12]:
             print(f"    {row['us_per_step']:9.1f} us  x{row['per_step']:5.0f}  {row['kernel']}", flush=True)
+        print(f"    beyond the replay (device idle {point['device_idle_us_per_step']:.0f} us a step):", flush=True)
+        for row in point["beyond_the_replay"][:15]:
+            print(f"    {row['us_per_step']:9.1f} us  x{row['per_step']:5.1f}  {row['kernel']}", flush=True)
         for request_id in ids:
             engine.abort(request_id)
         result = {
@@ -216,7 +260,7 @@ def run(label: str, layers: int, out: Path) -> dict[str, Any]:
             "copy_bandwidth_bytes_per_s": bandwidth,
             "points": points,
         }
-        out.mkdir(parents=True, exist_ok=True)  # written after each point: a cut-short run keeps what it measured
+        # Written after each point: a cut-short run keeps what it measured.
         (out / f"profile_decode_gpu_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -226,8 +270,9 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="names the result file: before, after, ...")
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--trace", action="store_true", help="also write each point's engine steps as a chrome trace")
     args = parser.parse_args()
-    run(args.label, args.layers, args.out)
+    run(args.label, args.layers, args.out, args.trace)
 
 
 if __name__ == "__main__":

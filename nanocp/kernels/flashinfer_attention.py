@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from nanocp.kernels.attention import AttentionMetadata
 
 LN2 = math.log(2.0)
+PAD_PAGE = 0  # the page a graph's padding rows attend (one token each); their outputs are dropped
 # FlashInfer's recommended split-k scratch, one per device and shared by all wrappers: safe while attention runs on
 # one stream; attention overlapped on a second stream needs wrappers with a workspace of their own.
 WORKSPACE_BYTES = 128 << 20
@@ -39,7 +40,7 @@ def prefill_backend(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class _Launch:
-    wrapper: Any
+    wrapper: Reusable
     rows: slice | torch.Tensor  # the query rows it computes: a slice when contiguous, so it writes in place
 
 
@@ -50,7 +51,7 @@ class _Plan:
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
-_pools: dict[tuple[torch.device, str], list[Any]] = {}
+_pools: dict[tuple[torch.device, str], list[Reusable]] = {}
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -59,7 +60,26 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _workspaces[device]
 
 
-def _take_wrapper(device: torch.device, kind: str) -> Any:
+class Reusable:
+    """A FlashInfer wrapper planned again and again. plan() fills a page-locked buffer of the wrapper's and queues
+    its copy to the device without waiting; the host may run a step ahead of the device, so the next plan() first
+    waits until that copy has run rather than overwrite the buffer under it (it has long run, but nothing else
+    says so)."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+        self._copied = torch.cuda.Event()
+
+    def plan(self, *args: Any, **kwargs: Any) -> None:
+        self._copied.synchronize()
+        self.wrapper.plan(*args, **kwargs)
+        self._copied.record()
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper.run(*args, **kwargs)
+
+
+def _take_wrapper(device: torch.device, kind: str) -> Reusable:
     pool = _pools.setdefault((device, kind), [])
     if pool:
         return pool.pop()
@@ -67,11 +87,15 @@ def _take_wrapper(device: torch.device, kind: str) -> Any:
 
     workspace = _workspace(device)
     if kind == "decode":
-        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True, backend=BACKEND)
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=prefill_backend(device))
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_tensor_cores=True, backend=BACKEND
+        )
+    else:
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=prefill_backend(device))
+    return Reusable(wrapper)
 
 
-def _give_back(device: torch.device, kind: str, wrapper: Any) -> None:
+def _give_back(device: torch.device, kind: str, wrapper: Reusable) -> None:
     _pools[(device, kind)].append(wrapper)
 
 
@@ -83,27 +107,40 @@ def _rows(meta: AttentionMetadata, segments: list[int], device: torch.device) ->
 
 
 def page_table(
-    meta: AttentionMetadata, segments: list[int], device: torch.device
+    meta: AttentionMetadata | None, segments: list[int], device: torch.device, padding: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's page table for the segments: (indptr, indices, last_page_len), with exactly the pages that hold
-    each segment's keys (a segment may list more). indptr and last_page_len stay on the host, where plan() reads
-    them; indices go to the device."""
-    size = meta.page_size
-    counts = [-(-meta.kv_lens[b] // size) for b in segments]
-    starts = [meta.page_indptr[b] for b in segments]
-    indptr = list(accumulate(counts, initial=0))
-    if all(s - starts[0] == i for s, i in zip(starts, indptr[:-1], strict=True)):
-        indices = meta.page_indices[starts[0] : starts[0] + indptr[-1]]
+    each segment's keys (a segment may list more), then `padding` rows that each attend one token of `PAD_PAGE`.
+    indptr and last_page_len stay on the host, where plan() reads them, in page-locked memory: plan() also copies
+    them to the device, and a copy from pageable memory synchronises the stream, so the host would wait for the step
+    in flight (no overlap). indices go to the device."""
+    counts, starts, last = [], [], []
+    if meta is not None:
+        size = meta.page_size
+        counts = [-(-meta.kv_lens[b] // size) for b in segments]
+        starts = [meta.page_indptr[b] for b in segments]
+        last = [meta.kv_lens[b] - (n - 1) * size for b, n in zip(segments, counts, strict=True)]
+    indptr = list(accumulate(counts + [1] * padding, initial=0))
+    pages = indptr[len(counts)]
+    if meta is None or not segments:
+        indices = torch.zeros(0, dtype=torch.int32, device=device)
+    elif all(s - starts[0] == i for s, i in zip(starts, indptr, strict=False)):
+        indices = meta.page_indices[starts[0] : starts[0] + pages]
     else:  # gather each segment's first pages in one indexing op
-        shift = torch.repeat_interleave(torch.tensor(starts) - torch.tensor(indptr[:-1]), torch.tensor(counts))
-        positions = torch.arange(indptr[-1]) + shift
-        indices = meta.page_indices[positions.to(meta.page_indices.device)]
-    last = [meta.kv_lens[b] - (n - 1) * size for b, n in zip(segments, counts, strict=True)]
-    return (
-        torch.tensor(indptr, dtype=torch.int32),
-        indices.to(device=device, dtype=torch.int32),
-        torch.tensor(last, dtype=torch.int32),
-    )
+        shift = torch.repeat_interleave(
+            torch.tensor(starts) - torch.tensor(indptr[: len(starts)]), torch.tensor(counts)
+        )
+        positions = torch.arange(pages) + shift
+        indices = meta.page_indices[positions.pin_memory().to(meta.page_indices.device, non_blocking=True)]
+    indices = indices.to(device=device, dtype=torch.int32)
+    if padding:
+        indices = torch.cat((indices, indices.new_full((padding,), PAD_PAGE)))
+    return pinned(indptr), indices, pinned(last + [1] * padding)
+
+
+def pinned(values: list[int]) -> torch.Tensor:
+    """Host int32 values in page-locked memory, so that a copy to the device does not wait for the stream."""
+    return torch.tensor(values, dtype=torch.int32).pin_memory()
 
 
 def _plan(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> _Plan:
@@ -129,9 +166,7 @@ def _plan(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, scale
         weakref.finalize(meta, _give_back, q.device, "decode", wrapper)
     if multis:
         wrapper = _take_wrapper(q.device, "prefill")
-        qo_indptr = torch.tensor(
-            list(accumulate((meta.qo_indptr[b + 1] - meta.qo_indptr[b] for b in multis), initial=0)), dtype=torch.int32
-        )
+        qo_indptr = pinned(list(accumulate((meta.qo_indptr[b + 1] - meta.qo_indptr[b] for b in multis), initial=0)))
         indptr, indices, last = page_table(meta, multis, q.device)
         # FlashInfer's causal mask aligns a segment's queries with its last keys, as the interface says.
         wrapper.plan(
@@ -181,8 +216,6 @@ class GraphDecode:
     output is dropped by the caller.
     """
 
-    PAD_PAGE = 0
-
     def __init__(
         self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device, split_kv: bool | None = None
     ) -> None:
@@ -196,15 +229,18 @@ class GraphDecode:
         self.rows = rows
         self.plan_args = plan_args
         self.split_kv = self.can_split(rows, plan_args["num_kv_heads"], device) if split_kv is None else split_kv
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            _workspace(device),
-            "NHD",
-            use_cuda_graph=True,
-            use_tensor_cores=True,
-            paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=torch.zeros(max_pages + rows, dtype=torch.int32, device=device),
-            paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
-            backend=BACKEND,
+        self.device = device
+        self.wrapper = Reusable(
+            flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                _workspace(device),
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(max_pages + rows, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
+                backend=BACKEND,
+            )
         )
 
     @staticmethod
@@ -219,17 +255,8 @@ class GraphDecode:
 
     def plan(self, meta: AttentionMetadata | None) -> None:
         """Plans the segments of `meta` (one row each, in row order; None: none) and pads to the graph's rows."""
-        device = self.wrapper.device
-        if meta is None:
-            indptr = torch.zeros(1, dtype=torch.int32)
-            indices = torch.zeros(0, dtype=torch.int32, device=device)
-            last = torch.zeros(0, dtype=torch.int32)
-        else:
-            indptr, indices, last = page_table(meta, list(range(meta.num_segments)), device)
-        padding = self.rows - (len(indptr) - 1)
-        indptr = torch.cat((indptr, indptr[-1] + torch.arange(1, padding + 1, dtype=torch.int32)))
-        indices = torch.cat((indices, indices.new_full((padding,), self.PAD_PAGE)))
-        last = torch.cat((last, torch.ones(padding, dtype=torch.int32)))
+        segments = list(range(meta.num_segments)) if meta is not None else []
+        indptr, indices, last = page_table(meta, segments, self.device, self.rows - len(segments))
         with torch.inference_mode(False):  # the wrapper's buffers are normal tensors, updated in place
             self.wrapper.plan(indptr, indices, last, disable_split_kv=not self.split_kv, **self.plan_args)
 

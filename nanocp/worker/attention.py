@@ -20,15 +20,21 @@ from __future__ import annotations
 import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanocp import kernels
 from nanocp.kernels import AttentionMetadata
-from nanocp.kernels.flashinfer_attention import GraphDecode
 from nanocp.worker import routing
 from nanocp.worker.kv_cache import KVCache
 from nanocp.worker.timing import StepTimer
+
+if TYPE_CHECKING:
+    from nanocp.kernels.flashinfer_attention import GraphDecode
+    from nanocp.kernels.triton_decode import SplitDecode
+
+    DecodeInGraph = GraphDecode | SplitDecode  # a graph bucket's decode attention: FlashInfer's, or Triton's
 
 
 def to_device(values: Sequence[float] | Sequence[bool], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
@@ -133,7 +139,7 @@ class StaticPlan:
     local: AttentionMetadata | None  # one segment per home row (None: all padding, as at capture)
     routes: StaticRoutes | None = None
     received: AttentionMetadata | None = None  # one segment per receive slot
-    decode: tuple[GraphDecode, GraphDecode | None] | None = None  # a graph bucket's FlashInfer decodes (CUDA)
+    decode: tuple[DecodeInGraph, DecodeInGraph | None] | None = None  # a graph bucket's decodes (CUDA)
 
 
 class PagedAttention:

@@ -3,10 +3,11 @@
 An eager decode step of a large MoE model launches thousands of small kernels, and the host's launch time, not the
 GPU, sets its pace. A graph launches them all at once. A bucket is a number of home rows (1, 2, 4, 8, then every 16)
 and, in a group, whether CP routes run. Its graph reads static buffers (token ids, positions, KV slots, the CP
-routes' slot tables) and FlashInfer decode wrappers whose tables are planned on the host before each replay
-(`StaticPlan`); the MoE and CP routes inside it are all-to-alls of fixed size (`routing`), so every member of a
-group replays the same collectives. All graphs share one memory pool, captured largest first so the smaller ones
-reuse its blocks, and the buffers a graph captured are the ones every replay uses.
+routes' slot tables) and decode attention whose tables are planned on the host before each replay (FlashInfer's,
+or at a few rows a Triton split-KV decode; `StaticPlan`); the MoE and CP routes inside it are all-to-alls of fixed
+size (`routing`), so every member of a group replays the same collectives. All graphs share one memory pool,
+captured largest first so the smaller ones reuse its blocks, and the buffers a graph captured are the ones every
+replay uses.
 
 Steps with a prefill chunk anywhere in the group, and batches beyond the largest bucket, run eagerly, and the model
 runner counts them.
@@ -18,6 +19,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +29,9 @@ from nanocp.model_config import ModelConfig
 from nanocp.worker.attention import PagedAttention, StaticPlan, StaticRoutes
 from nanocp.worker.model import Qwen3Moe, StepContext
 from nanocp.worker.planner import StepInputs
+
+if TYPE_CHECKING:
+    from nanocp.worker.attention import DecodeInGraph
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,11 @@ class DecodeGraphs:
             "sm_scale": config.head_dim**-0.5,
         }
 
-        def decode(rows: int) -> GraphDecode:
+        def decode(rows: int) -> DecodeInGraph:
+            from nanocp.kernels import triton_decode  # GPU machines only
+
+            if rows <= triton_decode.MAX_ROWS:  # few rows: faster than FlashInfer's (triton_decode's docstring)
+                return triton_decode.SplitDecode(rows, cache.pool.num_pages, plan_args, device)
             return GraphDecode(rows, cache.pool.num_pages, plan_args, device)
 
         def index(*shape: int, fill: int = 0) -> torch.Tensor:

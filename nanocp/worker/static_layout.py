@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 from nanocp.kernels import AttentionMetadata
-from nanocp.kernels.flashinfer_attention import GraphDecode
+from nanocp.kernels.flashinfer_attention import PAD_PAGE
 from nanocp.worker.attention import StaticPlan, StaticRoutes, int64_to_device
 from nanocp.worker.kv_cache import ShardStore
 from nanocp.worker.step_meta import Attend, Holds, Meta, MetaRow
@@ -82,7 +82,7 @@ def _routes(attends: list[Attend], rank: int, peers: int, rows: int, kv_slots: l
 
 
 def _padding() -> tuple[list[int], int]:
-    return [GraphDecode.PAD_PAGE], 1  # the page a graph's decode pads with: both layouts agree
+    return [PAD_PAGE], 1  # the page a graph's decode pads with: both layouts agree
 
 
 def _metadata(segments: list[tuple[list[int], int]], page_size: int, device: str) -> AttentionMetadata:

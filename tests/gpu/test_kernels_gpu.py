@@ -200,3 +200,48 @@ def test_graph_decode_with_and_without_kv_split_match_the_reference(skewed: bool
             out, lse = decode.run(case.q, case.k_cache, case.v_cache)
             assert rel_err(out, ref) < 1e-2, (rows, split)
             assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_split_decode_matches_the_reference_with_padding_rows(rows: int) -> None:
+    """The graph buckets' Triton decode (a few rows): contexts shorter than a split, one page, page ends, one long,
+    pages listed past the keys; and padding rows, which attend one token and stay finite."""
+    from nanocp.kernels.triton_decode import SplitDecode
+
+    lens = [1, 15, 16, 17, 1000, 8192, 300, 64][: max(1, rows - 1)]
+    case = Case([(1, kv) for kv in lens], causal=True, seed=rows, spare_pages=2)
+    decode = SplitDecode(rows, case.k_cache.shape[0], {"num_kv_heads": KV_HEADS, "sm_scale": SCALE}, case.q.device)
+    decode.plan(case.meta)
+    q = torch.cat((case.q, case.q.new_ones(rows - len(lens), HEADS, DIM)))
+    out, lse = decode.run(q, case.k_cache, case.v_cache)
+    ref, ref_lse = case.reference()
+    assert out.shape == q.shape and out.dtype == BF16
+    assert rel_err(out[: len(lens)], ref) < 1e-2
+    assert_lse_close(lse[: len(lens)], ref_lse)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert torch.equal(decode.output(q, case.k_cache, case.v_cache), out)
+
+
+def test_split_decode_replays_equal_its_eager_calls() -> None:
+    """Captured once, replanned for other contexts before each replay: a replay equals the eager call on its plan."""
+    from nanocp.kernels.triton_decode import SplitDecode
+
+    cases = [Case([(1, kv) for kv in lens], causal=True, seed=i) for i, lens in enumerate([[16, 3], [4097, 900]])]
+    pages = max(c.k_cache.shape[0] for c in cases)
+    k_cache = torch.zeros(pages, PAGE, KV_HEADS, DIM, dtype=BF16, device="cuda")
+    v_cache, q = torch.zeros_like(k_cache), torch.zeros_like(cases[0].q)
+    decode = SplitDecode(2, pages, {"num_kv_heads": KV_HEADS, "sm_scale": SCALE}, q.device)
+    decode.plan(None)
+    decode.run(q, k_cache, v_cache)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode.run(q, k_cache, v_cache)
+    for case in cases:
+        for mine, theirs in ((k_cache, case.k_cache), (v_cache, case.v_cache), (q, case.q)):
+            mine.zero_()
+            mine[: len(theirs)] = theirs
+        decode.plan(case.meta)
+        graph.replay()
+        eager = decode.run(q, k_cache, v_cache)
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+        assert rel_err(eager[0], case.reference()[0]) < 1e-2

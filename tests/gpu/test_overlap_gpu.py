@@ -49,15 +49,21 @@ def test_overlapped_steps_equal_steps_read_at_once(checkpoint: Path, temperature
     assert streams[1] == streams[0], "the same batches every step, so the same tokens, outputs and finishes"
 
 
-def test_a_steady_decode_step_launches_without_waiting_for_the_device(checkpoint: Path) -> None:
-    """Between reading the step before (an event's wait, which torch does not count) nothing in planning,
-    launching and sampling a graphed decode step may synchronise: no blocking copy, no read of a device value."""
+def steady_decoding(checkpoint: Path) -> Engine:
+    """An overlapped engine past its prefills and its first all-decode step (its graph and wrappers warm)."""
     engine = Engine.from_spec(str(checkpoint), replace(GPU, overlap=True))
     outputs: dict[str, list[RequestOutput]] = {}
     add_batch(engine, outputs, temperature=0.8)
     while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
-    engine.step()  # the first all-decode step: its graph and wrappers warm
+    engine.step()
+    return engine
+
+
+def test_a_steady_decode_step_launches_without_waiting_for_the_device(checkpoint: Path) -> None:
+    """Between reading the step before (an event's wait, which torch does not count) nothing in planning,
+    launching and sampling a graphed decode step may synchronise: no blocking copy, no read of a device value."""
+    engine = steady_decoding(checkpoint)
     replays = engine.runner.graphs.replays if engine.runner.graphs is not None else 0
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -66,3 +72,17 @@ def test_a_steady_decode_step_launches_without_waiting_for_the_device(checkpoint
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert engine.runner.graphs is not None and engine.runner.graphs.replays == replays + 3
+
+
+def test_a_steady_decode_step_copies_nothing_from_pageable_memory(checkpoint: Path) -> None:
+    """A copy to the device from pageable memory makes the host wait for the stream to drain, though torch counts
+    no synchronisation (a FlashInfer plan from pageable tables did, and so cost every step its overlap): every
+    host-to-device copy of a steady step comes from page-locked memory."""
+    engine = steady_decoding(checkpoint)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    copies = [e.name for e in profile.events() if e.name.startswith("Memcpy HtoD")]
+    assert copies, "a decode step copies its inputs and tables to the device"
+    assert not [name for name in copies if "Pageable" in name], sorted(set(copies))

@@ -1,12 +1,20 @@
-"""A candidate for the graph decode at a few rows: split-KV decode attention in two Triton launches, measured against
-FlashInfer's graph decode by `decode_kernels_gpu.py --parts triton_decode`; not used by the engine.
+"""Decode attention of the one-row graph bucket: split-KV in two Triton launches (`SplitDecode`), in place of
+FlashInfer's graph decode.
 
-Why a candidate: at one to a few rows FlashInfer's tensor-core decode and its merge take 8.7-10.8 us a layer for
-contexts of 16 to 1K tokens (decode_kernels_gpu.json), where the bytes take well under a microsecond. This is the
-leanest form of the same computation: launch 1 gives each (row, KV head, split) program an even share of the row's
-tokens (its page range found on the device, so a graph's fixed grid serves any context) and writes a partial
-(o, log-sum-exp) for the KV head's query heads; launch 2 merges each head's partials in a fixed order. Both launch
-with PDL; the page table (written by the host before the replay) is read before waiting for the kernel before.
+Why: at one row FlashInfer's tensor-core decode and its merge take 10-13 us a layer for contexts of 16 to 1K tokens,
+where the bytes take well under a microsecond, and its kernels let the next one start only when they end. Here
+launch 1 gives each (row, KV head, split) program an even share of the row's tokens (its page range found on the
+device, so a graph's fixed grid serves any context) and writes a partial (o, log-sum-exp) for the KV head's query
+heads; launch 2 merges each head's partials in a fixed order. Both launch with PDL and let the next kernel be
+scheduled once their wait returns (so the o projection reads its weight while they run); the page table, written
+by the host before the replay, is read before the wait.
+
+Measured on an H200 (bench/decode_kernels_gpu.py --parts triton_decode, decode_kernels_gpu_triton_decode_h200.json),
+us a layer, FlashInfer against this with 128 splits (64): one row of 16 tokens 10.3 against 6.2 (5.4), 1K 12.6
+against 6.7 (6.2), 8K 15.2 against 9.7 (10.7), 64K 45.8 against 42.5 (56.3), so one row takes 128. More rows gain
+less and lose at long contexts: 2 x 1K 13.1 against 9.8 but 2 x 64K 75.4 against 80.6, 8 x 1K 14.6 against 13.1;
+with every bucket up to 8 rows on it, the engine's 8 x 64K step took 21.3 ms against 19.7
+(gpu_decode_step_h200_triton_decode_8rows.json), so only the one-row bucket uses it.
 
 Layouts as the engine's: q (rows, heads, dim); caches (pages, page_size, kv_heads, dim); page_indptr (rows + 1,) and
 page_indices int32 (FlashInfer's CSR table); kv_lens (rows,) int32 tokens. Returns o (rows, heads, dim) in q's dtype
@@ -16,20 +24,27 @@ and the natural-log lse (rows, heads) in float32.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.flashinfer_attention import page_table, pinned
 from nanocp.kernels.triton_pdl import await_inputs, launch_options
+
+if TYPE_CHECKING:
+    from nanocp.kernels.attention import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 TOKENS = 64  # keys a program reads per iteration
+MAX_ROWS = 1  # the largest bucket it serves (see the module's docstring)
+MAX_SPLITS = 128
 
 
-def splits_for(rows: int, kv_heads: int, sms: int) -> int:
-    """Splits a row's keys into enough programs to fill the device twice over (a power of two, at most 64)."""
-    return max(1, min(64, triton.next_power_of_2(math.ceil(2 * sms / (rows * kv_heads)))))
+def splits_for(rows: int, kv_heads: int, sms: int, most: int = MAX_SPLITS) -> int:
+    """Splits a row's keys into enough programs to fill the device twice over (a power of two, at most `most`)."""
+    return max(1, min(most, triton.next_power_of_2(math.ceil(2 * sms / (rows * kv_heads)))))
 
 
 @triton.jit
@@ -176,3 +191,37 @@ def decode(
         partial_o, partial_lse, out, lse, KV_HEADS=kv_heads, GROUP=group, DIM=dim, SPLITS=splits, **options
     )
     return out, lse
+
+
+class SplitDecode:
+    """GraphDecode's interface (planned on the host before each replay; run or output inside the graph) with the
+    split-KV decode above: a graph bucket of `rows` rows, padding rows attending one token of PAD_PAGE."""
+
+    def __init__(self, rows: int, max_pages: int, plan_args: dict[str, Any], device: torch.device) -> None:
+        """plan_args as GraphDecode takes them (FlashInfer's plan() arguments)."""
+        self.rows = rows
+        self.device = device
+        self.scale = plan_args["sm_scale"]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.splits = splits_for(rows, plan_args["num_kv_heads"], sms)
+        self.page_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.page_indices = torch.zeros(max_pages + rows, dtype=torch.int32, device=device)
+        self.kv_lens = torch.ones(rows, dtype=torch.int32, device=device)
+
+    def plan(self, meta: AttentionMetadata | None) -> None:
+        """The segments of `meta` (one row each, in row order; None: none) into the tables, padded to the rows."""
+        segments = list(range(meta.num_segments)) if meta is not None else []
+        padding = self.rows - len(segments)
+        indptr, indices, _ = page_table(meta, segments, self.device, padding)
+        kv_lens = [meta.kv_lens[b] for b in segments] if meta is not None else []
+        self.page_indptr.copy_(indptr, non_blocking=True)
+        self.page_indices[: len(indices)].copy_(indices)
+        self.kv_lens.copy_(pinned(kv_lens + [1] * padding), non_blocking=True)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (rows, heads, dim); the output and log-sum-exp (natural log) of every row, padding rows included."""
+        return decode(q, k_cache, v_cache, self.page_indptr, self.page_indices, self.kv_lens, self.scale, self.splits)
+
+    def output(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """run's output alone."""
+        return self.run(q, k_cache, v_cache)[0]
