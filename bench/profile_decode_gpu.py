@@ -156,13 +156,14 @@ def _top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: -r["ms_per_step"])[:25]
 
 
-def run(label: str, layers: int, out: Path, trace: bool) -> dict[str, Any]:
+def run(label: str, layers: int, out: Path, trace: bool, at: list[tuple[int, int]]) -> dict[str, Any]:
+    """Profiles each (batch, context) point of `at`; writes and returns the result."""
     out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
     base = load_model_config("qwen3-30b-a3b", dtype="bfloat16")
     config = replace(base, num_layers=layers, max_context=16384)
     model = build_model(config, "cuda", seed=0)
-    pages = max(b * -(-(ctx + MAX_TOKENS) // PAGE) for b, ctx in POINTS)  # every request's whole footprint
+    pages = max(b * -(-(ctx + MAX_TOKENS) // PAGE) for b, ctx in at)  # every request's whole footprint
     engine = Engine(
         config,
         model,
@@ -179,7 +180,7 @@ def run(label: str, layers: int, out: Path, trace: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     points: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
-    for n, (batch, ctx) in enumerate(POINTS):
+    for n, (batch, ctx) in enumerate(at):
         ids = [f"p{n}-{i}" for i in range(batch)]
         for request_id in ids:
             prompt = torch.randint(0, config.vocab_size, (ctx,), generator=generator).tolist()
@@ -271,8 +272,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--trace", action="store_true", help="also write each point's engine steps as a chrome trace")
+    parser.add_argument(
+        "--points",
+        default=",".join(f"{b}x{c}" for b, c in POINTS),
+        help="batch x context points, comma-separated (default: %(default)s)",
+    )
     args = parser.parse_args()
-    run(args.label, args.layers, args.out, args.trace)
+    points = [(int(b), int(c)) for b, c in (p.split("x") for p in args.points.split(","))]
+    run(args.label, args.layers, args.out, args.trace, points)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Runs a planned step on the device: the model's forward (a CUDA graph's replay where one fits, else eagerly), the
 LM head over the rows that sample, and the batched sampler. Owns the KV cache, the attention backend and the graphs.
 
-The sampler (`sample`) picks the next token of every sampling row of a step in one batched call, on the logits' device.
+The sampler (`sample`) picks the next token of every sampling row of a step in one batched call, on the logits' device;
+on CUDA a step whose rows are all greedy takes kernels/triton_tokens.py's pick instead (the same tokens, two launches).
 
 Greedy rows take the argmax. The others scale by their temperature, keep their top-k tokens, then the smallest set
 whose renormalised mass reaches top-p (the most likely token always stays), and draw by inverse transform: the first
@@ -84,8 +85,12 @@ class ModelRunner:
         hidden = self.forward(inputs)
         if not inputs.sampling_chunks:
             return None
-        logits = self.model.logits(hidden[inputs.sample_rows])
-        return SampledTokens.of(sample(logits, inputs.sampling))
+        rows = hidden[inputs.sample_rows]
+        if rows.is_cuda and inputs.sampling.all_greedy:
+            from nanocp.kernels import triton_tokens  # GPU machines only
+
+            return SampledTokens.of(triton_tokens.greedy(self.model.lm_head(rows), NON_FINITE))
+        return SampledTokens.of(sample(self.model.logits(rows), inputs.sampling))
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """The model over the step's rows: by a graph's replay for a static step, else eagerly."""
@@ -120,6 +125,10 @@ def pending_token(row: int) -> int:
 def resolve_pending(token_ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """token_ids with each placeholder replaced by the token it stands for, on the device. A NON_FINITE token
     becomes 0: its request ends when the host reads it, and the row it feeds meanwhile must stay a valid lookup."""
+    if token_ids.is_cuda:
+        from nanocp.kernels import triton_tokens  # GPU machines only: one launch for what follows
+
+        return triton_tokens.resolve_pending(token_ids, previous)
     rows = (-2 - token_ids).clamp(0, len(previous) - 1)
     return torch.where(token_ids < 0, previous[rows].clamp(min=0), token_ids)
 

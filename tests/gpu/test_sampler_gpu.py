@@ -34,3 +34,32 @@ def test_a_draw_on_the_gpu_is_the_draw_on_the_cpu() -> None:
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9)] * 8 + [SamplingParams(temperature=0.0)] * 8
     rows = SamplingRows(params, list(range(16)), list(range(16)))
     assert sample(logits.cuda(), rows).tolist() == sample(logits, rows).tolist()
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 151936), (7, 151936), (64, 5000), (3, 4097)])
+def test_the_greedy_pick_is_the_samplers_argmax(rows: int, vocab: int) -> None:
+    """kernels/triton_tokens.py's pick on the LM head's bf16 logits against the sampler's greedy path on them in
+    float32: ties go to the first index (across the kernel's chunks too), a row with NaN or inf to NON_FINITE."""
+    from nanocp.kernels import triton_tokens
+    from nanocp.worker.model_runner import NON_FINITE
+
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 3).to(torch.bfloat16)
+    logits[0, [5, vocab - 1]] = logits[0].max() + 1  # a tie, in the first and the last chunk
+    if rows > 2:
+        logits[1, vocab // 2] = float("nan")
+        logits[2, 0] = float("-inf")
+    greedy = SamplingRows([SamplingParams(temperature=0.0)] * rows, [0] * rows, [0] * rows)
+    expected = sample(logits.float(), greedy).tolist()
+    assert expected[0] == 5
+    assert triton_tokens.greedy(logits.cuda(), NON_FINITE).tolist() == expected
+
+
+def test_placeholders_resolve_as_the_torch_code_does() -> None:
+    from nanocp.kernels import triton_tokens
+    from nanocp.worker.model_runner import NON_FINITE, pending_token, resolve_pending
+
+    previous = torch.tensor([11, NON_FINITE, 7, 3])
+    token_ids = torch.tensor([pending_token(0), 42, pending_token(1), pending_token(3), 0, pending_token(2)])
+    expected = resolve_pending(token_ids, previous)  # on the CPU: the torch code
+    assert expected.tolist() == [11, 42, 0, 3, 0, 7]
+    assert triton_tokens.resolve_pending(token_ids.cuda(), previous.cuda()).tolist() == expected.tolist()
