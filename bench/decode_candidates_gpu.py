@@ -24,7 +24,19 @@ from typing import Any
 
 import decode_candidates
 import torch
-from decode_kernels_gpu import BF16, DIM, EXPERTS, HEADS, HIDDEN, LAYERS, TOP_K, WIDTH, expert_weights, per_call_us
+from decode_kernels_gpu import (
+    BF16,
+    DIM,
+    EXPERTS,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    TOP_K,
+    WIDTH,
+    expert_weights,
+    layer_weights,
+    per_call_us,
+)
 from gpu_timing import TIMING
 from rich.console import Console
 
@@ -35,10 +47,6 @@ RESULTS = Path(__file__).parent / "results"
 console = Console()
 
 
-def weights(outputs: int, depth: int) -> list[torch.Tensor]:
-    return [(torch.randn(outputs, depth, device="cuda") * depth**-0.5).to(BF16) for _ in range(LAYERS)]
-
-
 def o_norm_gate(norm: Any, attn: torch.Tensor, residual: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     normed, _ = norm(triton_linear.small_linear(attn, w[0]), residual, w[1], 1e-6)  # in place on CUDA
     return triton_linear.small_linear(normed, w[2])
@@ -46,8 +54,8 @@ def o_norm_gate(norm: Any, attn: torch.Tensor, residual: torch.Tensor, w: tuple[
 
 def add_norm_points() -> list[dict[str, Any]]:
     points = []
-    layers = list(zip(weights(HIDDEN, HEADS * DIM), [torch.ones(HIDDEN, device="cuda", dtype=BF16)] * LAYERS,
-                      weights(EXPERTS, HIDDEN), strict=True))  # fmt: skip
+    layers = list(zip(layer_weights(HIDDEN, HEADS * DIM), [torch.ones(HIDDEN, device="cuda", dtype=BF16)] * LAYERS,
+                      layer_weights(EXPERTS, HIDDEN), strict=True))  # fmt: skip
     for tokens in [1, 2]:  # the rows small_linear serves
         attn = torch.randn(tokens, HEADS * DIM, device="cuda").to(BF16)
         us = {}
@@ -78,7 +86,7 @@ def gate_route_and_sort(x: torch.Tensor, w: torch.Tensor) -> Any:
 
 def route_sort_points() -> list[dict[str, Any]]:
     points = []
-    gates = weights(EXPERTS, HIDDEN)
+    gates = layer_weights(EXPERTS, HIDDEN)
     for tokens in [1, 4]:
         x = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
         two_us, theirs = per_call_us([partial(gate_route_sort, x, w) for w in gates])

@@ -80,6 +80,11 @@ def gathered_first(rows: kernels.TokenRows, ends: torch.Tensor, w: tuple[torch.T
     return triton_expert.grouped_swiglu(rows.gather(), ends, *w)
 
 
+def layer_weights(outputs: int, depth: int) -> list[torch.Tensor]:
+    """A projection's weight for each of the LAYERS layers (together past the L2)."""
+    return [(torch.randn(outputs, depth, device="cuda") * depth**-0.5).to(BF16) for _ in range(LAYERS)]
+
+
 def expert_weights(out: int, inner: int) -> torch.Tensor:
     return (torch.randn(EXPERTS, out, inner, device="cuda") * inner**-0.5).to(BF16)
 
@@ -228,7 +233,7 @@ def linear_points() -> list[dict[str, Any]]:
     points = []
     shapes = {"qkv": ((HEADS + 2 * KV_HEADS) * DIM, HIDDEN), "o": (HIDDEN, HEADS * DIM), "gate": (EXPERTS, HIDDEN)}
     for name, (outputs, depth) in shapes.items():
-        weights = [(torch.randn(outputs, depth, device="cuda") * depth**-0.5).to(BF16) for _ in range(LAYERS)]
+        weights = layer_weights(outputs, depth)
         norm_weight = torch.ones(depth, device="cuda", dtype=BF16)
         for rows in [1, 2, 4]:
             x = torch.randn(rows, depth, device="cuda").to(BF16)
