@@ -15,7 +15,13 @@ own each, as the model's layers have), so a call's time excludes the graph's lau
   reads its weight while the kernel before it runs (triton_linear), each after a norm as in the
   model (FlashInfer's norm, launched with PDL), every layer with weights of its own (2.2 GB, past the L2);
 - triton_decode: the split-KV decode of the small graph buckets (kernels/triton_decode.py) against FlashInfer's graph
-  decode (with the log-sum-exp, as a CP partial needs it) at 1 to 16 rows, at each split cap.
+  decode (with the log-sum-exp, as a CP partial needs it) at 1 to 16 rows, at each split cap;
+- add_norm: o projection -> add-norm -> router gate projection at 1 and 2 rows, FlashInfer's fused add-norm (which
+  lets its dependents start only when it ends) against the engine's Triton one (which lets the gate projection start
+  reading its weight as soon as its own wait returns). Measured first, with three more candidates that lost or were
+  folded into the engine's kernels, by bench/decode_candidates_gpu.py of commit 911700f
+  (results/decode_candidates_gpu.json);
+- expert_tiles: the expert SwiGLU's gate/up and down tiles at 1 to 8 tokens (EXPERT_TILES).
 
 The alternatives are checked against each other (bit-equality where the arithmetic is the same, agreement of the
 chosen experts otherwise). Times are medians of triton.testing.do_bench over replays (L2 flushed before each).
@@ -35,9 +41,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import flashinfer
 import torch
 import torch.nn.functional as F
+import triton
 from gpu_timing import TIMING, bench_ms, copy_bandwidth, graphed
+from moe_kernels import parse_blocks
 from rich.console import Console
 
 from nanocp import kernels
@@ -252,6 +261,72 @@ def linear_points() -> list[dict[str, Any]]:
     return points
 
 
+def o_norm_gate(add_norm: Any, attn: torch.Tensor, residual: torch.Tensor, w: tuple[torch.Tensor, ...]) -> Any:
+    normed, _ = add_norm(triton_linear.small_linear(attn, w[0]), residual, w[1], 1e-6)  # in place on CUDA
+    return triton_linear.small_linear(normed, w[2])
+
+
+def flashinfer_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> Any:
+    flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
+    return x, residual
+
+
+def add_norm_points() -> list[dict[str, Any]]:
+    """o projection -> add-norm -> router gate projection: FlashInfer's fused add-norm against the engine's (which
+    lets the gate projection start reading its weight sooner)."""
+    points = []
+    layers = list(zip(layer_weights(HIDDEN, HEADS * DIM), [torch.ones(HIDDEN, device="cuda", dtype=BF16)] * LAYERS,
+                      layer_weights(EXPERTS, HIDDEN), strict=True))  # fmt: skip
+    for tokens in [1, 2]:  # the rows small_linear serves
+        attn = torch.randn(tokens, HEADS * DIM, device="cuda").to(BF16)
+        us, gates = {}, {}
+        for label, add_norm in (("flashinfer", flashinfer_add_norm), ("engine", kernels.add_rms_norm)):
+            residual = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
+            us[label], _ = per_call_us([partial(o_norm_gate, add_norm, attn, residual, w) for w in layers])
+            gates[label] = o_norm_gate(add_norm, attn, torch.ones_like(residual), layers[0])  # from the same residual
+        diff = (gates["engine"].float() - gates["flashinfer"].float()).abs().max().item()
+        point = {"tokens": tokens, "flashinfer_us": us["flashinfer"], "engine_us": us["engine"],
+                 "gate_max_abs_diff": diff}  # fmt: skip
+        points.append(point)
+        console.print(f"o -> add-norm -> gate, {tokens} tokens: {point}")
+    return points
+
+
+# gate/up and down tiles (N x K x warps x stages) tried at few rows, the engine's first; --expert-tiles picks others.
+EXPERT_TILES = ["32x128x4x4/64x128x4x4", "16x128x4x4/32x128x4x4", "16x256x4x3/32x256x4x3",
+                "32x256x4x3/64x256x4x3", "32x128x4x2/64x128x4x2", "32x128x4x6/64x128x4x6",
+                "16x128x2x4/16x128x2x4", "16x64x2x8/16x64x2x8", "16x512x4x2/32x256x4x3",
+                "64x64x4x4/64x64x4x4", "32x128x8x4/64x128x8x4", "16x256x8x3/16x256x8x3",
+                "32x256x4x4/64x256x4x4", "32x256x4x2/64x256x4x2", "32x256x8x3/64x256x8x3",
+                "64x128x4x5/64x128x4x5", "32x128x4x8/64x128x4x8", "64x256x4x3/64x256x4x3",
+                "32x256x4x3/64x128x4x5", "32x128x4x5/64x256x4x3", "16x256x4x4/32x256x4x4",
+                "32x512x4x2/64x256x4x3", "64x64x4x6/64x64x4x6"]  # fmt: skip
+
+
+def expert_tile_points(tiles: list[str]) -> list[dict[str, Any]]:
+    """The expert SwiGLU (gate/up then down, rows read from their tokens) at 1 to 8 tokens with each of the tiles
+    (gate/up then down, as EXPERT_TILES), 12 layers of experts in a graph, each with weights of its own."""
+    points = []
+    weights = [(expert_weights(2 * WIDTH, HIDDEN), expert_weights(HIDDEN, WIDTH)) for _ in range(LAYERS // 4)]
+    for tokens in [1, 2, 4, 8]:
+        x = torch.randn(tokens, HIDDEN, device="cuda").to(BF16)
+        chosen = torch.stack([torch.randperm(EXPERTS, device="cuda")[:TOP_K] for _ in range(tokens)])
+        entries, _, ends = kernels.sort_by_expert(chosen, EXPERTS)
+        rows = kernels.TokenRows(x, entries, TOP_K)
+        point: dict[str, Any] = {"tokens": tokens, "us": {}}
+        reference = None
+        for tile in tiles:
+            calls = [partial(triton_expert.grouped_swiglu, rows, ends, *w, parse_blocks(tile)) for w in weights]
+            point["us"][tile], outs = per_call_us(calls)
+            reference = outs if reference is None else reference
+            point[f"max_abs_diff {tile}"] = max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference, strict=True)
+            )
+        points.append(point)
+        console.print(f"expert tiles, {tokens} tokens: " + ", ".join(f"{t} {us:.1f}" for t, us in point["us"].items()))
+    return points
+
+
 def triton_decode_points() -> list[dict[str, Any]]:
     points = []
     num_pages = 16 * 8192 // PAGE + 65536 // PAGE + 8
@@ -287,17 +362,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--parts",
-        default="router,experts,fusions,attention,split,linear,triton_decode",
+        default="router,experts,fusions,attention,split,linear,triton_decode,add_norm,expert_tiles",
         help="comma-separated, of these",
     )
+    parser.add_argument("--expert-tiles", nargs="+", default=EXPERT_TILES, help="gate/up/down tiles for expert_tiles")
     args = parser.parse_args()
     torch.manual_seed(0)
     measure = {"router": router_points, "experts": expert_points, "fusions": fusion_points,
                "attention": attention_points, "split": split_points, "linear": linear_points,
-               "triton_decode": triton_decode_points}  # fmt: skip
+               "triton_decode": triton_decode_points, "add_norm": add_norm_points,
+               "expert_tiles": partial(expert_tile_points, args.expert_tiles)}  # fmt: skip
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "triton": triton.__version__,
         "timing": f"a graph of {LAYERS} calls (one a layer), per call; {TIMING}",
         "copy_bandwidth_bytes_per_s": copy_bandwidth(),
     }

@@ -55,7 +55,7 @@ def parse_blocks(text: str) -> tuple[triton_expert.Blocks, triton_expert.Blocks]
 
 def triton_variant(gate_up: triton_expert.Blocks, down: triton_expert.Blocks) -> ByEnds:
     def run(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        return triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down, gate_up, down)
+        return triton_expert.grouped_swiglu(x, ends, w_gate_up, w_down, (gate_up, down))
 
     return run
 
@@ -139,7 +139,9 @@ def main() -> None:
         "shapes": {"hidden": HIDDEN, "width": WIDTH, "experts": EXPERTS, "top_k": TOP_K, "dtype": "bfloat16"},
         "copy_bandwidth_bytes_per_s": copy_bw,
         "triton_max_rows": gpu_moe.TRITON_MAX_ROWS,
-        "triton_blocks": blocks_name(triton_expert.GATE_UP_BLOCKS, triton_expert.DOWN_BLOCKS),
+        "triton_blocks": f"{blocks_name(triton_expert.GATE_UP_BLOCKS, triton_expert.DOWN_BLOCKS)}; up to "
+        f"{triton_expert.FEW_ROWS} rows "
+        f"{blocks_name(triton_expert.FEW_ROWS_GATE_UP_BLOCKS, triton_expert.FEW_ROWS_DOWN_BLOCKS)}",
         "timing": f"{TIMING}; eager calls, and replays of a CUDA graph of the same call",
         "rows": rows,
     }

@@ -1,5 +1,5 @@
 """RMS normalisation and the attention block's per-head work: torch on CPU (the reference, transformers'
-arithmetic), fused kernels on CUDA (FlashInfer's norms, a Triton kernel for QK-norm + rotary).
+arithmetic), fused kernels on CUDA (FlashInfer's norm, Triton kernels for add + norm and QK-norm + rotary).
 
 The residual stream is carried beside the hidden states (as vLLM and SGLang do): each norm after the first adds the
 previous block's output to the residual and normalises the sum, one kernel on CUDA instead of an add and a norm.
@@ -40,10 +40,9 @@ def add_rms_norm(
 
         return triton_moe.combine_add_rms_norm(*x, residual, weight, eps)
     if fused(x) and x.is_contiguous() and residual.is_contiguous():
-        import flashinfer
+        from nanocp.kernels import triton_norm
 
-        flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
-        return x, residual
+        return triton_norm.add_rms_norm(x, residual, weight, eps)
     residual = residual + x
     return reference_rms_norm(residual, weight, eps), residual
 

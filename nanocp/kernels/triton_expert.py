@@ -44,6 +44,14 @@ class Blocks(NamedTuple):
 # experts' weights) and tied at 1 token (51%); blocks of 16/32 were 1.1x slower, 16/16 with K steps of 64 1.3x.
 GATE_UP_BLOCKS = Blocks(n=32, k=128)
 DOWN_BLOCKS = Blocks(n=64, k=128)
+# One token's rows (up to FEW_ROWS, one per expert) make a launch of few programs (the experts x column blocks); K
+# steps of 256 with 3 stages keep more of each program's weight bytes in flight: gate/up + down 26.0 us a layer
+# against 33.8 with the tiles above, in graphs of 12 layers with weights of their own, twice on one H200 lease
+# (results/decode_kernels_gpu_expert_tiles*.json, `decode_kernels_gpu.py --parts expert_tiles`); from 2 tokens
+# (16 rows) the tiles above stay fastest or within 2%.
+FEW_ROWS = 8
+FEW_ROWS_GATE_UP_BLOCKS = Blocks(n=32, k=256, stages=3)
+FEW_ROWS_DOWN_BLOCKS = Blocks(n=64, k=256, stages=3)
 
 
 @triton.jit
@@ -162,12 +170,15 @@ def grouped_swiglu(
     ends: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    gate_up_blocks: Blocks = GATE_UP_BLOCKS,
-    down_blocks: Blocks = DOWN_BLOCKS,
+    blocks: tuple[Blocks, Blocks] | None = None,
 ) -> torch.Tensor:
     """kernels.grouped_swiglu_by_ends in two launches. x: (rows, hidden) sorted by expert, or the tokens the rows
     come from (read in the first launch's loads); ends: (experts,) int32 each expert's end row; w_gate_up: (experts,
     2 width, hidden), gate rows first; w_down: (experts, hidden, width). Returns (rows, hidden) in x's dtype, the
-    intermediate rounded to it as the grouped GEMMs' is."""
-    h = _expert_matmul(x, ends, w_gate_up, True, gate_up_blocks)
-    return _expert_matmul(h, ends, w_down, False, down_blocks)
+    intermediate rounded to it as the grouped GEMMs' is. blocks: the (gate/up, down) tiles, else chosen by the rows."""
+    if blocks is None:
+        rows = len(x.entries) if isinstance(x, TokenRows) else len(x)
+        few = rows <= FEW_ROWS
+        blocks = (FEW_ROWS_GATE_UP_BLOCKS, FEW_ROWS_DOWN_BLOCKS) if few else (GATE_UP_BLOCKS, DOWN_BLOCKS)
+    h = _expert_matmul(x, ends, w_gate_up, True, blocks[0])
+    return _expert_matmul(h, ends, w_down, False, blocks[1])

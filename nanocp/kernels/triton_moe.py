@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp.kernels.triton_norm import store_sum_and_norm
 from nanocp.kernels.triton_pdl import await_inputs, launch_options
 
 # The sort keeps every (token, expert) row of a step in one program per expert: up to this many rows (a decode
@@ -128,13 +129,28 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K: tl.constexpr):  # type: ignore[no-untyped-def]
-    """One token's expert outputs (its columns `cols`) weighted and summed in float32, in a fixed order (no atomics)."""
+def _expert_slots(position_ptr, weights_ptr, token, TOP_K: tl.constexpr, K_BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A token's TOP_K expert rows (their places in y) and weights (float32), as vectors of K_BLOCK.
+
+    The combines read them BEFORE their PDL wait: they come from the router and the sort, launches two or more
+    back (the expert projections run between), which are complete once the launch before has passed its own wait.
+    """
+    j = tl.arange(0, K_BLOCK)
+    places = tl.load(position_ptr + token * TOP_K + j, mask=j < TOP_K, other=0)
+    weights = tl.load(weights_ptr + token * TOP_K + j, mask=j < TOP_K, other=0.0).to(tl.float32)
+    return places, weights
+
+
+@triton.jit
+def _combined_row(y_ptr, places, weights, cols, mask, hidden, TOP_K: tl.constexpr, K_BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """One token's expert outputs (its columns `cols`) weighted and summed in float32, in a fixed order (no atomics):
+    expert slot 0 first."""
+    j = tl.arange(0, K_BLOCK)
     acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        row = tl.load(position_ptr + token * TOP_K + j)
-        weight = tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
-        acc += weight * tl.load(y_ptr + row * hidden + cols, mask=mask).to(tl.float32)
+    for k in tl.static_range(TOP_K):
+        row = tl.sum(tl.where(j == k, places, 0), axis=0)
+        weight = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
+        acc += weight * tl.load(y_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     return acc
 
 
@@ -146,19 +162,21 @@ def _combine_kernel(  # type: ignore[no-untyped-def]
     out_ptr,
     hidden,
     TOP_K: tl.constexpr,
+    K_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
+    places, weights = _expert_slots(position_ptr, weights_ptr, token, TOP_K, K_BLOCK)
+    await_inputs(PDL)  # the expert rows are the launch before's
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    acc = _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K)
+    acc = _combined_row(y_ptr, places, weights, cols, mask, hidden, TOP_K, K_BLOCK)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """kernels.combine on CUDA."""
+    """kernels.combine on CUDA (position and weights from two or more launches back: see _expert_slots)."""
     tokens, top_k = weights.shape
     y, weights = y.contiguous(), weights.contiguous()
     hidden = y.shape[1]
@@ -166,7 +184,7 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> t
     block = 1024
     if tokens:
         _combine_kernel[(tokens, triton.cdiv(hidden, block))](
-            y, position, weights, out, hidden, top_k, block, **launch_options(y)
+            y, position, weights, out, hidden, top_k, triton.next_power_of_2(top_k), block, **launch_options(y)
         )
     return out
 
@@ -182,21 +200,23 @@ def _combine_add_rms_norm_kernel(  # type: ignore[no-untyped-def]
     hidden,
     eps,
     TOP_K: tl.constexpr,
+    K_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    combined = _combined_row(y_ptr, position_ptr, weights_ptr, token, cols, mask, hidden, TOP_K)
-    # Rounded as combine's output is, added to the residual in float32 (as FlashInfer's fused add-norm does).
-    summed = combined.to(out_ptr.dtype.element_ty).to(tl.float32)
-    summed += tl.load(residual_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(residual_ptr + token * hidden + cols, summed.to(residual_ptr.dtype.element_ty), mask=mask)
-    scale = tl.rsqrt(tl.sum(summed * summed, axis=0) / hidden + eps)
+    # All but the expert rows before the wait: the residual was last written by the attention block's add-norm,
+    # launches back, and the norm's weight is a parameter. One round trip is left after it.
+    places, weights = _expert_slots(position_ptr, weights_ptr, token, TOP_K, K_BLOCK)
+    residual = tl.load(residual_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     norm_weight = tl.load(norm_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * hidden + cols, (summed * scale * norm_weight).to(out_ptr.dtype.element_ty), mask=mask)
+    await_inputs(PDL)  # the expert rows are the launch before's
+    combined = _combined_row(y_ptr, places, weights, cols, mask, hidden, TOP_K, K_BLOCK)
+    # Rounded as combine's output is, added to the residual in float32 (as the add-norm does).
+    summed = combined.to(out_ptr.dtype.element_ty).to(tl.float32) + residual
+    store_sum_and_norm(summed, residual_ptr, out_ptr, norm_weight, token, cols, mask, hidden, eps)
 
 
 def combine_add_rms_norm(
@@ -224,6 +244,7 @@ def combine_add_rms_norm(
             hidden,
             eps,
             top_k,
+            triton.next_power_of_2(top_k),
             triton.next_power_of_2(hidden),
             num_warps=8,
             **launch_options(y),
