@@ -39,7 +39,7 @@ def test_rms_norm_and_fused_add(rows: int) -> None:
     assert rel_err(normed, ref_normed) < 1e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 1000])  # 1000: a prefill chunk's heads a program (head_block_for)
 def test_qk_norm_rope_matches_reference(tokens: int) -> None:
     rotary = Rotary(DIM, 1e6, 4096).cuda()
     rotary.reset()
@@ -77,7 +77,7 @@ def test_sort_by_expert_is_the_stable_sort(tokens: int) -> None:
     assert torch.equal(ends.cpu(), ref_ends)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000])
 def test_qk_norm_rope_stores_k_and_v_in_their_slots(tokens: int) -> None:
     """The launch that makes q and k also writes each row's K and V into its slot, exactly what store_kv writes;
     rows with slot -1 (a remote tail, padding) write nothing."""
@@ -86,9 +86,10 @@ def test_qk_norm_rope_stores_k_and_v_in_their_slots(tokens: int) -> None:
     qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM, device="cuda").to(BF16)
     positions = torch.randint(0, 4096, (tokens,), device="cuda")
     q_w, k_w = (1 + 0.1 * torch.randn(2, DIM, device="cuda")).to(BF16)
-    slots = torch.randperm(4 * 16, device="cuda")[:tokens]
+    pages = max(4, tokens // 8)
+    slots = torch.randperm(pages * 16, device="cuda")[:tokens]
     slots[1::3] = -1  # the first row kept, every third after it not
-    caches = [torch.zeros(4, 16, KV_HEADS, DIM, device="cuda", dtype=BF16) for _ in range(4)]
+    caches = [torch.zeros(pages, 16, KV_HEADS, DIM, device="cuda", dtype=BF16) for _ in range(4)]
     args = (rotary.cos, rotary.sin, EPS, HEADS, KV_HEADS)
     q, k, v = kernels.qk_norm_rope(qkv, positions, q_w, k_w, *args, store=(caches[0], caches[1], slots))
     q2, k2, v2 = kernels.qk_norm_rope(qkv, positions, q_w, k_w, *args)

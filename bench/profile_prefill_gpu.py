@@ -1,0 +1,180 @@
+"""Where a prefill step's time goes on one GPU (Qwen3-30B-A3B shapes, random bf16 weights): for each per-step token
+budget (the engine's chunk size), the prefill rate of prompts of one length, and one step's kernels by total time
+under the torch profiler, grouped as attention, experts, projections and the rest. And the QK-norm + rotary kernel
+(storing K, V) alone at 1 to 16K tokens with 1 to 16 heads a program (`--head-blocks`; one layer's call in a graph).
+
+Each prompt asks for one token, so the timed steps are prefill chunks alone (bench/gpu_decode_step.py's prefill
+rate also carries the decodes of the prompts prefilled before). Writes bench/results/profile_prefill_gpu.json (or
+--out).
+
+    python3 bench/profile_prefill_gpu.py [--context 8192] [--prompts 16] [--budgets 16384,32768] [--out DIR]
+        [--head-blocks 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from gpu_decode_step import prefill_flops
+from gpu_timing import TIMING, bench_ms, graphed
+
+from nanocp.kernels import triton_norm_rope
+from nanocp.model_config import load_model_config
+from nanocp.sim.hardware import DEVICES
+from nanocp.worker.engine import Engine, EngineConfig
+from nanocp.worker.model import Rotary
+from nanocp.worker.request import SamplingParams
+from nanocp.worker.weights import build_model
+
+RESULTS = Path(__file__).parent / "results"
+PAGE = 16
+# Kernel name fragments, first match wins: the part of the model a kernel belongs to.
+PARTS = (
+    ("attention", ("flashinfer", "prefill", "attention", "fmha", "merge")),
+    ("experts (grouped GEMM)", ("grouped", "cutlass", "gemm_grouped", "silu")),
+    ("projections (GEMM)", ("nvjet", "gemm", "sm90_xmma", "cublas", "_small_linear")),
+    ("router top-k and sort", ("route_topk", "sort", "scan", "radix", "index_copy", "searchsorted")),
+    ("norms and rotary", ("norm", "rope")),
+)
+
+
+def part_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((part for part, keys in PARTS if any(key in name for key in keys)), "other")
+
+
+def prefill(engine: Engine, context: int, prompts: int, generator: torch.Generator, vocab: int) -> float:
+    """Seconds to prefill `prompts` prompts of `context` tokens from an idle engine."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(prompts):
+        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
+        engine.add_request(f"p{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    while engine.scheduler.waiting or engine.scheduler.running:
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def profile_step(engine: Engine, context: int, budget: int, generator: torch.Generator, vocab: int) -> dict[str, Any]:
+    """One full prefill step under the torch profiler: its kernels by name and by part, us."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(-(-budget // context)):
+        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
+        engine.add_request(f"q{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    while engine.scheduler.waiting or engine.scheduler.running:
+        engine.step()
+    kernels: collections.Counter[str] = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] += event.device_time
+    parts: collections.Counter[str] = collections.Counter()
+    for name, us in kernels.items():
+        parts[part_of(name)] += us
+    return {
+        "device_us": sum(kernels.values()),
+        "parts_us": dict(parts.most_common()),
+        "kernels_us": [{"kernel": name[:120], "us": us} for name, us in kernels.most_common(25)],
+    }
+
+
+def norm_rope_points(head_blocks: list[int]) -> list[dict[str, Any]]:
+    """us a call of the QK-norm + rotary kernel storing K and V (the model's call), Qwen3-30B-A3B heads."""
+    heads, kv_heads, dim, pages = 32, 4, 128, 2048
+    rotary = Rotary(dim, 1e6, 8192).cuda()
+    rotary.reset()
+    weights = (torch.ones(dim, device="cuda", dtype=torch.bfloat16),) * 2
+    caches = [torch.zeros(pages, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    points = []
+    for tokens in (1, 64, 256, 512, 2048, 16384):
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda").to(torch.bfloat16)
+        positions = torch.randint(0, 8192, (tokens,), device="cuda")
+        store = (caches[0], caches[1], torch.randperm(pages * PAGE, device="cuda")[:tokens])
+        out = (torch.empty(tokens, heads, dim, **_bf16()), torch.empty(tokens, kv_heads, dim, **_bf16()))
+        us = {}
+        for block in head_blocks:
+            call = partial(triton_norm_rope.qk_norm_rope_into, qkv, positions, weights, (rotary.cos, rotary.sin), 1e-6)
+            replay, _ = graphed(partial(call, out, store, head_block=block))
+            us[block] = 1e3 * bench_ms(replay)
+        moved = qkv.numel() * 2 + (out[0].numel() + 3 * out[1].numel()) * 2  # read qkv; write q, k, K and V
+        points.append({"tokens": tokens, "us_by_head_block": us, "bytes": moved})
+        print(f"qk-norm-rope {tokens:5} tokens: " + ", ".join(f"{b}: {t:.1f} us" for b, t in us.items()), flush=True)
+    return points
+
+
+def _bf16() -> dict[str, Any]:
+    return {"device": "cuda", "dtype": torch.bfloat16}
+
+
+def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], out: Path) -> dict[str, Any]:
+    norm_rope = norm_rope_points(head_blocks)
+    config = replace(load_model_config("qwen3-30b-a3b", dtype="bfloat16"), max_context=context + 64)
+    model = build_model(config, "cuda", seed=0)
+    flops = prefill_flops(config, context)
+    peak = DEVICES["h200"].flops
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for budget in budgets:
+        engine_config = EngineConfig(
+            page_size=PAGE,
+            num_pages=prompts * -(-(context + 1) // PAGE) + 64,
+            max_step_tokens=budget,
+            max_running=min(budget, 256),
+            device="cuda",
+            dtype="bfloat16",
+            cuda_graphs=False,
+        )
+        engine = Engine(config, model, engine_config)
+        prefill(engine, context, -(-budget // context), generator, config.vocab_size)  # warm-up: JIT, allocator
+        seconds = prefill(engine, context, prompts, generator, config.vocab_size)
+        row: dict[str, Any] = {
+            "budget": budget,
+            "context": context,
+            "prompts": prompts,
+            "seconds": seconds,
+            "tokens_per_s": prompts * context / seconds,
+            "mfu": prompts * flops / seconds / peak,
+            "step": profile_step(engine, context, budget, generator, config.vocab_size),
+        }
+        print(f"budget {budget}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%}", flush=True)
+        for part, us in row["step"]["parts_us"].items():
+            print(f"    {us / 1e3:9.2f} ms  {part}", flush=True)
+        for kernel in row["step"]["kernels_us"][:12]:
+            print(f"    {kernel['us'] / 1e3:9.2f} ms  {kernel['kernel']}", flush=True)
+        rows.append(row)
+        del engine
+        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "points": rows,
+              "norm_rope_timing": TIMING, "norm_rope": norm_rope}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_prefill_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--budgets", default="16384,32768", help="per-step token budgets, comma-separated")
+    parser.add_argument("--head-blocks", default="1,2,4,8,16", help="heads a program for the QK-norm kernel's sweep")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    budgets, blocks = ([int(b) for b in arg.split(",")] for arg in (args.budgets, args.head_blocks))
+    run(args.context, args.prompts, budgets, blocks, args.out)
+
+
+if __name__ == "__main__":
+    main()
