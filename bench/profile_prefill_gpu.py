@@ -1,6 +1,7 @@
 """Where a prefill step's time goes on one GPU (Qwen3-30B-A3B shapes, random bf16 weights): for each per-step token
 budget (the engine's chunk size), the prefill rate of prompts of one length, and one step's kernels by total time
-under the torch profiler, grouped as attention, experts, projections and the rest. And the QK-norm + rotary kernel
+under the torch profiler, grouped as attention, experts, projections and the rest, and the host's functions by
+cumulative time a step (cProfile, on prefills of their own). And the QK-norm + rotary kernel
 (storing K, V) alone at 1 to 16K tokens with 1 to 16 heads a program (`--head-blocks`; one layer's call in a graph).
 
 Each prompt asks for one token, so the timed steps are prefill chunks alone (bench/gpu_decode_step.py's prefill
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
 import time
 from dataclasses import replace
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from gpu_decode_step import prefill_flops
 from gpu_timing import TIMING, bench_ms, graphed
+from profile_decode_gpu import _top_functions
 
 from nanocp.kernels import triton_norm_rope
 from nanocp.model_config import load_model_config
@@ -149,11 +152,19 @@ def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], 
             "mfu": prompts * flops / seconds / peak,
             "step": profile_step(engine, context, budget, generator, config.vocab_size),
         }
+        host_profile = cProfile.Profile()  # on prefills of their own: the profiler slows the host it measures
+        host_profile.enable()
+        profiled = 2 * -(-budget // context)  # prompts: two steps' worth
+        prefill(engine, context, profiled, generator, config.vocab_size)
+        host_profile.disable()
+        row["host_functions"] = _top_functions(host_profile, steps=-(-profiled * context // budget))
         print(f"budget {budget}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%}", flush=True)
         for part, us in row["step"]["parts_us"].items():
             print(f"    {us / 1e3:9.2f} ms  {part}", flush=True)
         for kernel in row["step"]["kernels_us"][:12]:
             print(f"    {kernel['us'] / 1e3:9.2f} ms  {kernel['kernel']}", flush=True)
+        for function in row["host_functions"][:25]:
+            print(f"    host {function['ms_per_step']:8.2f} ms  {function['function']}", flush=True)
         rows.append(row)
         del engine
         torch.cuda.empty_cache()
