@@ -1,8 +1,9 @@
 """Where a prefill step's time goes on one GPU (Qwen3-30B-A3B shapes, random bf16 weights): for each per-step token
-budget (the engine's chunk size), the prefill rate of prompts of one length, and one step's kernels by total time
-under the torch profiler, grouped as attention, experts, projections and the rest, and the host's functions by
-cumulative time a step (cProfile, on prefills of their own). And the QK-norm + rotary kernel
-(storing K, V) alone at 1 to 16K tokens with 1 to 16 heads a program (`--head-blocks`; one layer's call in a graph).
+budget (the engine's chunk size), the prefill rate of prompts of one length; a step's kernels by total time, grouped
+as attention, experts, projections and the rest, and the device's idle time between kernels with the longest gaps
+(three steps under the torch profiler); the host's functions by cumulative time a step (cProfile, on prefills of
+their own). And the QK-norm + rotary kernel (storing K, V) alone at 1 to 16K tokens with 1 to 16 heads a program
+(`--head-blocks`; one layer's call in a graph).
 
 Each prompt asks for one token, so the timed steps are prefill chunks alone (bench/gpu_decode_step.py's prefill
 rate also carries the decodes of the prompts prefilled before). Writes bench/results/profile_prefill_gpu.json (or
@@ -68,27 +69,39 @@ def prefill(engine: Engine, context: int, prompts: int, generator: torch.Generat
     return time.perf_counter() - started
 
 
-def profile_step(engine: Engine, context: int, budget: int, generator: torch.Generator, vocab: int) -> dict[str, Any]:
-    """One full prefill step under the torch profiler: its kernels by name and by part, us."""
+def profile_steps(engine: Engine, context: int, budget: int, generator: torch.Generator, vocab: int) -> dict[str, Any]:
+    """A prefill of three full steps under the torch profiler: a step's kernels by name and by part, and the time the
+    device idles between kernels (us a step), with the longest gaps and the kernels either side of each."""
+    steps = 3
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    for i in range(-(-budget // context)):
+    for i in range(steps * budget // context):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
         engine.add_request(f"q{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.step()
+        while engine.scheduler.waiting or engine.scheduler.running:
+            engine.step()
         torch.cuda.synchronize()
-    while engine.scheduler.waiting or engine.scheduler.running:
-        engine.step()
     kernels: collections.Counter[str] = collections.Counter()
+    spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] += event.device_time
+            kernels[event.name] += event.device_time / steps
+            spans.append((event.time_range.start, event.time_range.end, event.name[:80]))
+    spans.sort()
+    gaps, reach, before = [], spans[0][0], spans[0][2]
+    for begin, end, name in spans:
+        if begin > reach:
+            gaps.append({"us": begin - reach, "after": before, "before": name})
+        if end > reach:
+            reach, before = end, name
     parts: collections.Counter[str] = collections.Counter()
     for name, us in kernels.items():
         parts[part_of(name)] += us
     return {
         "device_us": sum(kernels.values()),
+        "idle_us": sum(g["us"] for g in gaps) / steps,
+        "longest_gaps": sorted(gaps, key=lambda g: -g["us"])[:10],
         "parts_us": dict(parts.most_common()),
         "kernels_us": [{"kernel": name[:120], "us": us} for name, us in kernels.most_common(25)],
     }
@@ -150,7 +163,7 @@ def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], 
             "seconds": seconds,
             "tokens_per_s": prompts * context / seconds,
             "mfu": prompts * flops / seconds / peak,
-            "step": profile_step(engine, context, budget, generator, config.vocab_size),
+            "step": profile_steps(engine, context, budget, generator, config.vocab_size),
         }
         host_profile = cProfile.Profile()  # on prefills of their own: the profiler slows the host it measures
         host_profile.enable()
@@ -159,6 +172,9 @@ def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], 
         host_profile.disable()
         row["host_functions"] = _top_functions(host_profile, steps=-(-profiled * context // budget))
         print(f"budget {budget}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%}", flush=True)
+        print(f"    device idle {row['step']['idle_us'] / 1e3:.2f} ms a step; longest gaps:", flush=True)
+        for gap in row["step"]["longest_gaps"]:
+            print(f"    {gap['us'] / 1e3:9.2f} ms  after {gap['after']} before {gap['before']}", flush=True)
         for part, us in row["step"]["parts_us"].items():
             print(f"    {us / 1e3:9.2f} ms  {part}", flush=True)
         for kernel in row["step"]["kernels_us"][:12]:
