@@ -32,6 +32,20 @@ def graphed(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
     return graph.replay, out
 
 
+def idle_gaps(spans: list[tuple[float, float, str]]) -> list[dict[str, Any]]:
+    """The gaps the device left between kernels, from their (start, end, name) spans in any order: each gap's length
+    (in the spans' unit) and the kernels either side of it. Kernels that overlap (PDL starts one while the one before
+    it ends) leave no gap between them."""
+    spans = sorted(spans)
+    gaps, reach, before = [], spans[0][0], spans[0][2]
+    for begin, end, name in spans:
+        if begin > reach:
+            gaps.append({"us": begin - reach, "after": before, "before": name})
+        if end > reach:
+            reach, before = end, name
+    return gaps
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")

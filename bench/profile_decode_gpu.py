@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from gpu_decode_step import weight_bytes
-from gpu_timing import copy_bandwidth
+from gpu_timing import copy_bandwidth, idle_gaps
 
 from nanocp.model_config import load_model_config
 from nanocp.worker.engine import Engine, EngineConfig
@@ -137,16 +137,11 @@ def _device_work(
             name = event.name[:90]
             count[name] += 1 / RUNS
             micros[name] += event.device_time_total / RUNS
-            spans.append((event.time_range.start, event.time_range.end))
-    spans.sort()
-    busy, reach = 0.0, spans[0][0]
-    for start, end in spans:  # the union of the intervals (PDL overlaps a kernel with the one before)
-        busy += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return count, micros, (reach - spans[0][0] - busy) / RUNS
+            spans.append((event.time_range.start, event.time_range.end, name))
+    return count, micros, sum(gap["us"] for gap in idle_gaps(spans)) / RUNS
 
 
-def _top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]]:
+def top_functions(profile: cProfile.Profile, steps: int) -> list[dict[str, Any]]:
     """The engine step's functions by cumulative host time per step (cProfile), the ten longest."""
     stats = pstats.Stats(profile)
     rows = [
@@ -229,7 +224,7 @@ def run(label: str, layers: int, out: Path, trace: bool, at: list[tuple[int, int
             "kv_tokens_read": records[-1].kv_tokens_read,
             **(replay := kernels_of_replay(engine, layers)),
             **outside_the_replay(engine, replay["top"], out / f"trace_{label}_b{batch}_c{ctx}.json" if trace else None),
-            "host_functions": _top_functions(host_profile, STEPS),
+            "host_functions": top_functions(host_profile, STEPS),
         }
         if batch == 1:
             floor_s = sum(weight_bytes(config, [config.experts_per_token] * layers).values()) / bandwidth

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 from gpu_decode_step import prefill_flops
-from gpu_timing import TIMING, bench_ms, graphed
-from profile_decode_gpu import _top_functions
+from gpu_timing import TIMING, bench_ms, graphed, idle_gaps
+from profile_decode_gpu import top_functions
 
 from nanocp.kernels import triton_norm_rope
 from nanocp.model_config import load_model_config
@@ -55,17 +55,26 @@ def part_of(kernel: str) -> str:
     return next((part for part, keys in PARTS if any(key in name for key in keys)), "other")
 
 
-def prefill(engine: Engine, context: int, prompts: int, generator: torch.Generator, vocab: int) -> float:
-    """Seconds to prefill `prompts` prompts of `context` tokens from an idle engine."""
+def add_prompts(engine: Engine, prompts: int, context: int, generator: torch.Generator, vocab: int) -> None:
+    """Random prompts of `context` tokens, each asking for one token: their steps are prefill chunks alone."""
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for i in range(prompts):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
         engine.add_request(f"p{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
     torch.cuda.synchronize()
-    started = time.perf_counter()
+
+
+def run_to_end(engine: Engine) -> None:
     while engine.scheduler.waiting or engine.scheduler.running:
         engine.step()
     torch.cuda.synchronize()
+
+
+def prefill(engine: Engine, context: int, prompts: int, generator: torch.Generator, vocab: int) -> float:
+    """Seconds to prefill `prompts` prompts of `context` tokens from an idle engine."""
+    add_prompts(engine, prompts, context, generator, vocab)
+    started = time.perf_counter()
+    run_to_end(engine)
     return time.perf_counter() - started
 
 
@@ -73,28 +82,16 @@ def profile_steps(engine: Engine, context: int, budget: int, generator: torch.Ge
     """A prefill of three full steps under the torch profiler: a step's kernels by name and by part, and the time the
     device idles between kernels (us a step), with the longest gaps and the kernels either side of each."""
     steps = 3
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    for i in range(steps * budget // context):
-        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"q{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
-    torch.cuda.synchronize()
+    add_prompts(engine, steps * budget // context, context, generator, vocab)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        while engine.scheduler.waiting or engine.scheduler.running:
-            engine.step()
-        torch.cuda.synchronize()
+        run_to_end(engine)
     kernels: collections.Counter[str] = collections.Counter()
     spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] += event.device_time / steps
             spans.append((event.time_range.start, event.time_range.end, event.name[:80]))
-    spans.sort()
-    gaps, reach, before = [], spans[0][0], spans[0][2]
-    for begin, end, name in spans:
-        if begin > reach:
-            gaps.append({"us": begin - reach, "after": before, "before": name})
-        if end > reach:
-            reach, before = end, name
+    gaps = idle_gaps(spans)
     parts: collections.Counter[str] = collections.Counter()
     for name, us in kernels.items():
         parts[part_of(name)] += us
@@ -110,6 +107,7 @@ def profile_steps(engine: Engine, context: int, budget: int, generator: torch.Ge
 def norm_rope_points(head_blocks: list[int]) -> list[dict[str, Any]]:
     """us a call of the QK-norm + rotary kernel storing K and V (the model's call), Qwen3-30B-A3B heads."""
     heads, kv_heads, dim, pages = 32, 4, 128, 2048
+    bf16: dict[str, Any] = {"device": "cuda", "dtype": torch.bfloat16}
     rotary = Rotary(dim, 1e6, 8192).cuda()
     rotary.reset()
     weights = (torch.ones(dim, device="cuda", dtype=torch.bfloat16),) * 2
@@ -119,7 +117,7 @@ def norm_rope_points(head_blocks: list[int]) -> list[dict[str, Any]]:
         qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda").to(torch.bfloat16)
         positions = torch.randint(0, 8192, (tokens,), device="cuda")
         store = (caches[0], caches[1], torch.randperm(pages * PAGE, device="cuda")[:tokens])
-        out = (torch.empty(tokens, heads, dim, **_bf16()), torch.empty(tokens, kv_heads, dim, **_bf16()))
+        out = (torch.empty(tokens, heads, dim, **bf16), torch.empty(tokens, kv_heads, dim, **bf16))
         us = {}
         for block in head_blocks:
             call = partial(triton_norm_rope.qk_norm_rope_into, qkv, positions, weights, (rotary.cos, rotary.sin), 1e-6)
@@ -129,10 +127,6 @@ def norm_rope_points(head_blocks: list[int]) -> list[dict[str, Any]]:
         points.append({"tokens": tokens, "us_by_head_block": us, "bytes": moved})
         print(f"qk-norm-rope {tokens:5} tokens: " + ", ".join(f"{b}: {t:.1f} us" for b, t in us.items()), flush=True)
     return points
-
-
-def _bf16() -> dict[str, Any]:
-    return {"device": "cuda", "dtype": torch.bfloat16}
 
 
 def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], out: Path) -> dict[str, Any]:
@@ -170,7 +164,7 @@ def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], 
         profiled = 2 * -(-budget // context)  # prompts: two steps' worth
         prefill(engine, context, profiled, generator, config.vocab_size)
         host_profile.disable()
-        row["host_functions"] = _top_functions(host_profile, steps=-(-profiled * context // budget))
+        row["host_functions"] = top_functions(host_profile, steps=-(-profiled * context // budget))
         print(f"budget {budget}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%}", flush=True)
         print(f"    device idle {row['step']['idle_us'] / 1e3:.2f} ms a step; longest gaps:", flush=True)
         for gap in row["step"]["longest_gaps"]:
