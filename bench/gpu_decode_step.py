@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from gpu_timing import copy_bandwidth
+from prefill_rate_gpu import seconds_to_prefill
 
 from nanocp.model_config import ModelConfig, load_model_config
 from nanocp.sim.hardware import DEVICES
@@ -178,11 +179,7 @@ def run(kind: str, steps: int, out: Path) -> dict[str, Any]:
         for request_id in ids:
             prompt = torch.randint(0, config.vocab_size, (ctx,), generator=generator).tolist()
             engine.add_request(request_id, prompt, params, lambda _: None)
-        started = time.perf_counter()
-        while engine.scheduler.waiting or any(r.prefilling for r in engine.scheduler.running):
-            engine.step()
-        torch.cuda.synchronize()
-        prefill_s = time.perf_counter() - started
+        prefill_s = seconds_to_prefill(engine)
         prefills.append(
             {"context": ctx, "prompts": sizes[0], "seconds": prefill_s, "tokens_per_s": sizes[0] * ctx / prefill_s}
         )

@@ -5,12 +5,13 @@ as attention, experts, projections and the rest, and the device's idle time betw
 their own). And the QK-norm + rotary kernel (storing K, V) alone at 1 to 16K tokens with 1 to 16 heads a program
 (`--head-blocks`; one layer's call in a graph).
 
-Each prompt asks for one token, so the timed steps are prefill chunks alone (bench/gpu_decode_step.py's prefill
-rate also carries the decodes of the prompts prefilled before). Writes bench/results/profile_prefill_gpu.json (or
---out).
+Each prompt asks for one token, so the timed steps are prefill chunks alone; with --decode-tokens N each asks for N,
+so later prompts' chunks run beside the decodes of the prompts prefilled before them, as in a serving engine and in
+bench/gpu_decode_step.py's prefill rate (the rate is taken until the last prompt is prefilled; the rest are ended).
+Writes bench/results/profile_prefill_gpu.json (or --out).
 
     python3 bench/profile_prefill_gpu.py [--context 8192] [--prompts 16] [--budgets 16384,32768] [--out DIR]
-        [--head-blocks 1,8]
+        [--head-blocks 1,8] [--decode-tokens 1]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import collections
 import cProfile
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from gpu_decode_step import prefill_flops
 from gpu_timing import TIMING, bench_ms, graphed, idle_gaps
+from prefill_rate_gpu import end_all, seconds_to_prefill
 from profile_decode_gpu import top_functions
 
 from nanocp.kernels import triton_norm_rope
@@ -45,7 +47,7 @@ PARTS = (
     ("attention", ("flashinfer", "prefill", "attention", "fmha", "merge")),
     ("experts (grouped GEMM)", ("grouped", "cutlass", "gemm_grouped", "silu")),
     ("projections (GEMM)", ("nvjet", "gemm", "sm90_xmma", "cublas", "_small_linear")),
-    ("router top-k and sort", ("route_topk", "sort", "scan", "radix", "index_copy", "searchsorted")),
+    ("router top-k and sort", ("route_topk", "sort", "tile_kernel", "scan", "radix", "index_copy", "searchsorted")),
     ("norms and rotary", ("norm", "rope")),
 )
 
@@ -55,36 +57,43 @@ def part_of(kernel: str) -> str:
     return next((part for part, keys in PARTS if any(key in name for key in keys)), "other")
 
 
-def add_prompts(engine: Engine, prompts: int, context: int, generator: torch.Generator, vocab: int) -> None:
-    """Random prompts of `context` tokens, each asking for one token: their steps are prefill chunks alone."""
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    for i in range(prompts):
-        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"p{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
-    torch.cuda.synchronize()
+@dataclass(frozen=True)
+class Prompts:
+    """What is prefilled: prompts of `context` random tokens, each asking for `decode_tokens` tokens."""
+
+    context: int
+    decode_tokens: int
+    vocab: int
+    generator: torch.Generator
+
+    def add(self, engine: Engine, prompts: int) -> None:
+        params = SamplingParams(temperature=0, max_tokens=self.decode_tokens, ignore_eos=True)
+        for i in range(prompts):
+            prompt = torch.randint(0, self.vocab, (self.context,), generator=self.generator).tolist()
+            engine.add_request(f"p{time.monotonic_ns()}-{i}", prompt, params, lambda _: None)
+        torch.cuda.synchronize()
 
 
-def run_to_end(engine: Engine) -> None:
-    while engine.scheduler.waiting or engine.scheduler.running:
-        engine.step()
-    torch.cuda.synchronize()
+def prefill(engine: Engine, prompts: Prompts, count: int) -> float:
+    """Seconds to prefill `count` prompts from an idle engine (which is idle again afterwards)."""
+    prompts.add(engine, count)
+    seconds = seconds_to_prefill(engine)
+    end_all(engine)
+    return seconds
 
 
-def prefill(engine: Engine, context: int, prompts: int, generator: torch.Generator, vocab: int) -> float:
-    """Seconds to prefill `prompts` prompts of `context` tokens from an idle engine."""
-    add_prompts(engine, prompts, context, generator, vocab)
-    started = time.perf_counter()
-    run_to_end(engine)
-    return time.perf_counter() - started
-
-
-def profile_steps(engine: Engine, context: int, budget: int, generator: torch.Generator, vocab: int) -> dict[str, Any]:
-    """A prefill of three full steps under the torch profiler: a step's kernels by name and by part, and the time the
-    device idles between kernels (us a step), with the longest gaps and the kernels either side of each."""
+def profile_steps(engine: Engine, prompts: Prompts, budget: int) -> dict[str, Any]:
+    """Prefill steps of three steps' prompts under the torch profiler (beside the decodes of two steps' prompts
+    prefilled before, when prompts decode): a step's kernels by name and by part, and the time the device idles
+    between kernels (us a step), with the longest gaps and the kernels either side of each."""
     steps = 3
-    add_prompts(engine, steps * budget // context, context, generator, vocab)
+    if prompts.decode_tokens > 1:
+        prompts.add(engine, 2 * -(-budget // prompts.context))
+        seconds_to_prefill(engine)
+    prompts.add(engine, steps * budget // prompts.context)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_to_end(engine)
+        seconds_to_prefill(engine)
+    end_all(engine)
     kernels: collections.Counter[str] = collections.Counter()
     spans = []
     for event in prof.events():
@@ -129,18 +138,20 @@ def norm_rope_points(head_blocks: list[int]) -> list[dict[str, Any]]:
     return points
 
 
-def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], out: Path) -> dict[str, Any]:
+def run(
+    context: int, count: int, budgets: list[int], head_blocks: list[int], decode_tokens: int, out: Path
+) -> dict[str, Any]:
     norm_rope = norm_rope_points(head_blocks)
-    config = replace(load_model_config("qwen3-30b-a3b", dtype="bfloat16"), max_context=context + 64)
+    config = replace(load_model_config("qwen3-30b-a3b", dtype="bfloat16"), max_context=context + decode_tokens + 64)
     model = build_model(config, "cuda", seed=0)
     flops = prefill_flops(config, context)
     peak = DEVICES["h200"].flops
-    generator = torch.Generator().manual_seed(0)
+    prompts = Prompts(context, decode_tokens, config.vocab_size, torch.Generator().manual_seed(0))
     rows = []
     for budget in budgets:
         engine_config = EngineConfig(
             page_size=PAGE,
-            num_pages=prompts * -(-(context + 1) // PAGE) + 64,
+            num_pages=count * -(-(context + decode_tokens) // PAGE) + 64,
             max_step_tokens=budget,
             max_running=min(budget, 256),
             device="cuda",
@@ -148,21 +159,22 @@ def run(context: int, prompts: int, budgets: list[int], head_blocks: list[int], 
             cuda_graphs=False,
         )
         engine = Engine(config, model, engine_config)
-        prefill(engine, context, -(-budget // context), generator, config.vocab_size)  # warm-up: JIT, allocator
-        seconds = prefill(engine, context, prompts, generator, config.vocab_size)
+        prefill(engine, prompts, -(-budget // context))  # warm-up: JIT, allocator
+        seconds = prefill(engine, prompts, count)
         row: dict[str, Any] = {
             "budget": budget,
             "context": context,
-            "prompts": prompts,
+            "prompts": count,
+            "decode_tokens": decode_tokens,
             "seconds": seconds,
-            "tokens_per_s": prompts * context / seconds,
-            "mfu": prompts * flops / seconds / peak,
-            "step": profile_steps(engine, context, budget, generator, config.vocab_size),
+            "tokens_per_s": count * context / seconds,
+            "mfu": count * flops / seconds / peak,
+            "step": profile_steps(engine, prompts, budget),
         }
         host_profile = cProfile.Profile()  # on prefills of their own: the profiler slows the host it measures
         host_profile.enable()
         profiled = 2 * -(-budget // context)  # prompts: two steps' worth
-        prefill(engine, context, profiled, generator, config.vocab_size)
+        prefill(engine, prompts, profiled)
         host_profile.disable()
         row["host_functions"] = top_functions(host_profile, steps=-(-profiled * context // budget))
         print(f"budget {budget}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%}", flush=True)
@@ -191,10 +203,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--budgets", default="16384,32768", help="per-step token budgets, comma-separated")
     parser.add_argument("--head-blocks", default="1,2,4,8,16", help="heads a program for the QK-norm kernel's sweep")
+    parser.add_argument("--decode-tokens", type=int, default=1, help="tokens each prompt asks for")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     budgets, blocks = ([int(b) for b in arg.split(",")] for arg in (args.budgets, args.head_blocks))
-    run(args.context, args.prompts, budgets, blocks, args.out)
+    run(args.context, args.prompts, budgets, blocks, args.decode_tokens, args.out)
 
 
 if __name__ == "__main__":

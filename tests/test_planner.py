@@ -55,6 +55,35 @@ def test_rows_on_the_home_only_take_no_route_and_attend_locally() -> None:
     assert inputs.sample_rows.tolist() == [5] and inputs.sampling.draws == [0]
 
 
+def test_a_step_without_cp_attends_its_rows_in_order_with_nothing_to_merge() -> None:
+    """Chunks and decodes on their home, no route anywhere: one attention call's rows are the output (no merge
+    layout); a CP chunk's step keeps its merge."""
+    home, _ = planners()
+    first, second = cp_request(key=3, prompt_tokens=5), cp_request(key=4, prompt_tokens=3)
+    chunks = [Chunk(first, 5), Chunk(second, 3)]
+    plan = home.build(chunks, home.outgoing(chunks, {}), [[], []], cp_routes=False).plan
+    assert plan.merge_index is None and len(plan.groups) == 1
+    request = cp_request(key=7, prompt_tokens=12)
+    request.num_computed = 8
+    cp_chunks = [Chunk(request, 4)]
+    cp_plan = home.build(cp_chunks, home.outgoing(cp_chunks, {}), [[], []], cp_routes=True).plan
+    assert cp_plan.merge_index is not None
+
+
+def test_kv_slots_cross_pages_in_order() -> None:
+    """A run of positions maps to its pages' slots in order, across page boundaries, whatever pages it took."""
+    store = ShardStore(PagePool(32), PAGE)
+    store.open(1, 0, 8)
+    store.pages_for(1, 0, 3)  # another request takes pages between this one's
+    store.open(2, 0, 8)
+    store.pages_for(2, 0, 9)
+    store.pages_for(1, 0, 14)
+    pages = store.pages_for(1, 0, 14)
+    for first, count in ((0, 14), (2, 7), (3, 1), (4, 4), (13, 1), (5, 0)):
+        expected = [pages[p // PAGE] * PAGE + p % PAGE for p in range(first, first + count)]
+        assert store.slots(1, 0, first, count) == expected
+
+
 def test_a_holder_that_cannot_commit_a_quota_opens_nothing_and_tells_the_home() -> None:
     """A placement the router never makes: rank 1 is asked for 4 pages with 2 uncommitted. It opens nothing, the
     rows attend nothing there and their K, V land nowhere, and its next step's rows tell the home (after frees)."""

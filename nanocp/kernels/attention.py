@@ -111,17 +111,21 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    own_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (rows, heads, dim); caches: (pages, page_size, kv_heads, dim).
 
     Returns o (rows, heads, dim) in q's dtype and lse (rows, heads) in float32. A segment with no keys yields
     o = 0 and lse = -inf, which merges as neutral.
+
+    own_kv: the rows' own K and V (rows, kv_heads, dim), row for row, already stored in their pages: a backend may
+    read a segment's keys from them where they are all its rows' own (a prompt's first chunk). The same result.
     """
     # What FlashInfer runs (its prefill kernels have no configuration for smaller heads); the rest takes the reference.
     if fused(q) and q.shape[-1] in FLASHINFER_HEAD_DIMS:
         from nanocp.kernels import flashinfer_attention
 
-        return flashinfer_attention.paged_attention(q, k_cache, v_cache, meta, scale)
+        return flashinfer_attention.paged_attention(q, k_cache, v_cache, meta, scale, own_kv)
     return reference_paged_attention(q, k_cache, v_cache, meta, scale)
 
 

@@ -65,8 +65,7 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     if experts.is_cuda:
         from nanocp.kernels import triton_moe
 
-        if experts.numel() <= triton_moe.MAX_SORT_ROWS:
-            return triton_moe.sort_by_expert(experts, num_experts)
+        return triton_moe.sort_by_expert(experts, num_experts)
     flat = experts.flatten()
     entries = torch.argsort(flat, stable=True)
     position = torch.empty_like(entries).index_copy_(0, entries, torch.arange(len(entries), device=flat.device))

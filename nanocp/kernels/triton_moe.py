@@ -13,9 +13,10 @@ import triton.language as tl
 from nanocp.kernels.triton_norm import store_sum_and_norm
 from nanocp.kernels.triton_pdl import await_inputs, launch_options
 
-# The sort keeps every (token, expert) row of a step in one program per expert: up to this many rows (a decode
-# step's; prefill sorts with torch).
+# The one-launch sort keeps every (token, expert) row of a step in one program per expert: up to this many rows
+# (a decode step's). Past it (prefill chunks) rows sort in tiles of SORT_TILE rows, in two launches.
 MAX_SORT_ROWS = 8192
+SORT_TILE = 1024
 
 
 @triton.jit
@@ -93,16 +94,90 @@ def _sort_by_expert_kernel(  # type: ignore[no-untyped-def]
     tl.store(ends_ptr + expert, start + tl.sum(mine.to(tl.int32), axis=0))
 
 
+@triton.jit
+def _count_tile_kernel(  # type: ignore[no-untyped-def]
+    experts_ptr, counts_ptr, rows, num_experts, TILE: tl.constexpr, E_BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    """counts[t, e]: the rows of tile t (TILE rows) routed to expert e."""
+    await_inputs(PDL)
+    tile = tl.program_id(0)
+    i = tile * TILE + tl.arange(0, TILE)
+    ids = tl.load(experts_ptr + i, mask=i < rows, other=num_experts)  # past the end: a bin of its own, not stored
+    e = tl.arange(0, E_BLOCK)
+    tl.store(counts_ptr + tile * num_experts + e, tl.histogram(ids.to(tl.int32), E_BLOCK), mask=e < num_experts)
+
+
+@triton.jit
+def _scatter_tile_kernel(  # type: ignore[no-untyped-def]
+    experts_ptr,
+    counts_ptr,
+    starts_ptr,
+    entries_ptr,
+    position_ptr,
+    ends_ptr,
+    rows,
+    num_experts,
+    tiles,
+    TILE: tl.constexpr,
+    E_BLOCK: tl.constexpr,
+    TILES_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Tile t's rows to their sorted places: expert e's rows start after every row of the experts before it, then
+    after e's rows of the tiles before t; within the tile, a sort of (expert, row) keeps the rows' order."""
+    await_inputs(PDL)
+    tile = tl.program_id(0)
+    e = tl.arange(0, E_BLOCK)
+    totals = tl.zeros((E_BLOCK,), dtype=tl.int32)
+    before = tl.zeros((E_BLOCK,), dtype=tl.int32)
+    for first in range(0, tiles, TILES_BLOCK):
+        t = first + tl.arange(0, TILES_BLOCK)
+        counts = tl.load(
+            counts_ptr + t[:, None] * num_experts + e[None, :], mask=(t[:, None] < tiles) & (e[None, :] < num_experts),
+            other=0,
+        )  # fmt: skip
+        totals += tl.sum(counts, axis=0)
+        before += tl.sum(tl.where(t[:, None] < tile, counts, 0), axis=0)
+    mine = tl.load(counts_ptr + tile * num_experts + e, mask=e < num_experts, other=0)
+    ends = tl.cumsum(totals, axis=0)
+    if tile == 0:
+        tl.store(ends_ptr + e, ends, mask=e < num_experts)
+    # The sorted place of the tile's k-th row of expert e, less k: a vector over experts, gathered back by each
+    # row's expert through memory (a program's registers cannot be indexed).
+    start = (ends - totals) + before - (tl.cumsum(mine, axis=0) - mine)
+    tl.store(starts_ptr + tile * E_BLOCK + e, start)
+    tl.debug_barrier()  # the stores above are seen by every thread of the program
+    k = tl.arange(0, TILE)
+    ids = tl.load(experts_ptr + tile * TILE + k, mask=tile * TILE + k < rows, other=num_experts).to(tl.int32)
+    keys = tl.sort(ids * TILE + k)  # by expert, then by row: stable
+    expert, row = keys // TILE, tile * TILE + keys % TILE
+    slot = tl.load(starts_ptr + tile * E_BLOCK + expert, mask=expert < num_experts, other=0) + k
+    tl.store(entries_ptr + slot, row.to(tl.int64), mask=expert < num_experts)
+    tl.store(position_ptr + row, slot.to(tl.int64), mask=expert < num_experts)
+
+
 def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels.sort_by_expert on CUDA for up to MAX_SORT_ROWS rows: (entries, position, ends)."""
+    """kernels.sort_by_expert on CUDA: (entries, position, ends). One launch up to MAX_SORT_ROWS rows, two in tiles
+    past it; either way no host work beyond the launches (CUDA-graph safe)."""
     flat = experts.flatten().contiguous()
     rows = flat.numel()
     entries = torch.empty(rows, dtype=torch.int64, device=flat.device)
     position = torch.empty_like(entries)
     ends = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
-    _sort_by_expert_kernel[(num_experts,)](
-        flat, entries, position, ends, rows, num_experts, max(16, triton.next_power_of_2(rows)), **launch_options(flat)
-    )
+    options = launch_options(flat)
+    if rows <= MAX_SORT_ROWS:
+        block = max(16, triton.next_power_of_2(rows))
+        _sort_by_expert_kernel[(num_experts,)](flat, entries, position, ends, rows, num_experts, block, **options)
+        return entries, position, ends
+    tiles = triton.cdiv(rows, SORT_TILE)
+    e_block = triton.next_power_of_2(num_experts + 1)  # one bin more: the last tile's rows past the end
+    counts = torch.empty(tiles, num_experts, dtype=torch.int32, device=flat.device)
+    starts = torch.empty(tiles, e_block, dtype=torch.int32, device=flat.device)
+    _count_tile_kernel[(tiles,)](flat, counts, rows, num_experts, SORT_TILE, e_block, **options)
+    _scatter_tile_kernel[(tiles,)](
+        flat, counts, starts, entries, position, ends, rows, num_experts, tiles, SORT_TILE, e_block,
+        max(1, 4096 // e_block), **options,
+    )  # fmt: skip
     return entries, position, ends
 
 

@@ -88,10 +88,13 @@ class AttentionPlan:
         local_slots: torch.Tensor,
         segments: list[Segment],
         page_size: int,
-        merge_index: torch.Tensor,
+        merge_index: torch.Tensor | None,
         routes: CPRoutes | None,
     ) -> None:
-        """merge_index: (parts, home_rows) indices into [partials here; partials returned; one empty partial]."""
+        """merge_index: (parts, home_rows) indices into [partials here; partials returned; one empty partial]; None
+        when the segments are the home rows in order, one each, and nothing is routed (any step without CP): the
+        attention of the rows is their output, with no gather, concatenation or merge (four copies of q's size a
+        layer)."""
         self.home_rows = home_rows
         self.local_slots = local_slots
         self.routes = routes
@@ -228,6 +231,9 @@ class PagedAttention:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         routes, timer = plan.routes, self.timer
+        if plan.merge_index is None:
+            with timer.section("attention"):
+                return kernels.paged_attention(q, k_cache, v_cache, plan.groups[0][0], self.scale, (k, v))[0]
         received = q[:0]
         if routes is not None:
             with timer.section("cp_route"):

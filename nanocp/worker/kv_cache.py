@@ -112,7 +112,15 @@ class ShardStore:
     def slots(self, key: int, index: int, first: int, count: int) -> list[int]:
         """Flat KV slots of shard-local positions first .. first + count - 1 (their pages must exist)."""
         pages, size = self._held[key][index].pages, self.page_size
-        return [pages[p // size] * size + p % size for p in range(first, first + count)]
+        slots: list[int] = []
+        position, end = first, first + count
+        while position < end:  # a run of slots a page: a prefill chunk's 16K slots in 1K steps, not 16K
+            page, offset = divmod(position, size)
+            run = min(size - offset, end - position)
+            start = pages[page] * size + offset
+            slots.extend(range(start, start + run))
+            position += run
+        return slots
 
     def free(self, key: int) -> None:
         """Gives back every shard of the request held here (none is fine)."""

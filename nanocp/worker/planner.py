@@ -221,6 +221,10 @@ class StepPlanner:
         received_segments = self._received_segments(attending, home_rows, segments, kv_slots)
         query_send = [r for a in out.remote for r in range(a.first_row, a.first_row + a.rows)]
         kv_send = [r for a in out.remote if a.tail for r in range(a.first_row, a.first_row + a.rows)]
+        if not cp_routes and _rows_in_order(segments, home_rows):
+            return AttentionPlan(
+                home_rows, int64_to_device(local_slots, self.device), segments, self.store.page_size, None, None
+            )
         merge_index, partial_back = _merge_layout(segments, home_rows, received_segments, query_send)
         routes = None
         if cp_routes:
@@ -300,6 +304,13 @@ def _home_rows(chunks: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
         if chunk.samples:
             sample_rows.append(len(token_ids) - 1)
     return token_ids, positions, sample_rows
+
+
+def _rows_in_order(segments: list[Segment], home_rows: int) -> bool:
+    """Whether the segments are the home rows in order, one each, all causal or none (so one attention call
+    produces the rows' partials in row order). An instance with no rows has no segment (it runs no attention)."""
+    rows = [r for s in segments for r in s.rows]
+    return bool(segments) and len({s.causal for s in segments}) == 1 and rows == list(range(home_rows))
 
 
 def _merge_layout(

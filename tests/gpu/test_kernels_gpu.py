@@ -63,6 +63,18 @@ class Case:
     def run(self) -> tuple[torch.Tensor, torch.Tensor]:
         return kernels.paged_attention(self.q, self.k_cache, self.v_cache, self.meta, SCALE)
 
+    def own_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query row's own K and V: its segment's last keys, row for row (where a causal segment's rows sit)."""
+        meta, own = self.meta, []
+        for cache in (self.k_cache, self.v_cache):
+            keys = []
+            for b in range(meta.num_segments):
+                rows, kv = meta.qo_indptr[b + 1] - meta.qo_indptr[b], meta.kv_lens[b]
+                pages = meta.page_indices[meta.page_indptr[b] : meta.page_indptr[b + 1]]
+                keys.append(cache[pages].flatten(0, 1)[kv - rows : kv])
+            own.append(torch.cat(keys))
+        return own[0], own[1]
+
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         return reference_paged_attention(self.q.float(), self.k_cache.float(), self.v_cache.float(), self.meta, SCALE)
 
@@ -89,6 +101,24 @@ def test_mixed_step_with_empty_segments_and_spare_pages() -> None:
     # a segment with keys but no queries, and page lists longer than the keys.
     segments = [(1, 50), (0, 30), (3, 0), (1, 0), (4, 64), (1, 17), (6, 211), (1, 1)]
     Case(segments, causal=True, seed=4, spare_pages=2).check()
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [[(100, 100), (1000, 1000)], [(1, 50), (40, 40), (6, 211), (33, 33), (1, 17), (5, 5)]],
+    ids=["first-chunks", "beside-decodes-and-continued-chunks"],
+)
+def test_first_chunks_read_their_own_keys(segments: list[tuple[int, int]]) -> None:
+    """Given the rows' own K, V, a prompt's first chunk (causal, as many keys as rows) reads its keys from them
+    (ragged, FlashAttention-3 by TMA on Hopper) rather than from its pages: the same result, in place when those
+    rows are contiguous and gathered when other segments sit between them."""
+    case = Case(segments, causal=True, seed=6)
+    out, lse = kernels.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, SCALE, case.own_kv())
+    ref, ref_lse = case.reference()
+    assert rel_err(out, ref) < 1e-2
+    assert_lse_close(lse, ref_lse)
+    launches = [launch for plan in case.meta.backend_plans.values() for launch in plan.launches]
+    assert any(launch.own_keys for launch in launches), "the first chunks read their own keys"
 
 
 def test_lse_is_natural_log() -> None:

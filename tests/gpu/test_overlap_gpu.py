@@ -1,6 +1,6 @@
 """The overlap scheduler on a GPU: steps launched before the one in flight is read give the same tokens as steps
-read at once (graph replays and eager prefills alike), and a steady decode step never makes the host wait for the
-device before it has launched the next step. Skips without CUDA.
+read at once (graph replays and eager prefills alike), and neither a steady decode step nor a prefill chunk beside
+decodes makes the host wait for the device before it has launched the next step. Skips without CUDA.
 """
 
 from __future__ import annotations
@@ -86,3 +86,25 @@ def test_a_steady_decode_step_copies_nothing_from_pageable_memory(checkpoint: Pa
     copies = [e.name for e in profile.events() if e.name.startswith("Memcpy HtoD")]
     assert copies, "a decode step copies its inputs and tables to the device"
     assert not [name for name in copies if "Pageable" in name], sorted(set(copies))
+
+
+def test_a_prefill_chunk_beside_decodes_launches_without_waiting_for_the_device(checkpoint: Path) -> None:
+    """An eager step (a long prompt's chunk beside graphed decodes' rows) neither synchronises nor copies from
+    pageable memory: FlashInfer's plans of decode rows and of prefill chunks did (its decode wrapper's query index
+    and its prefill wrapper's key counts), and so cost every prefill step its overlap."""
+    engine = steady_decoding(checkpoint)
+    prompt = [1 + i % 500 for i in range(3 * GPU.max_step_tokens - 1)]  # three chunks, each beside decodes
+    engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=2), lambda _: None)
+    engine.step()  # the first chunk: its shapes' kernels are built and warm
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(2):
+                engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    copies = [e.name for e in profile.events() if e.name.startswith("Memcpy HtoD")]
+    assert copies and not [name for name in copies if "Pageable" in name], sorted(set(copies))
+    long = engine.requests["long"]
+    assert long.prefilling and long.num_computed > 2 * GPU.max_step_tokens, "both profiled steps carried a chunk"
