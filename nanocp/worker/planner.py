@@ -219,12 +219,12 @@ class StepPlanner:
         segments = self._local_segments(out, local_slots)
         kv_slots: list[int] = []
         received_segments = self._received_segments(attending, home_rows, segments, kv_slots)
-        query_send = [r for a in out.remote for r in range(a.first_row, a.first_row + a.rows)]
-        kv_send = [r for a in out.remote if a.tail for r in range(a.first_row, a.first_row + a.rows)]
         if not cp_routes and _rows_in_order(segments, home_rows):
             return AttentionPlan(
                 home_rows, int64_to_device(local_slots, self.device), segments, self.store.page_size, None, None
             )
+        query_send = [r for a in out.remote for r in range(a.first_row, a.first_row + a.rows)]
+        kv_send = [r for a in out.remote if a.tail for r in range(a.first_row, a.first_row + a.rows)]
         merge_index, partial_back = _merge_layout(segments, home_rows, received_segments, query_send)
         routes = None
         if cp_routes:
